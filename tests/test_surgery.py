@@ -1,0 +1,147 @@
+"""Surgery is exact: a pruned model equals the dense model with the same structures zeroed."""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from ziplm_planner.adapters import SUPPORTED_MODEL_TYPES, architecture_for, get_module, model_layers, model_shape
+from ziplm_planner.errors import UserError
+from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, build_pruned, count_parameters, unit_rows
+from tiny_models import TINY_CONFIGS, random_batch, tiny_model
+
+ALL_TYPES = sorted(TINY_CONFIGS)
+
+
+def test_every_registered_architecture_has_a_tiny_model():
+    assert set(SUPPORTED_MODEL_TYPES) == set(TINY_CONFIGS)
+
+
+def zero_removed(model, plan: PruningPlan):
+    """The masked reference: zero the output-projection columns of every removed structure."""
+    arch, shape = architecture_for(model.config), model_shape(model.config)
+    for layer, kept in zip(model_layers(model), plan.layers):
+        for path, kept_idx, total, width in (
+            (arch.attention_output, kept.attention, shape.attention_units, shape.q_per_unit * shape.head_dim),
+            (arch.ffn_output, kept.ffn, shape.intermediate_size, 1),
+        ):
+            out = get_module(layer, path)
+            removed = unit_rows(sorted(set(range(total)) - set(kept_idx)), width)
+            with torch.no_grad():
+                weight_in_dim = 0 if arch.conv1d else 1  # Conv1D weight is (in, out)
+                out.weight.index_fill_(weight_in_dim, removed, 0.0)
+                if not kept_idx and out.bias is not None:
+                    out.bias.zero_()  # a removed pre-norm block adds nothing, bias included
+    return model
+
+
+def random_plan(shape, rng, allow_empty):
+    def subset(total):
+        low = 0 if allow_empty else 1
+        return sorted(rng.sample(range(total), rng.randint(low, total)))
+    return PruningPlan(shape, [LayerPlan(subset(shape.attention_units), subset(shape.intermediate_size))
+                               for _ in range(shape.num_layers)])
+
+
+def outputs(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_equals_masked_dense(model_type, seed):
+    dense = tiny_model(model_type)
+    shape = model_shape(dense.config)
+    plan = random_plan(shape, random.Random(seed), allow_empty=architecture_for(dense.config).pre_norm)
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    masked = zero_removed(copy.deepcopy(dense), plan)
+    batch = random_batch(dense)
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(outputs(pruned, batch)[keep], outputs(masked, batch)[keep], rtol=1e-4, atol=1e-5)
+    assert count_parameters(pruned) < count_parameters(dense)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_pre_norm_removing_every_structure_equals_zeroing_the_block(model_type):
+    dense = tiny_model(model_type, causal_lm=True)
+    shape = model_shape(dense.config)
+    plan = PruningPlan.dense(shape)
+    plan.layers[0] = LayerPlan([], [])
+    plan.layers[1] = LayerPlan([], list(range(shape.intermediate_size)))
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    masked = zero_removed(copy.deepcopy(dense), plan)
+    batch = random_batch(dense, pad_last=0)
+    torch.testing.assert_close(outputs(pruned, batch), outputs(masked, batch), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_post_norm_bypass_skips_block_and_its_layernorm(model_type):
+    dense = tiny_model(model_type)
+    shape = model_shape(dense.config)
+    layer = model_layers(dense)[0]
+    x = torch.randn(2, 5, shape.hidden_size)
+    with torch.no_grad():
+        attn_only = layer.attention(x)[0]
+        ffn_only = layer.output(layer.intermediate(x), x)
+        for kept, expected in ((LayerPlan(list(range(shape.attention_units)), []), attn_only),
+                               (LayerPlan([], list(range(shape.intermediate_size))), ffn_only),
+                               (LayerPlan([], []), x)):
+            plan = PruningPlan.dense(shape)
+            plan.layers[0] = kept
+            pruned_layer = model_layers(apply_plan(copy.deepcopy(dense), plan))[0]
+            torch.testing.assert_close(pruned_layer(x), expected)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_pruned_decoder_generates_with_kv_cache(model_type):
+    """A removed attention block keeps the KV cache's length right for later steps."""
+    dense = tiny_model(model_type, causal_lm=True)
+    shape = model_shape(dense.config)
+    plan = PruningPlan.dense(shape)
+    plan.layers[0] = LayerPlan([], [0, 5, 7])
+    plan.layers[1] = LayerPlan([1], [])
+    pruned = apply_plan(dense, plan)
+    ids = random_batch(pruned, batch=1, pad_last=0)["input_ids"]
+    with torch.no_grad():
+        full = pruned(ids).logits[:, -1]
+        prefix = pruned(ids[:, :-1], use_cache=True)
+        step = pruned(ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_plan_round_trips_through_json_and_rebuilds_the_same_model(model_type):
+    dense = tiny_model(model_type)
+    shape = model_shape(dense.config)
+    plan = random_plan(shape, random.Random(7), allow_empty=True)
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    restored = PruningPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert restored == plan
+    rebuilt = build_pruned(type(dense), dense.config, restored, pruned.state_dict())
+    batch = random_batch(dense)
+    torch.testing.assert_close(outputs(rebuilt, batch), outputs(pruned, batch))
+
+
+def test_plan_for_another_shape_is_refused():
+    dense = tiny_model("bert")
+    other = model_shape(tiny_model("llama").config)
+    with pytest.raises(UserError, match="another model shape"):
+        apply_plan(dense, PruningPlan.dense(other))
+
+
+@pytest.mark.parametrize("bad", [{"layers": []}, {"shape": {}, "layers": []}])
+def test_malformed_plan_is_refused(bad):
+    with pytest.raises(UserError):
+        PruningPlan.from_dict(bad)
+
+
+def test_plan_with_out_of_range_index_is_refused():
+    shape = model_shape(tiny_model("bert").config)
+    data = PruningPlan.dense(shape).to_dict()
+    data["layers"][0]["attention"] = [0, 99]
+    with pytest.raises(UserError, match="layer 0 attention"):
+        PruningPlan.from_dict(data)

@@ -1,0 +1,59 @@
+"""Tiny random models, one per supported model type, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    CamembertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    RobertaConfig,
+    XLMRobertaConfig,
+)
+
+_ENCODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=48, max_position_embeddings=80, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+_ROBERTA = dict(_ENCODER, pad_token_id=1, max_position_embeddings=82)
+_DECODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=48, max_position_embeddings=80)
+
+TINY_CONFIGS = {
+    "bert": lambda: BertConfig(**_ENCODER),
+    "roberta": lambda: RobertaConfig(**_ROBERTA),
+    "xlm-roberta": lambda: XLMRobertaConfig(**_ROBERTA),
+    "camembert": lambda: CamembertConfig(**_ROBERTA),
+    "llama": lambda: LlamaConfig(**_DECODER),
+    "mistral": lambda: MistralConfig(**_DECODER),
+    "qwen2": lambda: Qwen2Config(**_DECODER),
+    "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=80,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def tiny_model(model_type: str, causal_lm: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]()
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_config(config, attn_implementation="sdpa").eval()
+    # random init makes some structures near-equal; spread the weights so tests can tell them apart
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def random_batch(model, batch: int = 3, seq: int = 11, pad_last: int = 3, seed: int = 1):
+    """input_ids and attention_mask with padding at the end of the first row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq - pad_last:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

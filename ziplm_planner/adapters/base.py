@@ -1,0 +1,97 @@
+"""Model families as data: where the prunable structures of a layer live.
+
+One frozen `Architecture` per family says which modules hold the attention projections,
+the FFN projections and what replaces a block when it is removed entirely. Everything that
+acts on a model (surgery, calibration hooks, profiling) reads these fields; no code outside
+the adapters knows a module name.
+
+Structures (DESIGN.md, "Architectures and structures"):
+- attention unit: one head, or for grouped-query attention one KV group = its K and V heads
+  plus every query head that shares them. A unit owns `q_per_unit * head_dim` rows of Q and
+  columns of the output projection, and `head_dim` rows of K and V.
+- FFN neuron: a row of each input projection (fc1, or gate and up) and a column of the output
+  projection.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class Bypass(enum.Enum):
+    """What a module becomes when its block is removed entirely."""
+
+    IDENTITY = "identity"  # norms and FFN inputs: pass the hidden state through
+    SKIP_ATTENTION = "skip_attention"  # post-norm attention (with its LayerNorm): return the input
+    RESIDUAL_OUTPUT = "residual_output"  # post-norm FFN output (dense + LayerNorm): return the residual
+    ZERO_ATTENTION = "zero_attention"  # pre-norm attention: add nothing to the residual stream
+    ZERO_MLP = "zero_mlp"  # pre-norm MLP: add nothing to the residual stream
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one family keeps its layers and prunable projections (paths relative to a layer)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # path from the base model (`model.base_model`) to the ModuleList of layers
+    attention: str  # the module whose head-count attributes change after surgery
+    query: str
+    key: str
+    value: str
+    attention_output: str
+    ffn_inputs: tuple[str, ...]
+    ffn_output: str
+    attention_bypass: tuple[tuple[str, Bypass], ...]
+    ffn_bypass: tuple[tuple[str, Bypass], ...]
+    pre_norm: bool  # a zeroed block leaves the residual stream untouched (no norm after it)
+    conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
+    fused_qkv: bool = False  # query, key and value are one projection, in that order
+    head_count_attrs: tuple[str, ...] = ()  # attention attributes set to the kept query-head count
+    head_width_attrs: tuple[str, ...] = ()  # attention attributes set to kept query heads * head_dim
+    ffn_width_attrs: tuple[tuple[str, str], ...] = ()  # (module path, attribute) set to kept neurons
+    # config field aliases, normalised in `ModelShape.from_config`
+    config_layers: str = "num_hidden_layers"
+    config_heads: str = "num_attention_heads"
+    config_kv_heads: str | None = None
+    config_intermediate: str = "intermediate_size"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dense shape a plan, a table or a level database is made for."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    attention_units: int  # heads, or KV groups under grouped-query attention
+    q_per_unit: int  # query heads per unit (1 without GQA)
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention_units * self.q_per_unit
+
+    def differences(self, other: ModelShape) -> list[str]:
+        """Fields that differ, as 'name: mine != theirs'."""
+        return [
+            f"{name}: {mine} != {theirs}"
+            for name, mine, theirs in (
+                (f, getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__
+            )
+            if mine != theirs
+        ]
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
