@@ -1,0 +1,260 @@
+"""Calibration and evaluation data: read files by path, turn text into fixed-shape token batches.
+
+Formats (auto-detected from the first non-empty line, or forced with `fmt`):
+  text  one sample per non-empty line; WikiText ` = Heading = ` lines are skipped.
+  stsb  STS-B TSV, no header: genre, file, year, id, score (0-5), sentence1, sentence2[, extra...].
+  glue  GLUE TSV with a header naming `sentence` or `sentence1` (and optionally `label`).
+TSV files are split on tabs only, never with CSV quoting: the sentences contain quotes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ziplm_planner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("text", "stsb", "glue")
+_TEXT_SUFFIXES = {".txt", ".raw"}
+_FILE_SUFFIXES = _TEXT_SUFFIXES | {".tsv", ".csv", ".json", ".jsonl", ".parquet"}
+_HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# GLUE column pairs, most specific first (MRPC/RTE/STS-B, then QNLI).
+_GLUE_PAIRS = (("sentence1", "sentence2"), ("question", "sentence"))
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    texts: list[str]  # single sentences, or the first sentence of each pair
+    pairs: list[tuple[str, str]] | None  # STS-B / GLUE pair tasks
+    labels: list[float] | list[int] | None  # STS-B scores (float) or GLUE class labels (int)
+    fmt: str  # "text" | "stsb" | "glue"
+    source: str  # path or Hugging Face dataset name
+
+
+def read_dataset(path: str | os.PathLike, fmt: str | None = None) -> TextDataset:
+    """Read a data file, detecting its format unless `fmt` is given."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)} or leave it out")
+    p = Path(path)
+    if not p.exists():
+        return _load_hf(str(path))
+    if p.is_dir():
+        raise UserError(f"{p} is a directory; pass a data file (text lines, STS-B or GLUE TSV)")
+    try:
+        content = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
+    lines = [line.rstrip("\r") for line in content.split("\n")]  # not splitlines: \x0b etc. are text
+    fmt = fmt or _detect(p, lines)
+    parse = {"text": _parse_text, "stsb": _parse_stsb, "glue": _parse_glue}[fmt]
+    ds = parse(p, lines)
+    if not ds.texts:
+        raise UserError(f"{p} contains no samples (empty, or only blank/heading lines)")
+    log.info("read %d samples (%s) from %s", len(ds.texts), fmt, p)
+    return ds
+
+
+def calibration_texts(dataset: TextDataset, num_samples: int, seed: int) -> list[str]:
+    """`num_samples` texts drawn without replacement (both sentences of a pair count); all if fewer."""
+    if num_samples < 1:
+        raise UserError(f"number of calibration samples must be >= 1, got {num_samples}")
+    pool = dataset.texts if dataset.pairs is None else [s for pair in dataset.pairs for s in pair]
+    if len(pool) < num_samples:
+        log.warning("%s has %d samples, fewer than the %d asked for; using all", dataset.source, len(pool), num_samples)
+    return random.Random(seed).sample(pool, min(num_samples, len(pool)))
+
+
+def _detect(path: Path, lines: list[str]) -> str:
+    if path.suffix.lower() in _TEXT_SUFFIXES:
+        return "text"
+    first = next((line for line in lines if line.strip()), "")
+    fields = [f.strip() for f in first.split("\t")]
+    if "sentence" in fields or "sentence1" in fields:
+        return "glue"
+    if len(fields) >= 7 and _score(fields[4]) is not None:
+        return "stsb"
+    return "text"
+
+
+def _score(value: str) -> float | None:
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if 0.0 <= x <= 5.0 else None
+
+
+def _text_samples(lines: Sequence[str]) -> list[str]:
+    """Non-empty lines, minus WikiText headings such as ` = Title = ` or ` = = Section = = `."""
+    stripped = (line.strip() for line in lines)
+    return [s for s in stripped if s and not (s.startswith("= ") and s.endswith(" ="))]
+
+
+def _parse_text(path: Path, lines: list[str]) -> TextDataset:
+    return TextDataset(_text_samples(lines), None, None, "text", str(path))
+
+
+def _parse_stsb(path: Path, lines: list[str]) -> TextDataset:
+    pairs, scores = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 7:
+            raise UserError(f"{path} line {n}: expected >= 7 tab-separated fields, got {len(fields)}")
+        score = _score(fields[4])
+        if score is None:
+            raise UserError(f"{path} line {n}: score {fields[4]!r} is not a number in [0, 5]")
+        pairs.append((fields[5].strip(), fields[6].strip()))
+        scores.append(score)
+    return TextDataset([a for a, _ in pairs], pairs, scores, "stsb", str(path))
+
+
+def _parse_glue(path: Path, lines: list[str]) -> TextDataset:
+    header = [c.strip() for c in lines[0].split("\t")]
+    pair = next(((a, b) for a, b in _GLUE_PAIRS if a in header and b in header), None)
+    cols = pair or next(((c,) for c in ("sentence", "sentence1") if c in header), None)
+    if cols is None:
+        raise UserError(f"{path} line 1: GLUE header has no 'sentence' or 'sentence1' column (got {header})")
+    idx = [header.index(c) for c in cols]
+    label_idx = header.index("label") if "label" in header else None
+    need = max(idx + [label_idx or 0]) + 1
+    rows, labels = [], []
+    for n, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < need:
+            raise UserError(f"{path} line {n}: expected >= {need} tab-separated fields, got {len(fields)}")
+        rows.append(tuple(fields[i].strip() for i in idx))
+        if label_idx is not None:
+            labels.append(_label(fields[label_idx].strip(), path, n))
+    pairs = rows if pair else None
+    return TextDataset([r[0] for r in rows], pairs, labels if label_idx is not None else None, "glue", str(path))
+
+
+def _label(value: str, path: Path, n: int) -> int | float:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    raise UserError(f"{path} line {n}: label {value!r} is not numeric; map class names to numbers first")
+
+
+def _load_hf(name: str) -> TextDataset:
+    """A missing path that looks like `name` or `name/config` is tried as a Hugging Face dataset."""
+    looks_hf = _HF_NAME.fullmatch(name) and Path(name).suffix.lower() not in _FILE_SUFFIXES
+    if not looks_hf:
+        raise UserError(f"calibration file {name} does not exist; check the path")
+    try:
+        datasets = importlib.import_module("datasets")
+    except ImportError:
+        raise UserError(
+            f"calibration file {name} does not exist; Hugging Face dataset names need the "
+            "`datasets` package (pip install datasets) and network access"
+        ) from None
+    try:
+        ds = datasets.load_dataset(*name.split("/", 1), split="train")
+    except Exception as e:  # network, unknown name, bad config: all user-fixable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not load Hugging Face dataset {name}: {reason}") from None
+    column = next((c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None)
+    if column is None:
+        raise UserError(f"Hugging Face dataset {name} has no text column; pass a file instead")
+    texts = _text_samples(ds[column])
+    if not texts:
+        raise UserError(f"Hugging Face dataset {name} column {column!r} contains no text")
+    log.info("read %d samples from Hugging Face dataset %s (column %s)", len(texts), name, column)
+    return TextDataset(texts, None, None, "text", name)
+
+
+@dataclass(frozen=True)
+class TokenBatches:
+    input_ids: torch.Tensor  # (num_samples, seq_len) long
+    attention_mask: torch.Tensor  # (num_samples, seq_len) long, 0 on padding
+    labels: torch.Tensor | None  # (num_samples,) for labelled data, else None
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive slices of `batch_size` samples (the last may be shorter)."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        for i in range(0, len(self.input_ids), batch_size):
+            batch = {"input_ids": self.input_ids[i : i + batch_size],
+                     "attention_mask": self.attention_mask[i : i + batch_size]}
+            if self.labels is not None:
+                batch["labels"] = self.labels[i : i + batch_size]
+            yield batch
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.attention_mask.sum())
+
+
+def _check(texts: Sequence[str], seq_len: int) -> None:
+    if not texts:
+        raise UserError("no texts to tokenize; check the data file")
+    if seq_len < 1:
+        raise UserError(f"sequence length must be >= 1, got {seq_len}")
+
+
+@contextmanager
+def _right_padding(tokenizer):
+    """Pad on the right, with eos as pad if the tokenizer has none (Llama, GPT-2); restored on exit."""
+    saved = tokenizer.pad_token, tokenizer.padding_side
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.pad_token, tokenizer.padding_side = saved
+
+
+def tokenize_sentences(tokenizer, texts: Sequence[str], seq_len: int, labels=None) -> TokenBatches:
+    """Encoder inputs: each text padded or truncated to `seq_len` (special tokens included)."""
+    _check(texts, seq_len)
+    if labels is not None and len(labels) != len(texts):
+        raise UserError(f"got {len(labels)} labels for {len(texts)} texts")
+    with _right_padding(tokenizer):
+        enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    y = None
+    if labels is not None:  # integer class labels stay long, scores become float
+        is_int = all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
+        y = torch.tensor(labels, dtype=torch.long if is_int else torch.float32)
+    return TokenBatches(enc["input_ids"].long(), enc["attention_mask"].long(), y)
+
+
+def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: int, seed: int) -> TokenBatches:
+    """Causal-LM inputs: texts joined by blank lines, cut into non-overlapping `seq_len` windows,
+    `num_samples` of them chosen at random (deterministic in `seed`); no special tokens added."""
+    _check(texts, seq_len)
+    if num_samples < 1:
+        raise UserError(f"number of samples must be >= 1, got {num_samples}")
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    n_windows = len(ids) // seq_len
+    if n_windows == 0:
+        raise UserError(
+            f"calibration text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
+            "give more text or a shorter sequence length"
+        )
+    if n_windows < num_samples:
+        log.warning("only %d windows of %d tokens available, fewer than %d asked for", n_windows, seq_len, num_samples)
+    chosen = random.Random(seed).sample(range(n_windows), min(num_samples, n_windows))
+    windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
+    input_ids = windows[chosen]  # (num_samples, seq_len)
+    return TokenBatches(input_ids, torch.ones_like(input_ids), None)
