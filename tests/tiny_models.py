@@ -57,3 +57,15 @@ def random_batch(model, batch: int = 3, seq: int = 11, pad_last: int = 3, seed: 
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, seq - pad_last:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_loaded(model_type: str, causal_lm: bool = False, seed: int = 0):
+    """A tiny model wrapped as the planner loads real ones (a stand-in tokenizer: only its input names are used)."""
+    from types import SimpleNamespace
+
+    from ziplm_planner.models import CAUSAL_LM, EMBEDDING, LoadedModel, ModelSource
+
+    model = tiny_model(model_type, causal_lm=causal_lm, seed=seed)
+    names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
+    return LoadedModel(model, SimpleNamespace(model_input_names=names), ModelSource(f"tiny-{model_type}", "tiny"),
+                       CAUSAL_LM if causal_lm else EMBEDDING)

@@ -1,0 +1,58 @@
+"""Real models from PyPI packages (MiniLM, SmolLM2-135M): surgery is exact on them too."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from ziplm_planner.adapters import model_shape
+from ziplm_planner.models import CAUSAL_LM, EMBEDDING, load_model
+from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, count_parameters
+from test_surgery import outputs, zero_removed
+
+pytestmark = pytest.mark.realmodel
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2")
+
+
+def sentences(loaded, texts=("A man is playing a guitar.", "The quick brown fox jumps over the lazy dog again.")):
+    return dict(loaded.tokenizer(list(texts), padding=True, return_tensors="pt"))
+
+
+def test_minilm_loads_as_an_embedding_model(minilm):
+    shape = model_shape(minilm.model.config)
+    assert minilm.kind == EMBEDDING
+    assert (shape.num_layers, shape.attention_units, shape.q_per_unit, shape.intermediate_size) == (6, 12, 1, 1536)
+
+
+def test_smollm2_loads_as_a_gqa_causal_lm(smollm2):
+    shape = model_shape(smollm2.model.config)
+    assert smollm2.kind == CAUSAL_LM
+    assert (shape.num_layers, shape.attention_units, shape.q_per_unit, shape.intermediate_size) == (30, 3, 3, 1536)
+
+
+@pytest.mark.parametrize("fixture", ["minilm", "smollm2"])
+def test_surgery_on_real_model_equals_masked_dense(fixture, request):
+    loaded = request.getfixturevalue(fixture)
+    shape = model_shape(loaded.model.config)
+    rng = random.Random(0)
+    pre_norm = loaded.kind == CAUSAL_LM
+    plan = PruningPlan(shape, [
+        LayerPlan(sorted(rng.sample(range(shape.attention_units), rng.randint(0 if pre_norm else 1, shape.attention_units))),
+                  sorted(rng.sample(range(shape.intermediate_size), rng.randint(0 if pre_norm else 1, shape.intermediate_size))))
+        for _ in range(shape.num_layers)])
+    pruned = apply_plan(copy.deepcopy(loaded.model), plan)
+    masked = zero_removed(copy.deepcopy(loaded.model), plan)
+    batch = sentences(loaded)
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(outputs(pruned, batch)[keep], outputs(masked, batch)[keep], rtol=1e-3, atol=1e-3)
+    assert count_parameters(pruned) < count_parameters(loaded.model)

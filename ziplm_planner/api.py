@@ -1,0 +1,35 @@
+"""The Python API: what the CLI calls, and what a notebook calls."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .atomic import check_writable
+from .models import LoadedModel, load_model
+from .profile import ProfileSettings, profile_model
+from .spec import InferenceSpec
+from .table import LatencyTable
+
+log = logging.getLogger(__name__)
+
+
+def _loaded(model: str | LoadedModel) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def profile(model: str | LoadedModel = "minilm", output: str | Path | None = None, *, backend: str = "torch",
+            batch_size: int = 8, seq_len: int = 128, mode: str = "prefill", context: int = 0,
+            threads: int | None = None, device: str = "cpu", dtype: str = "float32", ffn_step: int = 64,
+            rounds: int = 40, estimator: str = "p10", seed: int = 0) -> LatencyTable:
+    """Profile `model` on this machine for one inference spec; save the table to `output` if given."""
+    spec = InferenceSpec(backend=backend, device=device, dtype=dtype, threads=threads or os.cpu_count(),
+                         batch_size=batch_size, seq_len=1 if mode == "decode" else seq_len, mode=mode, context=context)
+    settings = ProfileSettings(ffn_step=ffn_step, rounds=rounds, estimator=estimator, seed=seed)
+    if output is not None:
+        check_writable(Path(output))  # fail now, not after minutes of timing
+    table = profile_model(_loaded(model), spec, settings)
+    if output is not None:
+        table.save(output)
+    return table

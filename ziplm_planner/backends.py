@@ -1,0 +1,137 @@
+"""Running a module the way it is deployed: eager PyTorch, or a real ONNX Runtime session.
+
+Every timed thing (a block at a pruned size, the fixed part, a whole model) is a `TensorCall`:
+a module that takes named tensors positionally and returns one tensor. That is what
+`torch.onnx.export` needs, and transformers 5 models cannot be exported directly (their
+forward receives `use_cache` twice), so the same wrapper serves both backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import CAUSAL_LM, CLASSIFICATION
+from .spec import InferenceSpec
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class TensorCall(nn.Module):
+    """`fn(inner, inputs_by_name) -> Tensor` as a module with positional tensor inputs."""
+
+    def __init__(self, inner: nn.Module, names: list[str], fn: Callable[[nn.Module, dict], torch.Tensor]):
+        super().__init__()
+        self.inner, self.names, self.fn = inner, list(names), fn
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.inner, dict(zip(self.names, tensors)))
+
+
+def model_output(kind: str) -> tuple[str, Callable]:
+    """The output a deployed model of this kind returns, and how to take it from a forward."""
+    if kind == CAUSAL_LM:
+        return "logits", lambda model, inputs: model(**inputs, use_cache=False).logits
+    if kind == CLASSIFICATION:
+        return "logits", lambda model, inputs: model(**inputs).logits
+    return "last_hidden_state", lambda model, inputs: model(**inputs).last_hidden_state
+
+
+def model_call(model: nn.Module, kind: str, input_names: list[str]) -> TensorCall:
+    return TensorCall(model, input_names, model_output(kind)[1])
+
+
+@contextlib.contextmanager
+def eager_attention(module: nn.Module):
+    """Export with eager attention: the TorchScript exporter cannot convert SDPA with grouped-query
+    heads (enable_gqa). Restores each config's implementation afterwards."""
+    configs = {id(m.config): m.config for m in module.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = saved[key]
+
+
+def export_onnx(call: TensorCall, inputs: dict[str, torch.Tensor], path: Path, output_name: str,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> Path:
+    """Export with the TorchScript exporter (dynamo=False), which handles these wrappers on torch 2.x."""
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings(), eager_attention(call):
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
+        torch.onnx.export(
+            call.eval(), tuple(inputs[name] for name in call.names), str(path),
+            input_names=call.names, output_names=[output_name], dynamic_axes=dynamic_axes,
+            opset_version=OPSET, dynamo=False,
+        )
+    return path
+
+
+def ort_session(path: Path, spec: InferenceSpec):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if spec.device == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def to_numpy_feeds(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: tensor.detach().cpu().numpy() for name, tensor in inputs.items()}
+
+
+def torch_dtype(spec: InferenceSpec) -> torch.dtype:
+    return getattr(torch, spec.dtype)
+
+
+def padded_for_tracing(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same inputs with the last position of the first row masked out.
+
+    Tracing freezes Python branches: traced with an all-ones mask, a model may take the
+    no-mask shortcut and export a graph that ignores padding for good."""
+    if "attention_mask" not in inputs:
+        return inputs
+    mask = inputs["attention_mask"].clone()
+    mask[0, -1] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+def build_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: InferenceSpec, workdir: Path,
+                 name: str) -> Callable[[], object]:
+    """A no-argument callable running `call` once on `inputs` on the spec's backend."""
+    dtype = torch_dtype(spec)
+    call = call.to(dtype=dtype)
+    inputs = {n: t.to(dtype) if t.is_floating_point() else t for n, t in inputs.items()}
+    if spec.backend == "onnxruntime":
+        path = export_onnx(call, padded_for_tracing(inputs), workdir / f"{name}.onnx", "output")
+        session = ort_session(path, spec)
+        used = {i.name for i in session.get_inputs()}  # the exporter drops inputs the graph never reads
+        feeds = to_numpy_feeds({n: inputs[n] for n in call.names if n in used})
+        return lambda: session.run(None, feeds)
+    call = call.to(device=spec.device)
+    args = tuple(inputs[n].to(spec.device) for n in call.names)
+
+    def run():
+        with torch.inference_mode():
+            return call(*args)
+    return run
+
+
+def synchronizer(spec: InferenceSpec) -> Callable[[], None] | None:
+    return torch.cuda.synchronize if spec.device == "cuda" and spec.backend == "torch" else None

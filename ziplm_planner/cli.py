@@ -1,0 +1,100 @@
+"""Command line: a thin click layer over the Python API. Each command parses, calls one
+library function and prints a result; bad input is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+from .models import ALIASES, DEFAULT_MODEL
+
+MODEL_HELP = f"model: Hugging Face folder or id, a .gguf file, or an alias ({', '.join(ALIASES)})"
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs `default` when the first argument is not one of its commands, so that
+    `profile MODEL ...` and `profile show FILE` both read naturally."""
+
+    default = "run"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Latency-aware structured compression of transformer language models (after ZipLM)."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+@cli.group(cls=DefaultCommandGroup)
+def profile() -> None:
+    """Profile this machine: `profile MODEL -o TABLE.json`, or `profile show TABLE.json`."""
+
+
+@profile.command("run")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (prefill).")
+@click.option("--mode", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True)
+@click.option("--context", type=int, default=0, help="KV-cache length for --mode decode.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads [default: all cores].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--ffn-step", type=int, default=64, show_default=True, help="FFN sizes timed: multiples of this.")
+@click.option("--rounds", type=int, default=40, show_default=True, help="Interleaved repetitions per block.")
+@click.option("--estimator", type=click.Choice(["min", "p10", "median"]), default="p10", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def profile_run(model, backend, batch_size, seq_len, mode, context, threads, device, dtype, ffn_step, rounds,
+                estimator, output) -> None:
+    """Time MODEL's attention, FFN and fixed parts at every pruned size; write a latency table."""
+    import os
+
+    from . import api
+
+    table = api.profile(model, output=output, backend=backend, batch_size=batch_size, seq_len=seq_len, mode=mode,
+                        context=context, threads=threads or os.cpu_count(), device=device, dtype=dtype,
+                        ffn_step=ffn_step, rounds=rounds, estimator=estimator)
+    median, worst = table.additivity_errors()
+    click.echo(f"wrote {output}: dense {table.dense_ms:.2f} ms predicted, fixed part {table.fixed_ms:.2f} ms, "
+               f"max speedup {table.max_speedup:.2f}x, additivity error median {median:.1%} max {worst:.1%}, "
+               f"{table.metadata['profile_seconds']:.0f} s")
+
+
+@profile.command("show")
+@click.argument("table_path", type=click.Path(path_type=Path))
+def profile_show(table_path) -> None:
+    """Print a latency table."""
+    from .table import LatencyTable
+
+    click.echo(LatencyTable.load(table_path).describe())
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing incomplete was left behind as complete", err=True)
+        sys.exit(130)

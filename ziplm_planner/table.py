@@ -1,0 +1,138 @@
+"""Latency lookup tables: block times per pruned size on one machine, backend and spec.
+
+Predicted latency of a configuration (DESIGN.md, "Latency table"):
+    T = fixed + sum over layers of attention(k_l) + ffn(n_l)
+with attention(0) = ffn(0) = 0 (a removed block). The table also records how far a few
+measured whole models were from that sum, so additivity is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .adapters import ModelShape
+from .atomic import atomic_write_text
+from .errors import UserError
+from .spec import InferenceSpec
+from .timing import ESTIMATORS
+
+FORMAT = "ziplm-planner/latency-table/v1"
+ATTENTION, FFN, FIXED = "attention", "ffn", "fixed"
+
+
+@dataclass
+class LatencyTable:
+    spec: InferenceSpec
+    shape: ModelShape
+    estimator: str
+    records: list[dict]  # block, level, time_ms (the estimate), min_ms, p10_ms, median_ms, p90_ms, runs
+    additivity: list[dict] = field(default_factory=list)  # whole models: kept, predicted_ms, measured_ms, error
+    metadata: dict = field(default_factory=dict)  # model, machine, versions, created, settings, seconds
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def levels(self, block: str) -> list[int]:
+        return sorted(r["level"] for r in self.records if r["block"] == block)
+
+    def times(self, block: str) -> list[float]:
+        """Estimated ms at each of `levels(block)`."""
+        by_level = {r["level"]: r["time_ms"] for r in self.records if r["block"] == block}
+        return [by_level[level] for level in self.levels(block)]
+
+    def time(self, block: str, kept: int) -> float:
+        """Block time at `kept` structures; between table levels, linear interpolation."""
+        if kept == 0:
+            return 0.0
+        return float(np.interp(kept, self.levels(block), self.times(block)))
+
+    @property
+    def fixed_ms(self) -> float:
+        return next(r["time_ms"] for r in self.records if r["block"] == FIXED)
+
+    def predict(self, kept_counts: list[tuple[int, int]]) -> float:
+        """Predicted ms of a model keeping (attention units, FFN neurons) per layer."""
+        return self.fixed_ms + sum(self.time(ATTENTION, a) + self.time(FFN, f) for a, f in kept_counts)
+
+    @property
+    def dense_ms(self) -> float:
+        return self.predict([(self.shape.attention_units, self.shape.intermediate_size)] * self.shape.num_layers)
+
+    @property
+    def max_speedup(self) -> float:
+        """Dense time over the fixed part: the speedup of removing every layer."""
+        return self.dense_ms / self.fixed_ms
+
+    def additivity_errors(self) -> tuple[float, float]:
+        """Median and max |predicted / measured - 1| over the whole models measured."""
+        errors = [abs(a["error"]) for a in self.additivity]
+        return (float(np.median(errors)), float(max(errors))) if errors else (float("nan"), float("nan"))
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.records)
+        frame["spread"] = frame["p90_ms"] / frame["p10_ms"]
+        return frame
+
+    def describe(self) -> str:
+        """The table as text: what it was made for, then block times with their spread."""
+        meta, spec = self.metadata, self.spec
+        machine = meta.get("machine", {})
+        median, worst = self.additivity_errors()
+        lines = [
+            f"model {meta.get('model', '?')} ({self.shape.model_type}, {self.shape.num_layers} layers, "
+            f"{self.shape.attention_units} attention units, FFN {self.shape.intermediate_size})",
+            f"spec  {spec.backend} on {spec.device}, {spec.dtype}, {spec.threads} threads, batch {spec.batch_size} x "
+            + (f"1 token after {spec.context} cached" if spec.mode == "decode" else f"{spec.seq_len} tokens"),
+            f"on    {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
+            + (f", {machine['gpu']}" if machine.get("gpu") else "") + f"; {meta.get('created', '?')}",
+            f"dense {self.dense_ms:.3f} ms predicted; fixed part {self.fixed_ms:.3f} ms; max speedup {self.max_speedup:.2f}x; "
+            f"estimator {self.estimator}",
+            f"additivity over {len(self.additivity)} whole models: median error {median:.1%}, max {worst:.1%}",
+            "",
+            self.to_frame().to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+        ]
+        return "\n".join(lines)
+
+    # --- validity ------------------------------------------------------------------------------
+
+    def check_compatible(self, shape: ModelShape, spec: InferenceSpec | None = None, source: str = "table") -> None:
+        """A table is only valid for its model shape and spec: anything else is an error."""
+        problems = self.shape.differences(shape)
+        if spec is not None:
+            problems += self.spec.differences(spec)
+        if problems:
+            raise UserError(f"{source} was made for another model or spec ({'; '.join(problems)}): profile this one")
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "spec": self.spec.to_dict(), "shape": self.shape.__dict__, "estimator": self.estimator,
+                "metadata": self.metadata, "records": self.records, "additivity": self.additivity}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"latency table {path} does not exist: make one with `ziplm-planner profile`")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"latency table {path} is not valid JSON ({err}): re-run `ziplm-planner profile`") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError(f"{path} is not a ziplm-planner latency table (expected format {FORMAT!r})")
+        try:
+            table = cls(InferenceSpec(**data["spec"]), ModelShape(**data["shape"]), data["estimator"],
+                        list(data["records"]), list(data.get("additivity", [])), dict(data.get("metadata", {})))
+            blocks = {r["block"] for r in table.records}
+            assert {ATTENTION, FFN, FIXED} <= blocks and table.estimator in ESTIMATORS
+            assert all(r["time_ms"] >= 0 for r in table.records)
+        except (KeyError, TypeError, AssertionError):
+            raise UserError(f"latency table {path} is incomplete or corrupt: re-run `ziplm-planner profile`") from None
+        return table
