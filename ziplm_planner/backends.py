@@ -9,6 +9,7 @@ forward receives `use_cache` twice), so the same wrapper serves both backends.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,10 @@ def eager_attention(module: nn.Module):
 
 def export_onnx(call: TensorCall, inputs: dict[str, torch.Tensor], path: Path, output_name: str,
                 dynamic_axes: dict[str, dict[int, str]] | None = None) -> Path:
-    """Export with the TorchScript exporter (dynamo=False), which handles these wrappers on torch 2.x."""
+    """Export with the TorchScript exporter (dynamo=False), which handles these wrappers on torch 2.x.
+
+    Every named input stays a graph input, even one the graph never reads (a model with all its
+    attention removed ignores the mask): callers feed what the tokenizer gives them."""
     import warnings
 
     with torch.no_grad(), warnings.catch_warnings(), eager_attention(call):
@@ -76,7 +80,29 @@ def export_onnx(call: TensorCall, inputs: dict[str, torch.Tensor], path: Path, o
             input_names=call.names, output_names=[output_name], dynamic_axes=dynamic_axes,
             opset_version=OPSET, dynamo=False,
         )
+    restore_unused_inputs(path, {n: inputs[n] for n in call.names}, dynamic_axes or {})
     return path
+
+
+def restore_unused_inputs(path: Path, inputs: dict[str, torch.Tensor], dynamic_axes: dict[str, dict[int, str]]) -> None:
+    import onnx
+    from onnx.helper import make_tensor_value_info, np_dtype_to_tensor_dtype
+
+    model = onnx.load(str(path))
+    present = {v.name: v for v in model.graph.input}
+    if set(inputs) <= set(present):
+        return
+    ordered = []
+    for name, tensor in inputs.items():
+        if name in present:
+            ordered.append(present[name])
+        else:
+            shape = [dynamic_axes.get(name, {}).get(axis, size) for axis, size in enumerate(tensor.shape)]
+            dtype = np_dtype_to_tensor_dtype(tensor.detach().cpu().numpy().dtype)
+            ordered.append(make_tensor_value_info(name, dtype, shape))
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+    onnx.save(model, str(path))
 
 
 def ort_session(path: Path, spec: InferenceSpec):
@@ -116,13 +142,14 @@ def build_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: Infere
                  name: str) -> Callable[[], object]:
     """A no-argument callable running `call` once on `inputs` on the spec's backend."""
     dtype = torch_dtype(spec)
+    if dtype != torch.float32 or spec.device != "cpu":
+        call = copy.deepcopy(call)  # Module.to converts in place: leave the caller's model as it is
     call = call.to(dtype=dtype)
     inputs = {n: t.to(dtype) if t.is_floating_point() else t for n, t in inputs.items()}
     if spec.backend == "onnxruntime":
         path = export_onnx(call, padded_for_tracing(inputs), workdir / f"{name}.onnx", "output")
         session = ort_session(path, spec)
-        used = {i.name for i in session.get_inputs()}  # the exporter drops inputs the graph never reads
-        feeds = to_numpy_feeds({n: inputs[n] for n in call.names if n in used})
+        feeds = to_numpy_feeds({n: inputs[n] for n in call.names})
         return lambda: session.run(None, feeds)
     call = call.to(device=spec.device)
     args = tuple(inputs[n].to(spec.device) for n in call.names)

@@ -220,6 +220,7 @@ def build_pruned(model_class, config, plan: PruningPlan, state_dict: dict[str, t
     cannot describe the model by itself)."""
     with no_init_weights():
         model = model_class._from_config(config)
+    model.tie_weights()  # skipped under no_init_weights: tied embeddings would load as two copies
     apply_plan(model, plan)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

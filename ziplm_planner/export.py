@@ -1,0 +1,248 @@
+"""Family members on disk: a pruned model's folder, its checks, and the loader that rebuilds it.
+
+A member folder holds the pruned weights (`model.safetensors`), the ORIGINAL dense config
+(configs validate hidden_size % heads, so no config can describe a pruned model), the
+tokenizer, `pruning.json` (the plan: the recorded surgery) and a checked `model.onnx`.
+`load_pruned` rebuilds it with transformers: dense architecture, surgery, weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from .backends import export_onnx, model_call, model_output, ort_session, padded_for_tracing, to_numpy_feeds
+from .errors import UserError
+from .models import CLASSIFICATION, model_class
+from .spec import InferenceSpec
+from .surgery import PruningPlan, build_pruned, count_parameters
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ziplm-planner/member/v1"
+WEIGHTS, PRUNING, ONNX = "model.safetensors", "pruning.json", "model.onnx"
+TRACE_SHAPE, CHECK_SHAPE = (2, 7), (3, 12)  # (batch, sequence): the check runs at another size than the trace
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def input_names(model: nn.Module, tokenizer) -> list[str]:
+    """The inputs the tokenizer produces that the model's forward accepts, in the tokenizer's order."""
+    if tokenizer is not None:
+        names = list(tokenizer.model_input_names)
+    else:
+        names = ["input_ids", "token_type_ids", "attention_mask"] if model.config.model_type == "bert" \
+            else ["input_ids", "attention_mask"]
+    accepted = inspect.signature(model.forward).parameters
+    return [name for name in names if name in accepted]
+
+
+def example_inputs(model: nn.Module, names: list[str], batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids (never 0-2, where pad ids live: RoBERTa shifts positions at its pad id), a full mask."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    make = {
+        "input_ids": lambda: torch.randint(3, model.config.vocab_size, (batch, seq), generator=g),
+        "token_type_ids": lambda: torch.randint(0, getattr(model.config, "type_vocab_size", 1), (batch, seq), generator=g),
+        "attention_mask": lambda: torch.ones(batch, seq, dtype=torch.long),
+    }
+    return {name: make[name]().to(device) for name in names}
+
+
+def dynamic_axes(kind: str, names: list[str]) -> dict[str, dict[int, str]]:
+    output_axes = {0: "batch"} if kind == CLASSIFICATION else {0: "batch", 1: "sequence"}  # (batch, labels)
+    return {**{name: {0: "batch", 1: "sequence"} for name in names}, model_output(kind)[0]: output_axes}
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _max_diff(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None) -> float:
+    if mask is not None and expected.dim() >= 3:  # per-token outputs: padded positions are undefined
+        actual, expected = actual[mask.bool()], expected[mask.bool()]
+    return float((actual.float() - expected.float()).abs().max())
+
+
+def _check_batch(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    inputs = example_inputs(model, names, *CHECK_SHAPE, seed=1)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"][1, -4:] = 0  # padding in one row
+    return inputs
+
+
+def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> dict:
+    """Graph input/output names and dynamic axes, and ONNX Runtime vs torch at an untraced size."""
+    import onnx
+
+    output, forward = model_output(kind)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    found_inputs, found_outputs = [v.name for v in graph.input], [v.name for v in graph.output]
+    expected_axes = dynamic_axes(kind, names)
+    axes = {name: {axis: dims[name][axis] for axis in wanted} for name, wanted in expected_axes.items() if name in dims}
+    if found_inputs != names or found_outputs != [output] or axes != expected_axes:
+        raise RuntimeError(f"ONNX export of {path}: inputs {found_inputs}, outputs {found_outputs}, axes {axes}; "
+                           f"expected {names}, [{output!r}], {expected_axes}")
+    inputs = _check_batch(model, names)
+    (actual,) = ort_session(path, InferenceSpec()).run(None, to_numpy_feeds(inputs))
+    with torch.no_grad():
+        expected = forward(model, inputs).cpu()
+    diff = _max_diff(torch.from_numpy(np.asarray(actual)), expected, inputs.get("attention_mask"))
+    if not diff <= tolerance:
+        raise RuntimeError(f"ONNX export of {path} differs from torch by {diff:.3g} (tolerance {tolerance:g})")
+    return {"file": ONNX, "inputs": names, "outputs": [output], "dynamic_axes": expected_axes,
+            "checked_shape": list(CHECK_SHAPE), "max_abs_diff": diff, "tolerance": tolerance}
+
+
+def check_reload(folder: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> float:
+    """Rebuild the member from `folder` alone and compare it with `model`; returns the max abs diff."""
+    forward = model_output(kind)[1]
+    inputs = _check_batch(model, names)
+    reloaded = load_pruned(folder).to(next(model.parameters()).device)
+    with torch.no_grad():
+        diff = _max_diff(forward(reloaded, inputs), forward(model.eval(), inputs), inputs.get("attention_mask"))
+    if count_parameters(reloaded) != count_parameters(model) or not diff <= tolerance:
+        raise RuntimeError(f"member reloaded from {folder} differs from the model saved (max abs diff {diff:.3g}, "
+                           f"{count_parameters(reloaded)} vs {count_parameters(model)} parameters)")
+    return diff
+
+
+# --- saving -----------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Rename the complete `tmp` onto `folder`; an old `folder` is moved aside first, removed last."""
+    if not folder.exists():
+        tmp.rename(folder)
+        return
+    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+    folder.rename(old / "member")
+    try:
+        tmp.rename(folder)
+    except BaseException:
+        (old / "member").rename(folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, kind: str, info: dict,
+                onnx: bool = True, onnx_tolerance: float = 1e-3) -> dict:
+    """Write one family member folder, checked, all at once (built in a temporary sibling, then renamed).
+
+    Every save is checked: the folder is reloaded with `load_pruned` and the ONNX file run in
+    ONNX Runtime, both compared with `model` within `onnx_tolerance`. Returns pruning.json's dict."""
+    folder = Path(folder)
+    if clash := {"format", "kind", "model_class", "plan", "parameters", "onnx", "reload_max_abs_diff"} & info.keys():
+        raise ValueError(f"info would overwrite pruning.json fields {sorted(clash)}")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cannot write member {folder}: a file of that name exists")
+    names = input_names(model, tokenizer)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    except OSError as err:
+        raise UserError(f"cannot write member {folder}: {err.strerror or err}") from None
+    try:
+        save_model(model, str(tmp / WEIGHTS))  # drops tied duplicates, recorded in the file's metadata
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {"format": FORMAT, "kind": kind, "model_class": type(model).__name__, "plan": plan.to_dict(),
+                  "parameters": count_parameters(model), **info, "onnx": None}
+        if onnx:
+            call = model_call(model, kind, names)
+            example = padded_for_tracing(example_inputs(model, names, *TRACE_SHAPE))
+            export_onnx(call, example, tmp / ONNX, model_output(kind)[0], dynamic_axes(kind, names))
+            record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
+        _write_json(tmp / PRUNING, record)
+        record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, onnx_tolerance)
+        _write_json(tmp / PRUNING, record)
+        _swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s (%d parameters%s)", folder, record["parameters"], ", ONNX checked" if onnx else "")
+    return record
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def read_record(folder: Path) -> dict:
+    """pruning.json of a member folder, validated; UserError for anything else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    if not (folder / PRUNING).is_file():
+        raise UserError(f"{folder} is not a ziplm-planner model folder: {PRUNING} missing")
+    try:
+        record = json.loads((folder / PRUNING).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder / PRUNING} is corrupt: {err}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise UserError(f"{folder / PRUNING} is not a ziplm-planner member file (expected format {FORMAT})")
+    try:
+        model_class(record["kind"])
+    except (KeyError, TypeError):
+        raise UserError(f"{folder / PRUNING} has an unknown model kind {record.get('kind')!r}") from None
+    return record
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors restored: save_model keeps one name, the others are in the metadata."""
+    with safe_open(str(path), framework="pt") as handle:
+        aliases = handle.metadata() or {}
+    state = load_file(str(path))
+    return {**state, **{alias: state[kept] for alias, kept in aliases.items() if kept in state}}
+
+
+def load_pruned(folder: Path) -> nn.Module:
+    """Rebuild a saved member from its folder alone, in eval mode."""
+    folder = Path(folder)
+    record = read_record(folder)
+    plan = PruningPlan.from_dict(record.get("plan"))
+    for required in ("config.json", WEIGHTS):
+        if not (folder / required).is_file():
+            raise UserError(f"member {folder} is incomplete: {required} missing")
+    cls = getattr(transformers, str(record.get("model_class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise UserError(f"{folder / PRUNING} names an unknown model class {record.get('model_class')!r}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        state = _load_weights(folder / WEIGHTS)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise UserError(f"member {folder} is corrupt: {str(err).splitlines()[0]}") from None
+    try:
+        model = build_pruned(cls, config, plan, state)
+    except RuntimeError as err:  # shape or key mismatch: weights from another plan or model
+        raise UserError(f"member {folder}: weights do not match its pruning plan ({str(err).splitlines()[0]})") from None
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    return model.to(dtype) if dtype is not None else model  # built in float32, the weights' dtype is kept
+
+
+def load_pruned_tokenizer(folder: Path):
+    """The tokenizer saved with a member."""
+    folder = Path(folder)
+    read_record(folder)
+    if not (folder / "tokenizer_config.json").is_file():  # else transformers 5 builds an empty tokenizer
+        raise UserError(f"member {folder} has no tokenizer: tokenizer_config.json missing")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UserError(f"member {folder} has no usable tokenizer: {str(err).splitlines()[0]}") from None
