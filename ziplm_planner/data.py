@@ -186,13 +186,17 @@ class TokenBatches:
     attention_mask: torch.Tensor  # (num_samples, seq_len) long, 0 on padding
     labels: torch.Tensor | None  # (num_samples,) for labelled data, else None
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Consecutive slices of `batch_size` samples (the last may be shorter)."""
+    def batches(self, batch_size: int, trim: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive slices of `batch_size` samples (the last may be shorter).
+
+        trim: drop the padding columns no sample of the batch reaches; with right padding and an
+        attention mask, outputs at real tokens are unchanged and short sentences cost less."""
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         for i in range(0, len(self.input_ids), batch_size):
-            batch = {"input_ids": self.input_ids[i : i + batch_size],
-                     "attention_mask": self.attention_mask[i : i + batch_size]}
+            mask = self.attention_mask[i : i + batch_size]
+            length = int(mask.sum(dim=1).max()) if trim else mask.shape[1]
+            batch = {"input_ids": self.input_ids[i : i + batch_size, :length], "attention_mask": mask[:, :length]}
             if self.labels is not None:
                 batch["labels"] = self.labels[i : i + batch_size]
             yield batch

@@ -30,6 +30,7 @@ from .errors import UserError
 from .models import CAUSAL_LM, LoadedModel
 from .spec import InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
+from .layers import capture_first_layer_call
 from .table import ATTENTION, FFN, FIXED, LatencyTable
 from .timing import DEFAULT_ESTIMATOR, ESTIMATORS, TimingStats, time_interleaved
 
@@ -136,30 +137,10 @@ def workload(loaded: LoadedModel, spec: InferenceSpec, seed: int = 0) -> Workloa
     return prefill_workload(loaded, spec, seed)
 
 
-class _Captured(Exception):
-    pass
-
-
 def capture_layer_call(model: nn.Module, work: Workload) -> tuple[torch.Tensor, dict]:
-    """The hidden states and keyword arguments the model passes its first layer."""
-    captured = {}
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = kwargs
-        raise _Captured
-
+    """The hidden states and keyword arguments the model passes its first layer under `work`."""
     call = work.call(model)  # a decode workload's prefill runs here, before the hook is in place
-    handle = model_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            call(*(work.inputs[n] for n in work.names))
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return captured["hidden"].clone(), captured["kwargs"]
+    return capture_first_layer_call(model, lambda: call(*(work.inputs[n] for n in work.names)))
 
 
 # --- block candidates ---------------------------------------------------------------------------

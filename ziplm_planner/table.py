@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .adapters import ModelShape
+from .adapters import ATTENTION, FFN, ModelShape
 from .atomic import atomic_write_text
 from .errors import UserError
 from .spec import InferenceSpec
 from .timing import ESTIMATORS
 
 FORMAT = "ziplm-planner/latency-table/v1"
-ATTENTION, FFN, FIXED = "attention", "ffn", "fixed"
+FIXED = "fixed"
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
-from .base import Architecture, Bypass, ModelShape, get_module, set_module
+from .base import ATTENTION, BLOCKS, FFN, Architecture, Bypass, ModelShape, get_module, set_module
 from .bert import BERT
 from .gpt2 import GPT2
 from .llama import LLAMA
@@ -53,6 +53,9 @@ def model_layers(model: nn.Module) -> nn.ModuleList:
 
 
 __all__ = [
+    "ATTENTION",
+    "BLOCKS",
+    "FFN",
     "ARCHITECTURES",
     "Architecture",
     "Bypass",

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+ATTENTION, FFN = "attention", "ffn"  # the two prunable blocks of every layer
+BLOCKS = (ATTENTION, FFN)
+
 
 class Bypass(enum.Enum):
     """What a module becomes when its block is removed entirely."""

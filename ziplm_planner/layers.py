@@ -1,0 +1,112 @@
+"""One layer-by-layer driver for every model.
+
+The inputs of the first layer are captured once with a hook (hidden states plus exactly the
+keyword arguments the model passes its layers: masks, rotary embeddings, ...). After that,
+every stage walks the layers itself: run a layer on the captured inputs with hooks on the
+modules it needs, change the layer, and propagate to the next one. Model-specific code stays
+in the adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import ATTENTION, BLOCKS, architecture_for, get_module, model_layers
+from .obs import accumulate_hessian
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_first_layer_call(model: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, dict]:
+    """Hidden states and keyword arguments that `run()` (a forward of `model`) passes its first layer;
+    the forward stops there."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = kwargs
+        raise _Captured
+
+    handle = model_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            run()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"].clone(), captured["kwargs"]
+
+
+@dataclass
+class LayerInput:
+    """One calibration batch at the input of the current layer."""
+
+    hidden: torch.Tensor  # (batch, seq, hidden)
+    kwargs: dict
+    tokens: torch.Tensor  # (batch, seq) bool: real tokens, never padding
+
+
+def capture_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> list[LayerInput]:
+    inputs = []
+    for batch in batches:
+        model_inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden, kwargs = capture_first_layer_call(model, lambda: model(**model_inputs))
+        inputs.append(LayerInput(hidden, kwargs, batch["attention_mask"].bool()))
+    return inputs
+
+
+def run_layer(layer: nn.Module, batch: LayerInput) -> torch.Tensor:
+    with torch.inference_mode():
+        out = layer(batch.hidden, **batch.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def propagate(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
+    """The inputs of the next layer: this layer's outputs on every batch."""
+    return [LayerInput(run_layer(layer, batch), batch.kwargs, batch.tokens) for batch in inputs]
+
+
+def output_projection(layer: nn.Module, model_config, block: str) -> nn.Module | None:
+    """The module whose input columns are the block's structures; None if the block was removed."""
+    arch = architecture_for(model_config)
+    path = arch.attention_output if block == ATTENTION else arch.ffn_output
+    try:
+        return get_module(layer, path)
+    except AttributeError:
+        return None
+
+
+def block_hessians(layer: nn.Module, model_config, inputs: list[LayerInput], blocks=BLOCKS) -> dict[str, torch.Tensor]:
+    """H = 2 XᵀX / N of the inputs of each block's output projection, over real tokens only."""
+    state: dict[str, tuple[torch.Tensor | None, int]] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(block):
+        def hook(module, args):
+            x = args[0][current["tokens"]]  # (tokens, d_in): padding never enters a Hessian
+            state[block] = accumulate_hessian(x, *state.get(block, (None, 0)))
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(block))
+               for block in blocks if (module := output_projection(layer, model_config, block)) is not None]
+    try:
+        for batch in inputs:
+            current["tokens"] = batch.tokens
+            run_layer(layer, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {block: hessian for block, (hessian, _) in state.items()}
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as (d_out, d_in), a view of the parameter (GPT-2's Conv1D stores (in, out))."""
+    return module.weight.data.T if type(module).__name__ == "Conv1D" else module.weight.data
