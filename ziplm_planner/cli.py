@@ -83,6 +83,40 @@ def profile_show(table_path) -> None:
     click.echo(LatencyTable.load(table_path).describe())
 
 
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--profile", "table", type=click.Path(path_type=Path), required=True, help="Latency table (profile -o).")
+@click.option("--targets", required=True, help="Speedup targets, e.g. 1.5,2,3.")
+@click.option("--calib", "calibration", required=True, help="Calibration data: text, STS-B or GLUE TSV file.")
+@click.option("--num-samples", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calibration-inputs", type=click.Choice(["dense", "sequential"]), default="dense", show_default=True,
+              help="Hessians of the final members from dense inputs, or from the model compressed so far.")
+@click.option("--search-evaluations", type=int, default=30, show_default=True, help="SPDY: models scored per target.")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
+@click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Level-database cache.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
+def compress(model, table, targets, calibration, num_samples, seed, calibration_inputs, search_evaluations, no_onnx,
+             overwrite, cache_dir, output) -> None:
+    """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
+    from . import api
+
+    report = api.compress(model, table, targets, calibration, output, num_samples=num_samples, seed=seed,
+                          calibration_inputs=calibration_inputs, search_evaluations=search_evaluations,
+                          onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir)
+    click.echo(format_report(report.rows))
+    click.echo(f"wrote {output}/ (report.csv, report.json, one folder per member)")
+
+
+def format_report(rows: list[dict]) -> str:
+    lines = [f"{'member':>8} {'target':>7} {'predicted':>10} {'measured':>9} {'met':>4} {'params':>11} {'calib loss':>11}"]
+    for r in rows:
+        lines.append(f"{r['folder']:>8} {r['target']:>6.2f}x {r['predicted_speedup']:>9.2f}x {r['measured_speedup']:>8.2f}x "
+                     f"{'yes' if r['met_target'] else 'NO':>4} {r['parameters']:>11,} {r['calibration_loss']:>11.5f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -1,0 +1,121 @@
+"""compress: a verified family from a model, a table and targets; the level database and stitching."""
+
+import json
+
+import pytest
+import torch
+
+from ziplm_planner.adapters import ATTENTION, FFN, model_layers, model_shape
+from ziplm_planner.calibrate import load_calibration
+from ziplm_planner.compress import CompressSettings, compress_model, parse_targets
+from ziplm_planner.database import build_database, stitch, stitch_sequential
+from ziplm_planner.errors import UserError
+from ziplm_planner.export import load_pruned
+from ziplm_planner.profile import ProfileSettings, profile_model
+from ziplm_planner.spec import InferenceSpec
+from tiny_models import tiny_loaded_with_tokenizer, write_sentences
+
+FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    loaded = tiny_loaded_with_tokenizer("bert")
+    table = profile_model(loaded, InferenceSpec(batch_size=2, seq_len=16, threads=1), FAST_PROFILE)
+    calib = write_sentences(tmp_path_factory.mktemp("data") / "calib.txt")
+    return loaded, table, calib
+
+
+def fast_settings(tmp_path, **kw):
+    return CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify_rounds=3,
+                            cache_dir=tmp_path / "cache", **kw)
+
+
+def test_compress_writes_a_loadable_family_within_budget(setup, tmp_path):
+    loaded, table, calib = setup
+    out = tmp_path / "family"
+    report = compress_model(loaded, table, [1.5, 2.0], str(calib), out, fast_settings(tmp_path))
+    rows = {r["folder"]: r for r in report.rows}
+    assert set(rows) == {"dense", "x1.5", "x2"}
+    for name in ("x1.5", "x2"):
+        row = rows[name]
+        assert row["predicted_speedup"] >= row["target"] * 0.999  # the DP stays within the budget
+        assert row["parameters"] < rows["dense"]["parameters"]
+        member = load_pruned(out / name)
+        assert [len(layer.attention.self.query.weight) // 8 if hasattr(layer.attention, "self") else 0
+                for layer in model_layers(member)] == row["kept_attention"]
+        assert (out / name / "model.onnx").exists() and (out / name / "pruning.json").exists()
+    saved = json.loads((out / "report.json").read_text())
+    assert [m["folder"] for m in saved["members"]] == ["dense", "x1.5", "x2"]
+    assert (out / "report.csv").read_text().startswith("target,folder")
+
+
+def test_second_run_with_a_new_target_reuses_the_level_database(setup, tmp_path):
+    loaded, table, calib = setup
+    settings = fast_settings(tmp_path, onnx=False)
+    first = compress_model(loaded, table, [1.5], str(calib), tmp_path / "a", settings)
+    second = compress_model(loaded, table, [1.5, 2.5], str(calib), tmp_path / "b", settings)
+    assert not first.metadata["level_database"].get("cached")
+    assert second.metadata["level_database"]["cached"]
+
+
+def test_level_database_errors_and_stitching(setup):
+    loaded, table, calib = setup
+    calibration = load_calibration(loaded, str(calib), 16, 32)
+    db = build_database(loaded.model, calibration, table)
+    shape = model_shape(loaded.model.config)
+    for layer in db.blocks:
+        for block, total in ((ATTENTION, shape.attention_units), (FFN, shape.intermediate_size)):
+            trace = layer[block]
+            assert trace.levels[0] == total and trace.levels[-1] == 0
+            assert trace.errors[0] == pytest.approx(0, abs=1e-9) and trace.errors[-1] == pytest.approx(1, abs=1e-6)
+            assert all(a <= b + 1e-9 for a, b in zip(trace.errors, trace.errors[1:]))
+            assert sorted(trace.order) == list(range(total))
+    full = [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
+    dense_copy, plan = stitch(loaded.model, db, full)
+    batch = calibration.batches(4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(dense_copy(**batch).last_hidden_state, loaded.model(**batch).last_hidden_state)
+    counts = [(2, 32), (3, 16)]
+    pruned, plan = stitch(loaded.model, db, counts)
+    assert plan.kept_counts() == counts
+    sequential, seq_plan = stitch_sequential(loaded.model, db, counts, calibration)
+    assert seq_plan.kept_counts() == counts
+    with torch.no_grad():
+        assert torch.isfinite(sequential(**batch).last_hidden_state).all()
+
+
+@pytest.mark.parametrize("text", ["1,0.5", "abc", "", "1"])
+def test_bad_targets_are_refused(text):
+    with pytest.raises(UserError, match="target"):
+        parse_targets(text)
+
+
+def test_target_beyond_the_tables_maximum_is_refused(setup, tmp_path):
+    loaded, table, calib = setup
+    with pytest.raises(UserError, match="maximum speedup"):
+        compress_model(loaded, table, [table.max_speedup * 1.1], str(calib), tmp_path / "f", fast_settings(tmp_path))
+    assert not (tmp_path / "f").exists()
+
+
+def test_table_for_another_model_is_refused(setup, tmp_path):
+    _, table, calib = setup
+    other = tiny_loaded_with_tokenizer("llama", causal_lm=True)
+    with pytest.raises(UserError, match="another model"):
+        compress_model(other, table, [1.5], str(calib), tmp_path / "f", fast_settings(tmp_path))
+
+
+def test_missing_calibration_file_is_refused(setup, tmp_path):
+    loaded, table, _ = setup
+    with pytest.raises(UserError, match="does not exist"):
+        compress_model(loaded, table, [1.5], str(tmp_path / "none.txt"), tmp_path / "f", fast_settings(tmp_path))
+
+
+def test_output_holding_other_files_is_refused_without_overwrite(setup, tmp_path):
+    loaded, table, calib = setup
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--overwrite"):
+        compress_model(loaded, table, [1.5], str(calib), out, fast_settings(tmp_path))
+    assert (out / "notes.txt").read_text() == "mine"

@@ -1,0 +1,245 @@
+"""The level database: for every layer and block, the OBS removal order and the error at every
+level the latency table has. Computed once, it serves every target.
+
+Weights are not stored per level: greedy OBS with exact inverse-Hessian updates is a least-
+squares solve for the removed set (obs.reconstruct_weights), so the Hessian and the removal
+order rebuild any level's weights on demand.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import ATTENTION, BLOCKS, FFN, ModelShape, architecture_for, model_layers, model_shape
+from .calibrate import Calibration
+from .errors import UserError
+from .layers import LayerInput, block_hessians, capture_inputs, output_projection, propagate, weight_out_in
+from .obs import kept_columns, obs_prune, reconstruct_weights
+from .search import BlockLevels
+from .surgery import LayerPlan, PruningPlan, prune_attention, prune_ffn
+from .table import LatencyTable
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ziplm-planner/level-database/v1"
+DENSE, SEQUENTIAL = "dense", "sequential"
+
+
+def group_size(shape: ModelShape, block: str) -> int:
+    return shape.q_per_unit * shape.head_dim if block == ATTENTION else 1
+
+
+def total_structures(shape: ModelShape, block: str) -> int:
+    return shape.attention_units if block == ATTENTION else shape.intermediate_size
+
+
+def table_levels(table: LatencyTable, block: str) -> list[int]:
+    """Levels the search may choose: 0 (block removed) and every size the table timed."""
+    return [0, *table.levels(block)]
+
+
+@dataclass
+class BlockTrace:
+    """One block of one layer: OBS removal order and relative output error per level."""
+
+    levels: list[int]  # structures kept, descending from all to 0
+    errors: list[float]
+    order: list[int]  # structure ids in the order OBS removed them
+    hessian: torch.Tensor  # (d_in, d_in) undamped, float32 on disk
+
+    def kept(self, level: int) -> list[int]:
+        total = self.levels[0]
+        removed = set(self.order[: total - level])
+        return [i for i in range(total) if i not in removed]
+
+
+def obs_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor, levels: list[int], dampening: float,
+              where: str) -> BlockTrace:
+    shape = model_shape(config)
+    weight = weight_out_in(output_projection(layer, config, block))
+    try:
+        trace = obs_prune(weight.double(), hessian, group_size(shape, block), levels, dampening)
+    except ValueError as err:
+        if "NaN" in str(err) or "Inf" in str(err):
+            raise UserError(f"{where}: Hessian has NaN or Inf; check the model weights and the calibration data") from None
+        raise
+    return BlockTrace(trace.levels, trace.errors, trace.order, hessian)
+
+
+@dataclass
+class LevelDatabase:
+    shape: ModelShape
+    blocks: list[dict[str, BlockTrace]]  # per layer, per block
+    dampening: float
+    metadata: dict = field(default_factory=dict)
+    _weights: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def search_blocks(self, table: LatencyTable) -> list[BlockLevels]:
+        """The search problem: per layer and block, time and error at every level (ascending)."""
+        problem = []
+        for idx, layer in enumerate(self.blocks):
+            for block in BLOCKS:
+                trace = layer[block]
+                levels = sorted(trace.levels)
+                error_at = dict(zip(trace.levels, trace.errors))
+                problem.append(BlockLevels(
+                    name=f"layer{idx}.{block}", levels=tuple(levels),
+                    times=tuple(table.time(block, k) for k in levels), errors=tuple(error_at[k] for k in levels)))
+        return problem
+
+    def kept_counts(self, problem: list[BlockLevels], choice: list[int]) -> list[tuple[int, int]]:
+        """(attention, FFN) structures kept per layer for a search choice."""
+        counts = [b.levels[i] for b, i in zip(problem, choice)]
+        return list(zip(counts[0::2], counts[1::2]))
+
+    def plan(self, counts: list[tuple[int, int]]) -> PruningPlan:
+        return PruningPlan(self.shape, [LayerPlan(layer[ATTENTION].kept(a), layer[FFN].kept(f))
+                                        for layer, (a, f) in zip(self.blocks, counts)])
+
+    def reconstructed(self, layer: int, block: str, weight: torch.Tensor, level: int) -> torch.Tensor:
+        """OBS weights of the kept columns at `level`; the dense `weight` is (d_out, d_in).
+        Memoised: the search stitches the same level of a block many times."""
+        key = (layer, block, level)
+        if key not in self._weights:
+            trace = self.blocks[layer][block]
+            self._weights[key] = reconstruct_weights(weight.double(), trace.hessian, trace.kept(level),
+                                                     group_size(self.shape, block), self.dampening).to(weight.dtype)
+        return self._weights[key]
+
+    # --- files -------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        payload = {"format": FORMAT, "shape": self.shape.__dict__, "dampening": self.dampening, "metadata": self.metadata,
+                   "blocks": [{b: {"levels": t.levels, "errors": t.errors, "order": t.order,
+                                   "hessian": t.hessian.float()} for b, t in layer.items()} for layer in self.blocks]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path) -> LevelDatabase:
+        payload = torch.load(path, weights_only=True)
+        if payload.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a level database")
+        blocks = [{b: BlockTrace(t["levels"], t["errors"], t["order"], t["hessian"].double()) for b, t in layer.items()}
+                  for layer in payload["blocks"]]
+        return cls(ModelShape(**payload["shape"]), blocks, payload["dampening"], payload["metadata"])
+
+
+def build_database(model: nn.Module, calibration: Calibration, table: LatencyTable, dampening: float = 0.01) -> LevelDatabase:
+    """Hessians from dense-model inputs, then greedy OBS per block down to 0, errors at every table level."""
+    started = time.perf_counter()
+    config, shape = model.config, model_shape(model.config)
+    inputs = capture_inputs(model, calibration.batches())
+    blocks = []
+    for idx, layer in enumerate(tqdm(model_layers(model), desc="level database", leave=False)):
+        hessians = block_hessians(layer, config, inputs)
+        blocks.append({block: obs_trace(layer, config, block, hessians[block], table_levels(table, block), dampening,
+                                        f"layer {idx} {block}") for block in BLOCKS})
+        inputs = propagate(layer, inputs)
+    return LevelDatabase(shape, blocks, dampening, {"seconds": round(time.perf_counter() - started, 2),
+                                                   "samples": calibration.num_samples,
+                                                   "tokens": calibration.tokens.num_tokens})
+
+
+def database_key(model_fingerprint: dict, calibration: Calibration, table: LatencyTable, dampening: float,
+                 num_samples: int, seed: int) -> str:
+    source = Path(calibration.source)
+    data_id = {"path": str(source.resolve()), "size": source.stat().st_size, "mtime": source.stat().st_mtime} \
+        if source.exists() else {"name": calibration.source}
+    key = {"format": FORMAT, "model": model_fingerprint, "data": data_id, "seq_len": calibration.seq_len,
+           "samples": num_samples, "seed": seed, "dampening": dampening,
+           "levels": {b: table_levels(table, b) for b in BLOCKS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cached_database(cache_dir: Path, key: str, build) -> LevelDatabase:
+    """Load the database for `key` from the cache, or build and store it."""
+    path = cache_dir / f"leveldb-{key}.pt"
+    if path.exists():
+        try:
+            db = LevelDatabase.load(path)
+            log.info("level database from cache %s", path)
+            db.metadata["cached"] = True
+            return db
+        except (ValueError, RuntimeError, KeyError, EOFError) as err:
+            log.warning("ignoring unreadable cache %s (%s)", path, err)
+    db = build()
+    db.save(path)
+    return db
+
+
+# --- stitching -----------------------------------------------------------------------------------
+
+
+def prune_block(layer: nn.Module, config, idx: int, block: str, kept: list[int], weight: torch.Tensor | None) -> None:
+    """Write the block's updated output-projection columns, then cut the block to `kept`."""
+    arch, shape = architecture_for(config), model_shape(config)
+    if weight is not None:
+        cols = kept_columns(kept, group_size(shape, block))
+        weight_out_in(output_projection(layer, config, block))[:, cols] = weight
+    if block == ATTENTION:
+        prune_attention(layer, arch, shape, kept, idx)
+    else:
+        prune_ffn(layer, arch, kept, idx)
+
+
+def stitch(dense: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]]) -> tuple[nn.Module, PruningPlan]:
+    """A pruned copy of the dense model: each block at its level, with OBS-updated weights."""
+    model, config = copy.deepcopy(dense), dense.config
+    plan = db.plan(counts)
+    for idx, (layer, kept) in enumerate(zip(model_layers(model), plan.layers)):
+        for block, level, kept_ids in ((ATTENTION, counts[idx][0], kept.attention), (FFN, counts[idx][1], kept.ffn)):
+            if level == total_structures(db.shape, block):
+                continue
+            weight = None
+            if level:
+                dense_weight = weight_out_in(output_projection(model_layers(dense)[idx], config, block))
+                weight = db.reconstructed(idx, block, dense_weight, level)
+            prune_block(layer, config, idx, block, kept_ids, weight)
+    return model, plan
+
+
+def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
+                      calibration: Calibration) -> tuple[nn.Module, PruningPlan]:
+    """Like `stitch`, but each block is re-pruned with a Hessian of inputs from the model compressed
+    so far (attention before FFN within a layer), so later layers correct earlier errors."""
+    model, config, shape = copy.deepcopy(dense), dense.config, db.shape
+    inputs: list[LayerInput] = capture_inputs(model, calibration.batches())
+    plan_layers = []
+    for idx, layer in enumerate(tqdm(model_layers(model), desc="sequential stitch", leave=False)):
+        kept_by_block = {}
+        for block, level in zip(BLOCKS, counts[idx]):
+            total = total_structures(shape, block)
+            kept, weight = list(range(total)), None
+            if level < total:
+                kept = []
+                if level:
+                    hessian = block_hessians(layer, config, inputs, [block])[block]
+                    trace = obs_trace(layer, config, block, hessian, [total, level], db.dampening, f"layer {idx} {block}")
+                    kept = trace.kept(level)
+                    current = weight_out_in(output_projection(layer, config, block))
+                    weight = reconstruct_weights(current.double(), hessian, kept, group_size(shape, block),
+                                                 db.dampening).to(current.dtype)
+                prune_block(layer, config, idx, block, kept, weight)
+            kept_by_block[block] = kept
+        plan_layers.append(LayerPlan(kept_by_block[ATTENTION], kept_by_block[FFN]))
+        inputs = propagate(layer, inputs)
+    return model, PruningPlan(shape, plan_layers)
