@@ -26,6 +26,11 @@ def setup(tmp_path_factory):
     return loaded, table, calib
 
 
+def within(table, target):
+    """A target the tiny model's measured table can reach (its maximum speedup is timing-dependent)."""
+    return round(min(target, 1 + 0.8 * (table.max_speedup - 1)), 2)
+
+
 def fast_settings(tmp_path, **kw):
     return CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify_rounds=3,
                             cache_dir=tmp_path / "cache", **kw)
@@ -34,10 +39,11 @@ def fast_settings(tmp_path, **kw):
 def test_compress_writes_a_loadable_family_within_budget(setup, tmp_path):
     loaded, table, calib = setup
     out = tmp_path / "family"
-    report = compress_model(loaded, table, [1.5, 2.0], str(calib), out, fast_settings(tmp_path))
+    high = within(table, 2.0)
+    report = compress_model(loaded, table, [1.2, high], str(calib), out, fast_settings(tmp_path))
     rows = {r["folder"]: r for r in report.rows}
-    assert set(rows) == {"dense", "x1.5", "x2"}
-    for name in ("x1.5", "x2"):
+    assert set(rows) == {"dense", "x1.2", f"x{high:g}"}
+    for name in ("x1.2", f"x{high:g}"):
         row = rows[name]
         assert row["predicted_speedup"] >= row["target"] * 0.999  # the DP stays within the budget
         assert row["parameters"] < rows["dense"]["parameters"]
@@ -46,15 +52,15 @@ def test_compress_writes_a_loadable_family_within_budget(setup, tmp_path):
                 for layer in model_layers(member)] == row["kept_attention"]
         assert (out / name / "model.onnx").exists() and (out / name / "pruning.json").exists()
     saved = json.loads((out / "report.json").read_text())
-    assert [m["folder"] for m in saved["members"]] == ["dense", "x1.5", "x2"]
+    assert [m["folder"] for m in saved["members"]] == ["dense", "x1.2", f"x{high:g}"]
     assert (out / "report.csv").read_text().startswith("target,folder")
 
 
 def test_second_run_with_a_new_target_reuses_the_level_database(setup, tmp_path):
     loaded, table, calib = setup
     settings = fast_settings(tmp_path, onnx=False)
-    first = compress_model(loaded, table, [1.5], str(calib), tmp_path / "a", settings)
-    second = compress_model(loaded, table, [1.5, 2.5], str(calib), tmp_path / "b", settings)
+    first = compress_model(loaded, table, [1.2], str(calib), tmp_path / "a", settings)
+    second = compress_model(loaded, table, [1.2, within(table, 1.8)], str(calib), tmp_path / "b", settings)
     assert not first.metadata["level_database"].get("cached")
     assert second.metadata["level_database"]["cached"]
 
