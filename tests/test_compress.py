@@ -40,7 +40,7 @@ def test_compress_writes_a_loadable_family_within_budget(setup, tmp_path):
     loaded, table, calib = setup
     out = tmp_path / "family"
     high = within(table, 2.0)
-    report = compress_model(loaded, table, [1.2, high], str(calib), out, fast_settings(tmp_path))
+    report = compress_model(loaded, table, [1.2, high], str(calib), out, fast_settings(tmp_path, max_replans=0))
     rows = {r["folder"]: r for r in report.rows}
     assert set(rows) == {"dense", "x1.2", f"x{high:g}"}
     for name in ("x1.2", f"x{high:g}"):
@@ -89,6 +89,42 @@ def test_level_database_errors_and_stitching(setup):
     assert seq_plan.kept_counts() == counts
     with torch.no_grad():
         assert torch.isfinite(sequential(**batch).last_hidden_state).all()
+
+
+class StubVerifier:
+    """Measures each successive member at `factor` x the target speedup (the last factor repeats)."""
+
+    def __init__(self, table, target, factors):
+        self.table, self.target, self.factors = table, target, list(factors)
+
+    def measure(self, model):
+        from ziplm_planner.timing import TimingStats
+
+        factor = self.factors.pop(0) if len(self.factors) > 1 else self.factors[0]
+        stats = lambda ms: TimingStats(ms, ms, ms, ms, 1)
+        return stats(self.table.dense_ms / (self.target * factor)), stats(self.table.dense_ms)
+
+
+@pytest.mark.parametrize("factors,expected_replans,met", [
+    ([1.0], 0, True),  # as predicted: no re-plan
+    ([0.8, 1.0], 1, True),  # slower than predicted: one tighter re-plan
+    ([0.8], 3, False),  # never meets: bounded, and reported as missed
+    ([1.3, 1.0], 1, True),  # overshoots 1.10x: a looser plan that still meets is kept
+    ([1.3, 0.9], 1, True),  # the looser plan misses: the first, which met, is kept
+])
+def test_members_are_replanned_until_measured_to_meet_the_target(setup, tmp_path, factors, expected_replans, met):
+    from ziplm_planner.compress import Planner
+    from ziplm_planner.database import build_database
+
+    loaded, table, calib = setup
+    settings = fast_settings(tmp_path)
+    calibration = load_calibration(loaded, str(calib), 16, 32)
+    planner = Planner(loaded, table, build_database(loaded.model, calibration, table), calibration, settings)
+    target = within(table, 1.5)
+    result, _ = planner.member(target, StubVerifier(table, target, factors))
+    assert result.replans == expected_replans and result.met == met
+    if met:
+        assert result.speedup >= 0.97 * target
 
 
 @pytest.mark.parametrize("text", ["1,0.5", "abc", "", "1"])

@@ -22,7 +22,9 @@ def check_complete(table, shape):
         assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["runs"] == 3
     assert len(table.additivity) == 3  # the dense model and two random ones
     assert table.additivity[0]["kept"] == [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
-    assert table.dense_ms == pytest.approx(table.additivity[0]["predicted_ms"])
+    assert table.dense_ms == pytest.approx(table.scale * table.additivity[0]["block_sum_ms"])
+    ratios = sorted(a["measured_ms"] / a["block_sum_ms"] for a in table.additivity)
+    assert table.scale == pytest.approx(ratios[len(ratios) // 2])  # the median over the whole models
 
 
 @pytest.mark.parametrize("model_type,causal,backend", [
@@ -64,9 +66,10 @@ def test_table_round_trips_through_json(table, tmp_path):
 
 def test_prediction_is_the_sum_of_block_times(table):
     fixed, attn, ffn = table.fixed_ms, table.time(ATTENTION, 2), table.time(FFN, 32)
-    assert table.predict([(2, 32), (0, 0)]) == pytest.approx(fixed + attn + ffn)
-    assert table.predict([(0, 0), (0, 0)]) == pytest.approx(fixed)
-    assert table.max_speedup == pytest.approx(table.dense_ms / fixed)
+    assert table.predict([(2, 32), (0, 0)]) == pytest.approx(table.scale * (fixed + attn + ffn))
+    assert table.predict([(0, 0), (0, 0)]) == pytest.approx(table.scale * fixed)
+    assert table.max_speedup == pytest.approx(table.dense_ms / table.predict([(0, 0), (0, 0)]))
+    assert table.block_budget(table.predict([(2, 32), (0, 0)])) == pytest.approx(attn + ffn)
 
 
 def test_table_refuses_another_model_naming_the_fields(table):

@@ -27,7 +27,7 @@ from .errors import UserError
 from .export import save_member
 from .models import LoadedModel
 from .profile import workload
-from .search import minimum_time, spdy_search, total_time
+from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .table import LatencyTable
 from .timing import TimingStats, time_interleaved
@@ -186,7 +186,7 @@ class Planner:
 
     def search(self, budget_ms: float) -> list[tuple[int, int]]:
         """Kept (attention, FFN) per layer minimising the learned-weighted error within `budget_ms`."""
-        block_budget = budget_ms - self.table.fixed_ms
+        block_budget = self.table.block_budget(budget_ms)
 
         def score(choice: list[int]) -> float:
             model, _ = stitch(self.loaded.model, self.db, self.db.kept_counts(self.problem, choice))
@@ -209,7 +209,7 @@ class Planner:
         the shortfall; one past 1.10 x target (accuracy left on the table) with a looser budget, kept
         only if it still meets the target."""
         budget = self.table.dense_ms / target
-        floor = self.table.fixed_ms + minimum_time(self.problem)
+        floor = self.table.predict([(0, 0)] * self.table.shape.num_layers)
         best = None
         for attempt in range(self.settings.max_replans + 1):
             counts = self.search(budget)
@@ -230,6 +230,7 @@ class Planner:
             log.warning("x%g: measured speedup %.3fx is below %.2f x target after %d re-plans", target, result.speedup,
                         SPEEDUP_TOLERANCE, self.settings.max_replans)
             return result, model
+        best[0].replans = attempt  # re-plans made, including a looser one that was not kept
         return best
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -266,9 +267,16 @@ def measure_additivity(loaded: LoadedModel, table: LatencyTable, work: Workload,
     plans = [PruningPlan(shape, [LayerPlan(list(range(a)), list(range(f))) for a, f in kept]) for kept in counts]
     stats = measure_models(loaded, plans, table.spec, work, settings.additivity_rounds, settings.warmup,
                            settings.seed, workdir, "additivity check")
+    sums = [table.block_sum(kept) for kept in counts]
+    measured = [s.estimate(settings.estimator) for s in stats]
+    ratios = [m / p for m, p in zip(measured, sums)]
+    table.scale = statistics.median(ratios)
     results = []
-    for kept, s in zip(counts, stats):
-        predicted, measured = table.predict(kept), s.estimate(settings.estimator)
-        results.append({"kept": kept, "predicted_ms": predicted, "measured_ms": measured,
-                        "error": predicted / measured - 1, "measured": s.to_dict()})
+    for i, (kept, s) in enumerate(zip(counts, stats)):
+        # leave-one-out: each model is predicted with the scale fitted on the others
+        scale = statistics.median(ratios[:i] + ratios[i + 1:]) if len(ratios) > 1 else 1.0
+        predicted = scale * sums[i]
+        results.append({"kept": kept, "block_sum_ms": sums[i], "predicted_ms": predicted, "measured_ms": measured[i],
+                        "error": predicted / measured[i] - 1, "unscaled_error": sums[i] / measured[i] - 1,
+                        "measured": s.to_dict()})
     return results

@@ -1,9 +1,12 @@
 """Latency lookup tables: block times per pruned size on one machine, backend and spec.
 
 Predicted latency of a configuration (DESIGN.md, "Latency table"):
-    T = fixed + sum over layers of attention(k_l) + ffn(n_l)
-with attention(0) = ffn(0) = 0 (a removed block). The table also records how far a few
-measured whole models were from that sum, so additivity is checked, not assumed.
+    T = scale * (fixed + sum over layers of attention(k_l) + ffn(n_l))
+with attention(0) = ffn(0) = 0 (a removed block). `scale` is fitted on whole models measured
+by the profiler: a block timed alone runs with its weights hot in cache, a whole model streams
+all of them, so the sum is uniformly a few percent low. A uniform factor cancels in every
+speedup; it only makes absolute predictions right. The table records how far each measured
+whole model was from the prediction (leave-one-out), so additivity is checked, not assumed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class LatencyTable:
     records: list[dict]  # block, level, time_ms (the estimate), min_ms, p10_ms, median_ms, p90_ms, runs
     additivity: list[dict] = field(default_factory=list)  # whole models: kept, predicted_ms, measured_ms, error
     metadata: dict = field(default_factory=dict)  # model, machine, versions, created, settings, seconds
+    scale: float = 1.0  # measured whole model / sum of block times
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -54,9 +58,17 @@ class LatencyTable:
     def fixed_ms(self) -> float:
         return next(r["time_ms"] for r in self.records if r["block"] == FIXED)
 
+    def block_sum(self, kept_counts: list[tuple[int, int]]) -> float:
+        """fixed + sum of block times, unscaled: the quantity the search budgets."""
+        return self.fixed_ms + sum(self.time(ATTENTION, a) + self.time(FFN, f) for a, f in kept_counts)
+
     def predict(self, kept_counts: list[tuple[int, int]]) -> float:
         """Predicted ms of a model keeping (attention units, FFN neurons) per layer."""
-        return self.fixed_ms + sum(self.time(ATTENTION, a) + self.time(FFN, f) for a, f in kept_counts)
+        return self.scale * self.block_sum(kept_counts)
+
+    def block_budget(self, total_ms: float) -> float:
+        """The budget for the sum of block times that gives a model of `total_ms`."""
+        return total_ms / self.scale - self.fixed_ms
 
     @property
     def dense_ms(self) -> float:
@@ -65,7 +77,7 @@ class LatencyTable:
     @property
     def max_speedup(self) -> float:
         """Dense time over the fixed part: the speedup of removing every layer."""
-        return self.dense_ms / self.fixed_ms
+        return self.dense_ms / (self.scale * self.fixed_ms)
 
     def additivity_errors(self) -> tuple[float, float]:
         """Median and max |predicted / measured - 1| over the whole models measured."""
@@ -91,7 +103,8 @@ class LatencyTable:
             + (f", {machine['gpu']}" if machine.get("gpu") else "") + f"; {meta.get('created', '?')}",
             f"dense {self.dense_ms:.3f} ms predicted; fixed part {self.fixed_ms:.3f} ms; max speedup {self.max_speedup:.2f}x; "
             f"estimator {self.estimator}",
-            f"additivity over {len(self.additivity)} whole models: median error {median:.1%}, max {worst:.1%}",
+            f"additivity over {len(self.additivity)} whole models: median error {median:.1%}, max {worst:.1%} "
+            f"(leave-one-out, after scale {self.scale:.3f} fitted on whole models)",
             "",
             self.to_frame().to_string(index=False, float_format=lambda v: f"{v:.3f}"),
         ]
@@ -111,7 +124,7 @@ class LatencyTable:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "spec": self.spec.to_dict(), "shape": self.shape.__dict__, "estimator": self.estimator,
-                "metadata": self.metadata, "records": self.records, "additivity": self.additivity}
+                "scale": self.scale, "metadata": self.metadata, "records": self.records, "additivity": self.additivity}
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
@@ -129,7 +142,8 @@ class LatencyTable:
             raise UserError(f"{path} is not a ziplm-planner latency table (expected format {FORMAT!r})")
         try:
             table = cls(InferenceSpec(**data["spec"]), ModelShape(**data["shape"]), data["estimator"],
-                        list(data["records"]), list(data.get("additivity", [])), dict(data.get("metadata", {})))
+                        list(data["records"]), list(data.get("additivity", [])), dict(data.get("metadata", {})),
+                        float(data.get("scale", 1.0)))
             blocks = {r["block"] for r in table.records}
             assert {ATTENTION, FFN, FIXED} <= blocks and table.estimator in ESTIMATORS
             assert all(r["time_ms"] >= 0 for r in table.records)

@@ -1,0 +1,81 @@
+"""Benchmark one-shot compression: quality, measured speedups and planner cost.
+
+MiniLM (default): STS-B dev Spearman of each member against the dense model, on a family made
+from STS-B train sentences and a latency table. Causal LMs: WikiText-2 perplexity.
+
+    python scripts/bench_compress.py --profile profiles/minilm-cpu2-onnxruntime-b8s128.json \
+        --targets 1.5,2,3,5 --calib ../shared/data/stsb/sts-train.csv --eval ../shared/data/stsb/sts-dev.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import ziplm_planner as zp
+from ziplm_planner.compress import parse_targets
+from ziplm_planner.evaluate import perplexity, stsb_spearman
+from ziplm_planner.export import load_pruned
+from ziplm_planner.models import CAUSAL_LM
+
+
+def score(model, loaded, args) -> float:
+    if loaded.kind == CAUSAL_LM:
+        return perplexity(model, loaded.tokenizer, args.eval, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
+    return stsb_spearman(model, loaded.tokenizer, args.eval)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--targets", default="1.5,2,3,5")
+    parser.add_argument("--extra-target", type=float, default=None, help="added in a second, cached run")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--num-samples", type=int, default=512)
+    parser.add_argument("--calibration-inputs", default="dense")
+    parser.add_argument("--search-evaluations", type=int, default=30)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    loaded = zp.load_model(args.model)
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-family-"))
+    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    targets = parse_targets(args.targets)
+    common = dict(num_samples=args.num_samples, calibration_inputs=args.calibration_inputs,
+                  search_evaluations=args.search_evaluations, cache_dir=cache, overwrite=True)
+    started = time.perf_counter()
+    report = zp.compress(loaded, args.profile, targets, args.calib, out, **common)
+    seconds = time.perf_counter() - started
+    dense_score = score(loaded.model, loaded, args)
+    metric = "perplexity" if loaded.kind == CAUSAL_LM else "STS-B Spearman"
+    print(f"model {args.model}, {args.num_samples} calibration samples from {args.calib}, "
+          f"calibration inputs {args.calibration_inputs}, table {args.profile}")
+    print(f"| member | target | predicted | measured (p10) | measured (median) | met | params | {metric} | retained |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in report.rows:
+        value = dense_score if row["folder"] == "dense" else score(load_pruned(out / row["folder"]), loaded, args)
+        retained = dense_score / value if loaded.kind == CAUSAL_LM else value / dense_score
+        print(f"| {row['folder']} | {row['target']:g}x | {row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
+              f"{row['speedup_median']:.2f}x | {'yes' if row['met_target'] else 'NO'} | {row['parameters']:,} | "
+              f"{value:.2f} | {retained:.1%} |")
+    db = report.metadata["level_database"]
+    print(f"level database: {db['seconds']:.1f} s ({db['samples']} samples, {db['tokens']} tokens); "
+          f"whole compress of {len(targets)} targets: {seconds:.1f} s")
+    if args.extra_target:
+        started = time.perf_counter()
+        zp.compress(loaded, args.profile, [*targets, args.extra_target], args.calib, out, **common)
+        again = time.perf_counter() - started
+        print(f"adding target {args.extra_target:g}x to the cached run: {again:.1f} s "
+              f"({again / seconds - 1:+.0%} vs the first run)")
+    print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
