@@ -24,6 +24,7 @@ def check_writable(path: Path) -> Path:
 def atomic_write_text(path: Path, text: str) -> Path:
     check_writable(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
@@ -32,3 +33,9 @@ def atomic_write_text(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
