@@ -1,0 +1,250 @@
+"""Pictures of compressed families: score against measured speedup and latency, and what each member kept.
+
+Reads the report.json that `ziplm-planner compress` writes (with the "scores" an evaluation adds, if any).
+Draws on bare matplotlib Figures (Agg rendering, no pyplot state, no display) and writes PNG and SVG side
+by side, each to a temporary name renamed when complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from .atomic import atomic_write_bytes, check_writable
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+FAMILY_FORMAT = "ziplm-planner/family/v1"  # = compress.FAMILY_FORMAT; not imported, that would pull in torch
+REQUIRED = ("target", "folder", "met_target", "measured_ms", "measured_speedup", "calibration_loss",
+            "kept_attention", "kept_ffn")
+LOWER_IS_BETTER = ("perplexity", "ppl", "loss")  # task names whose scores fall as models improve
+DENSE_COLOR = "gold"  # one star for the dense reference, shared by every family
+
+
+@dataclass(frozen=True)
+class FamilyData:
+    name: str  # the method ("ziplm", "magnitude", ...), or the folder name where methods repeat
+    rows: list[dict]  # report.json "members": MemberResult.row() plus an optional "scores" dict
+    metadata: dict
+    folder: Path
+
+
+def read_family(folder: str | Path) -> FamilyData:
+    """One family directory's report.json, checked enough to plot."""
+    folder = Path(folder)
+    report = folder / "report.json"
+    if not folder.exists():
+        raise UserError(f"family folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: give the directory `ziplm-planner compress -o` wrote")
+    if not report.is_file():
+        raise UserError(f"{folder} has no report.json: run `ziplm-planner compress` first")
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{report} is corrupt ({err}): rerun `ziplm-planner compress`") from None
+    if not isinstance(data, dict) or data.get("format") != FAMILY_FORMAT:
+        raise UserError(f"{report} is not a ziplm-planner family report (expected format {FAMILY_FORMAT})")
+    rows, metadata = data.get("members"), data.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(rows, list) or not rows:
+        raise UserError(f"{report} has no metadata or no members: rerun `ziplm-planner compress`")
+    for row in rows:
+        check_row(row, report)
+    if len({len(row[key]) for row in rows for key in ("kept_attention", "kept_ffn")}) != 1:
+        raise UserError(f"{report}: members differ in their number of layers: rerun `ziplm-planner compress`")
+    return FamilyData(str(metadata.get("method") or "ziplm"), rows, metadata, folder)
+
+
+def check_row(row, report: Path) -> None:
+    missing = [key for key in REQUIRED if key not in row] if isinstance(row, dict) else list(REQUIRED)
+    if missing:
+        raise UserError(f"{report}: a member lacks {', '.join(missing)}: rerun `ziplm-planner compress`")
+    numbers = all(is_number(row[key]) for key in ("target", "measured_ms", "measured_speedup"))
+    kept = all(isinstance(row[key], list) and all(map(is_number, row[key])) for key in ("kept_attention", "kept_ffn"))
+    if not (numbers and kept and isinstance(scores(row), dict)):
+        raise UserError(f"{report}: member {row['folder']} has malformed values: rerun `ziplm-planner compress`")
+
+
+def read_families(folders: list[str | Path]) -> list[FamilyData]:
+    return distinct_names([read_family(folder) for folder in folders])
+
+
+def distinct_names(families: list[FamilyData]) -> list[FamilyData]:
+    """Families sharing a method are told apart by their folder names."""
+    names = [family.name for family in families]
+    return [replace(f, name=f.folder.resolve().name) if names.count(f.name) > 1 else f for f in families]
+
+
+def scores(row: dict) -> dict:
+    return row.get("scores") or {}
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --- what to put on the y axis --------------------------------------------------------------------
+
+
+def choose_task(families: list[FamilyData], task: str | None = None) -> str | None:
+    """The scored task to plot; None when no row has scores (the calibration loss is plotted)."""
+    tasks = list(dict.fromkeys(t for family in families for row in family.rows for t in scores(row)))
+    if task is not None and task not in tasks:
+        raise UserError(f"no family has scores for task {task!r} (scored: {', '.join(tasks) or 'none'})")
+    if task is None and len(tasks) > 1:
+        log.info("scores for %s: plotting %s (choose another with task=...)", ", ".join(tasks), tasks[0])
+    return task or (tasks[0] if tasks else None)
+
+
+def score_label(families: list[FamilyData], task: str | None) -> str:
+    if task is None:
+        return "calibration loss (lower is better; no evaluation scores)"
+    metas = [f.metadata.get("scores_meta") for f in families]
+    meta = next((m[task] for m in metas if isinstance(m, dict) and isinstance(m.get(task), dict)), {})
+    higher = meta.get("higher_is_better", not any(word in task.lower() for word in LOWER_IS_BETTER))
+    return f"{meta.get('label', task)} ({'higher' if higher else 'lower'} is better)"
+
+
+def scored_rows(family: FamilyData, task: str | None) -> list[tuple[dict, float]]:
+    """(row, y) for the members with a finite value, by measured speedup."""
+    points = []
+    for row in sorted(family.rows, key=lambda r: r["measured_speedup"]):
+        y = row["calibration_loss"] if task is None else scores(row).get(task)
+        if is_number(y) and math.isfinite(y):
+            points.append((row, float(y)))
+    return points
+
+
+def spec_title(families: list[FamilyData]) -> str:
+    titles = []
+    for meta in (family.metadata for family in families):
+        spec = meta.get("spec") or {}
+        shape = (f"decode, batch {spec.get('batch_size')}, context {spec.get('context')}"
+                 if spec.get("mode") == "decode" else f"batch {spec.get('batch_size')} x seq {spec.get('seq_len')}")
+        titles.append(f"{meta.get('model', '?')}: {spec.get('backend', '?')} on {spec.get('device', 'cpu')}, {shape}")
+    return "; ".join(dict.fromkeys(titles))
+
+
+# --- the pictures ---------------------------------------------------------------------------------
+
+
+def plot_frontier(families: list[FamilyData], output: Path, task: str | None = None) -> list[Path]:
+    """Score against measured speedup (left) and measured latency (right), one line per family."""
+    if not families:
+        raise UserError("no family to plot: give at least one family directory")
+    paths = output_paths(output)
+    families, task = distinct_names(families), choose_task(families, task)
+    fig = Figure(figsize=(12, 5.4), layout="constrained")
+    by_speedup, by_latency = fig.subplots(1, 2, sharey=True)
+    handles = []
+    for index, family in enumerate(families):
+        points = scored_rows(family, task)
+        if not points:
+            log.warning("family %s has no %s values: left out of the plot", family.name, task or "calibration loss")
+            continue
+        color = f"C{index % 10}"
+        draw_family(by_speedup, points, "measured_speedup", color)
+        draw_family(by_latency, points, "measured_ms", color)
+        handles.append(Line2D([], [], color=color, marker="o", label=family.name))
+    draw_target_guides(by_speedup, families)
+    estimator = "/".join(dict.fromkeys(str(f.metadata.get("estimator", "p10")) for f in families))
+    by_speedup.set_xlabel(f"measured speedup over dense ({estimator} estimator)")
+    by_latency.set_xlabel(f"measured latency, ms ({estimator} estimator)")
+    by_speedup.set_ylabel(score_label(families, task))
+    for ax in (by_speedup, by_latency):
+        ax.grid(alpha=0.3)
+    handles += [Line2D([], [], ls="", marker="*", ms=13, color=DENSE_COLOR, mec="black", mew=0.6, label="dense"),
+                Line2D([], [], ls="", marker="o", mfc="white", color="0.4", label="missed its target")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.suptitle(spec_title(families))
+    return save_figure(fig, paths)
+
+
+def draw_family(ax, points: list[tuple[dict, float]], x_key: str, color: str) -> None:
+    ax.plot([row[x_key] for row, _ in points], [y for _, y in points], color=color, lw=1.6, alpha=0.85)
+    for row, y in points:
+        if row["target"] == 1:
+            ax.plot(row[x_key], y, ls="", marker="*", ms=15, color=DENSE_COLOR, mec="black", mew=0.6, zorder=4)
+        else:
+            face = color if row["met_target"] else "white"
+            ax.plot(row[x_key], y, ls="", marker="o", ms=7, color=color, mfc=face, mew=1.5, zorder=3)
+
+
+def draw_target_guides(ax, families: list[FamilyData]) -> None:
+    """A faint vertical line per target, labelled "1.5x" on a top axis."""
+    targets = sorted({row["target"] for family in families for row in family.rows if row["target"] != 1})
+    for target in targets:
+        ax.axvline(target, color="0.55", lw=0.8, ls=":", zorder=0)
+    low, high = ax.get_xlim()  # guides do not autoscale: keep the largest target off the frame
+    ax.set_xlim(low, max([high, *(t + 0.04 * (t - low) for t in targets)]))
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(targets, [f"{t:g}x" for t in targets])
+    top.tick_params(labelsize=8, colors="0.4", length=0)
+
+
+def plot_layers(family: FamilyData, output: Path) -> list[Path]:
+    """Per member, the fraction of each layer's attention units and FFN neurons it kept."""
+    paths = output_paths(output)
+    rows = sorted(family.rows, key=lambda r: r["target"])
+    dense = next((r for r in rows if r["target"] == 1), None)
+    dense_att, dense_ffn = ((dense["kept_attention"], dense["kept_ffn"]) if dense else
+                            (np.max([r["kept_attention"] for r in rows], 0), np.max([r["kept_ffn"] for r in rows], 0)))
+    members = [r for r in rows if r["target"] != 1] or rows
+    layers = np.arange(len(dense_att))
+    fig = Figure(figsize=(max(7.0, 0.3 * len(layers) + 3), 1.5 * len(members) + 1.6), layout="constrained")
+    axes = fig.subplots(len(members), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, row in zip(axes, members):
+        ax.bar(layers, 1.0, 0.86, color="0.92", zorder=0)  # the dense layer, so removed blocks show as gaps
+        ax.bar(layers - 0.2, np.array(row["kept_attention"]) / np.maximum(dense_att, 1), 0.4, color="C0")
+        ax.bar(layers + 0.2, np.array(row["kept_ffn"]) / np.maximum(dense_ffn, 1), 0.4, color="C2")
+        missed = "" if row["met_target"] else ", MISSED"
+        ax.set_title(f"{row['folder']}: {row['measured_speedup']:.2f}x measured (target {row['target']:g}x{missed}), "
+                     f"{row.get('parameters', 0) / 1e6:.1f}M parameters", loc="left", fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.set_yticks([0, 0.5, 1])
+    axes[-1].set_xticks(layers, [str(i) for i in layers])
+    axes[-1].set_xlabel("layer")
+    fig.supylabel("fraction of the dense layer kept")
+    fig.legend(handles=[Patch(color="C0", label="attention units (heads or KV groups)"),
+                        Patch(color="C2", label="FFN neurons"), Patch(color="0.92", label="dense")],
+               loc="outside lower center", ncol=3, frameon=False)
+    fig.suptitle(f"{family.name}: kept structures per layer\n{spec_title([family])}", fontsize=11)
+    return save_figure(fig, paths)
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def output_paths(output: Path) -> list[Path]:
+    """`output` and its twin in the other format (x.png -> x.png, x.svg), both checked writable."""
+    output = Path(output)
+    twin = {".png": ".svg", ".svg": ".png"}.get(output.suffix.lower())
+    if twin is None:
+        raise UserError(f"plot output {output} must end with .png or .svg (the other format is written beside it)")
+    return [check_writable(output), check_writable(output.with_suffix(twin))]
+
+
+def save_figure(fig: Figure, paths: list[Path]) -> list[Path]:
+    """Render every format first, then write each to a temporary name and rename it."""
+    rendered = []
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, editable
+        for path in paths:
+            buffer = io.BytesIO()
+            fmt = path.suffix[1:].lower()
+            fig.savefig(buffer, format=fmt, dpi=150, metadata={"Date": None} if fmt == "svg" else None)
+            rendered.append(buffer.getvalue())
+    for path, data in zip(paths, rendered):
+        atomic_write_bytes(path, data)
+        log.info("wrote %s", path)
+    return paths
