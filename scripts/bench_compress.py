@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from ziplm_planner.compress import parse_targets
+from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--calibration-inputs", default="dense")
     parser.add_argument("--search-evaluations", type=int, default=30)
+    parser.add_argument("--score-samples", type=int, default=128)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -49,7 +50,8 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     targets = parse_targets(args.targets)
     common = dict(num_samples=args.num_samples, calibration_inputs=args.calibration_inputs,
-                  search_evaluations=args.search_evaluations, cache_dir=cache, overwrite=True)
+                  search_evaluations=args.search_evaluations, score_samples=args.score_samples, cache_dir=cache,
+                  overwrite=True)
     started = time.perf_counter()
     report = zp.compress(loaded, args.profile, targets, args.calib, out, **common)
     seconds = time.perf_counter() - started

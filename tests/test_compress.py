@@ -7,11 +7,11 @@ import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, model_layers, model_shape
 from ziplm_planner.calibrate import load_calibration
-from ziplm_planner.compress import CompressSettings, compress_model, parse_targets
+from ziplm_planner.oneshot import CompressSettings, compress_model, parse_targets
 from ziplm_planner.database import build_database, stitch, stitch_sequential
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned
-from ziplm_planner.profile import ProfileSettings, profile_model
+from ziplm_planner.profiler import ProfileSettings, profile_model
 from ziplm_planner.spec import InferenceSpec
 from tiny_models import tiny_loaded_with_tokenizer, write_sentences
 
@@ -113,7 +113,7 @@ class StubVerifier:
     ([1.3, 0.9], 1, True),  # the looser plan misses: the first, which met, is kept
 ])
 def test_members_are_replanned_until_measured_to_meet_the_target(setup, tmp_path, factors, expected_replans, met):
-    from ziplm_planner.compress import Planner
+    from ziplm_planner.oneshot import Planner
     from ziplm_planner.database import build_database
 
     loaded, table, calib = setup
@@ -161,3 +161,54 @@ def test_output_holding_other_files_is_refused_without_overwrite(setup, tmp_path
     with pytest.raises(UserError, match="--overwrite"):
         compress_model(loaded, table, [1.5], str(calib), out, fast_settings(tmp_path))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_compress_a_tiny_causal_lm(tmp_path, model_type):
+    loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=True)
+    table = profile_model(loaded, InferenceSpec(batch_size=2, seq_len=16, threads=1), FAST_PROFILE)
+    calib = write_sentences(tmp_path / "calib.txt", count=300)
+    target = within(table, 1.5)
+    report = compress_model(loaded, table, [target], str(calib), tmp_path / "family", fast_settings(tmp_path, max_replans=0))
+    row = report.rows[1]
+    assert row["predicted_speedup"] >= target * 0.999 and row["parameters"] < report.rows[0]["parameters"]
+    member = load_pruned(tmp_path / "family" / row["folder"])
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        assert torch.isfinite(member(input_ids=ids).logits).all()
+
+
+def test_nan_hessian_names_the_layer(setup, tmp_path):
+    import copy
+
+    loaded, table, calib = setup
+    broken = copy.copy(loaded)
+    broken.model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        model_layers(broken.model)[1].attention.self.value.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="layer 1 attention: Hessian has NaN or Inf"):
+        compress_model(broken, table, [1.2], str(calib), tmp_path / "f", fast_settings(tmp_path))
+
+
+def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cache(setup, tmp_path, monkeypatch):
+    import ziplm_planner.oneshot as compress_module
+
+    loaded, table, calib = setup
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0)
+    out = tmp_path / "family"
+    real_save = compress_module.save_member
+
+    def interrupt_on_second_target(folder, *args, **kwargs):
+        if folder.name != "dense" and any(p.name.startswith("x") for p in out.iterdir()):
+            raise KeyboardInterrupt
+        return real_save(folder, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_member", interrupt_on_second_target)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
+    monkeypatch.undo()
+    complete = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "pruning.json").exists())
+    assert complete == ["dense", "x1.2"] and not (out / "report.json").exists()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    again = compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
+    assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()

@@ -6,7 +6,7 @@ import pytest
 
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
-from ziplm_planner.profile import ProfileSettings, ffn_levels, profile_model
+from ziplm_planner.profiler import ProfileSettings, ffn_levels, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import ATTENTION, FFN, FIXED, LatencyTable
 from tiny_models import tiny_loaded

@@ -5,10 +5,6 @@ remove the structures with the worst loss-to-runtime trade-off using second-orde
 estimates and weight updates, and output a family of smaller models, one per speedup target.
 """
 
-# The stage modules `profile` and `compress` share their names with the API functions: load them
-# first, so that binding the functions below is final (a later first import of a submodule would
-# rebind the package attribute to the module).
-from . import compress as _compress_stage, profile as _profile_stage  # noqa: F401
 from .api import compress, profile
 from .export import load_pruned
 from .models import load_model

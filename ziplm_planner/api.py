@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .atomic import check_writable
 from .models import LoadedModel, load_model
-from .profile import ProfileSettings, profile_model
+from .profiler import ProfileSettings, profile_model
 from .spec import InferenceSpec
 from .table import LatencyTable
 
@@ -43,7 +43,7 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
 
     Writes the family to `output` (one folder per target plus the dense reference, report.csv,
     report.json) and returns the FamilyReport."""
-    from .compress import CompressSettings, compress_model, parse_targets
+    from .oneshot import CompressSettings, compress_model, parse_targets
 
     targets = parse_targets(targets)
     table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)

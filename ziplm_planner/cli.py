@@ -93,27 +93,81 @@ def profile_show(table_path) -> None:
 @click.option("--calibration-inputs", type=click.Choice(["dense", "sequential"]), default="dense", show_default=True,
               help="Hessians of the final members from dense inputs, or from the model compressed so far.")
 @click.option("--search-evaluations", type=int, default=30, show_default=True, help="SPDY: models scored per target.")
+@click.option("--score-samples", type=int, default=128, show_default=True,
+              help="Calibration samples each SPDY candidate is scored on.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Level-database cache.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
-def compress(model, table, targets, calibration, num_samples, seed, calibration_inputs, search_evaluations, no_onnx,
-             overwrite, cache_dir, output) -> None:
+def compress(model, table, targets, calibration, num_samples, seed, calibration_inputs, search_evaluations,
+             score_samples, no_onnx, overwrite, cache_dir, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 
     report = api.compress(model, table, targets, calibration, output, num_samples=num_samples, seed=seed,
                           calibration_inputs=calibration_inputs, search_evaluations=search_evaluations,
-                          onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir)
+                          score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(format_report(report.rows))
     click.echo(f"wrote {output}/ (report.csv, report.json, one folder per member)")
 
 
+@cli.command()
+@click.argument("family", type=click.Path(path_type=Path))
+@click.option("--task", type=click.Choice(["stsb", "classification", "perplexity", "fidelity"]), required=True)
+@click.option("--data", required=True, help="STS-B file, GLUE TSV with labels, or raw text (perplexity, fidelity).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="Score each member's torch model or its model.onnx.")
+@click.option("--max-tokens", type=int, default=None, help="Perplexity: score only the first N tokens.")
+def evaluate(family, task, data, backend, max_tokens) -> None:
+    """Score the dense reference and every member of FAMILY; write the scores into its report."""
+    from .evaluate import evaluate_family
+
+    scores = evaluate_family(family, task, data, backend=backend, max_tokens=max_tokens)
+    for member, value in scores.items():
+        click.echo(f"{member:>8} {task} {value:.4f}")
+    click.echo(f"scores written to {family}/report.json and report.csv")
+
+
+@cli.command()
+@click.argument("families", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="frontier.png (an .svg is written beside it).")
+@click.option("--task", default=None, help="Which score to plot when a report has several.")
+def plot(families, output, task) -> None:
+    """Plot score against measured speedup and latency for every FAMILY, and what each member kept."""
+    from .plot import plot_frontier, plot_layers, read_family
+
+    data = [read_family(folder) for folder in families]
+    written = plot_frontier(data, output, task=task)
+    for family in data:
+        written += plot_layers(family, output.with_name(f"{output.stem}-layers-{family.name}{output.suffix or '.png'}"))
+    click.echo("wrote " + ", ".join(map(str, written)))
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ziplm-demo"), show_default=True)
+@click.option("--targets", default="1.5,2,3", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--stsb", default=None, help="An STS-B file (e.g. sts-dev.csv) to score the family on as well.")
+def demo(output, targets, backend, stsb) -> None:
+    """The whole pipeline on the bundled model with Python's own text: profile, compress, evaluate, plot."""
+    import json
+
+    from .oneshot import parse_targets
+    from .demo import run_demo
+
+    written = run_demo(output, parse_targets(targets), backend=backend, stsb=stsb)
+    click.echo(format_report(json.loads((written["family"] / "report.json").read_text())["members"]))
+    click.echo(f"wrote {written['table']}, {written['family']}/ and " + ", ".join(str(p) for p in written["plots"]))
+
+
 def format_report(rows: list[dict]) -> str:
-    lines = [f"{'member':>8} {'target':>7} {'predicted':>10} {'measured':>9} {'met':>4} {'params':>11} {'calib loss':>11}"]
+    tasks = sorted({task for r in rows for task in r.get("scores", {})})
+    lines = [f"{'member':>8} {'target':>7} {'predicted':>10} {'measured':>9} {'met':>4} {'params':>11} {'calib loss':>11}"
+             + "".join(f" {task:>12}" for task in tasks)]
     for r in rows:
         lines.append(f"{r['folder']:>8} {r['target']:>6.2f}x {r['predicted_speedup']:>9.2f}x {r['measured_speedup']:>8.2f}x "
-                     f"{'yes' if r['met_target'] else 'NO':>4} {r['parameters']:>11,} {r['calibration_loss']:>11.5f}")
+                     f"{'yes' if r['met_target'] else 'NO':>4} {r['parameters']:>11,} {r['calibration_loss']:>11.5f}"
+                     + "".join(f" {r.get('scores', {}).get(task, float('nan')):>12.4f}" for task in tasks))
     return "\n".join(lines)
 
 

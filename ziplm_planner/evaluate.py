@@ -1,60 +1,513 @@
-"""Scores of a model on held-out data: STS-B Spearman, causal-LM perplexity, fidelity to the dense model."""
+"""Scores of a family's members on held-out data, from the torch model or from the ONNX file.
+
+Tasks (`TASKS`): STS-B Spearman for embedding models, accuracy and macro-F1 for sequence
+classifiers, perplexity for causal LMs, and fidelity to the dense member for any model.
+
+Every score is computed from a `Forward`: a callable from a batch of named tensors (as the
+tokenizer names them) to the model's deployed output, `last_hidden_state` for embedding models
+and `logits` otherwise. `torch_forward` and `onnx_forward` build one from a model or from a
+member's `model.onnx`, so both backends go through the same scoring code.
+
+Fidelity is the mean cosine similarity between a member's pooled outputs and the dense
+member's: mean-pooled last hidden states (embedding models, one value per text), class
+distributions (classifiers, per text) and next-token distributions (causal LMs, per real token).
+Causal LMs are compared on their next-token distributions, not on hidden states, because the
+ONNX graph returns logits only and both backends must give the same score.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 import math
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from scipy.stats import spearmanr
 from torch import nn
+from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
+from .backends import model_output, ort_session, to_numpy_feeds
 from .calibrate import mean_pool
-from .data import read_dataset, tokenize_stream
+from .data import TextDataset, _right_padding, read_dataset
 from .errors import UserError
+from .export import ONNX, PRUNING, WEIGHTS, load_pruned, load_pruned_tokenizer, read_record
+from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
+from .spec import InferenceSpec
 
-BATCH_SIZE = 32
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 32  # texts per forward
+MAX_LENGTH = 128  # tokens per text (STS-B, classification, fidelity)
+PERPLEXITY_SEQ_LEN = 512  # tokens per perplexity window, capped at the model's positions
+PERPLEXITY_BATCH = 4  # windows per forward
+BACKEND_ALIASES = {"torch": "torch", "onnxruntime": "onnxruntime", "onnx": "onnxruntime"}
+KIND_NAMES = {EMBEDDING: "an embedding model", CLASSIFICATION: "a sequence-classification model",
+              CAUSAL_LM: "a causal LM"}
+
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+Scorer = Callable[[Forward], dict[str, float]]
 
 
-def sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str], max_length: int = 128) -> torch.Tensor:
-    """Mean-pooled last hidden states, (n, d), in the sentence-transformers convention."""
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(sentences), BATCH_SIZE):
-            batch = tokenizer(sentences[i:i + BATCH_SIZE], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
-            hidden = model(**batch).last_hidden_state
-            out.append(mean_pool(hidden, batch["attention_mask"]))
-    return torch.cat(out)
+# --- forwards -----------------------------------------------------------------------------------
 
 
-def stsb_spearman(model: nn.Module, tokenizer, path: str) -> float:
-    """Spearman x 100 between cosine similarity of the pair's embeddings and the gold score."""
-    data = read_dataset(path)
+def module_kind(model: nn.Module) -> str:
+    """EMBEDDING, CLASSIFICATION or CAUSAL_LM, from the transformers class (its head)."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return CAUSAL_LM
+    return CLASSIFICATION if name.endswith("ForSequenceClassification") else EMBEDDING
+
+
+def torch_forward(model: nn.Module, kind: str | None = None) -> Forward:
+    """The model's deployed output (last_hidden_state or logits) as float32 on the CPU.
+
+    Inputs the model's forward does not name (token_type_ids for a Llama) are dropped."""
+    call = model_output(kind or module_kind(model))[1]
+    accepted = inspect.signature(model.forward).parameters
+    device = next(model.parameters()).device
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {name: t.to(device) for name, t in batch.items() if name in accepted}
+        with torch.inference_mode():
+            return call(model, inputs).float().cpu()
+    return forward
+
+
+def onnx_forward(path: Path, spec: InferenceSpec = InferenceSpec()) -> Forward:
+    """A member's ONNX file in ONNX Runtime, fed by the graph's input names.
+
+    A `token_type_ids` input the batch lacks is fed zeros (the torch models' default)."""
+    session = ort_session(Path(path), spec)
+    names = [i.name for i in session.get_inputs()]
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if missing := [n for n in names if n not in batch and n != "token_type_ids"]:
+            raise UserError(f"{path} needs inputs {missing} that the tokenizer does not give")
+        feeds = {n: batch[n] if n in batch else torch.zeros_like(batch["input_ids"]) for n in names}
+        (out,) = session.run(None, to_numpy_feeds(feeds))
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+    return forward
+
+
+def as_forward(model: nn.Module | Forward, kind: str | None = None) -> Forward:
+    return torch_forward(model, kind) if isinstance(model, nn.Module) else model
+
+
+# --- tokenising ---------------------------------------------------------------------------------
+
+
+def _encode(tokenizer, first: Sequence[str], second: Sequence[str] | None = None,
+            max_length: int = MAX_LENGTH) -> list[dict[str, torch.Tensor]]:
+    """Tokenizer outputs, BATCH_SIZE texts (or pairs) a batch, right-padded to each batch's longest."""
+    batches = []
+    with _right_padding(tokenizer):
+        for i in range(0, len(first), BATCH_SIZE):
+            texts = [first[i:i + BATCH_SIZE]] + ([] if second is None else [second[i:i + BATCH_SIZE]])
+            batches.append(dict(tokenizer(*texts, padding=True, truncation=True, max_length=max_length,
+                                          return_tensors="pt")))
+    return batches
+
+
+def _all_texts(data: TextDataset) -> list[str]:
+    return data.texts if data.pairs is None else [s for pair in data.pairs for s in pair]
+
+
+def _first_tokens(tokenizer, texts: list[str], max_tokens: int, max_length: int) -> list[str]:
+    """The leading texts holding about `max_tokens` tokens (at least one text)."""
+    lengths = [min(len(ids), max_length) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+    total, count = 0, 0
+    while count < len(texts) and total < max_tokens:
+        total, count = total + lengths[count], count + 1
+    return texts[:count]
+
+
+def _windows(tokenizer, data: TextDataset, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """(windows, seq_len) ids: the text joined by blank lines, cut into non-overlapping windows; with
+    `max_tokens`, max_tokens // seq_len of them at random (seed 0, as calibration draws them)."""
+    ids = tokenizer("\n\n".join(data.texts), add_special_tokens=False, verbose=False)["input_ids"]
+    n_windows = len(ids) // seq_len
+    if n_windows == 0:
+        raise UserError(f"{data.source} has {len(ids)} tokens, fewer than one window of {seq_len}: give more text")
+    windows = torch.tensor(ids[:n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
+    if max_tokens is None:
+        return windows
+    wanted = max(1, max_tokens // seq_len)
+    return windows[random.Random(0).sample(range(n_windows), min(wanted, n_windows))]
+
+
+# --- the scores, over a Forward -----------------------------------------------------------------
+
+
+def _embed(forward: Forward, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(texts, d) mean-pooled last hidden states."""
+    return torch.cat([mean_pool(forward(b), b["attention_mask"]) for b in batches])
+
+
+def _stsb_scorer(data: TextDataset, tokenizer, max_length: int = MAX_LENGTH) -> Scorer:
+    first = _encode(tokenizer, [a for a, _ in data.pairs], max_length=max_length)
+    second = _encode(tokenizer, [b for _, b in data.pairs], max_length=max_length)
+    gold = np.asarray(data.labels, dtype=np.float64)
+
+    def score(forward: Forward) -> dict[str, float]:
+        cosine = F.cosine_similarity(_embed(forward, first), _embed(forward, second), dim=-1)
+        return {"stsb": float(spearmanr(cosine.numpy(), gold).statistic * 100)}
+    return score
+
+
+def macro_f1(gold: Sequence[int], predicted: Sequence[int]) -> float:
+    """Unweighted mean over the classes in either list of 2 TP / (2 TP + FP + FN)."""
+    gold, predicted = np.asarray(gold), np.asarray(predicted)
+    classes = np.union1d(gold, predicted)
+    f1 = [2 * np.sum((gold == c) & (predicted == c)) / (np.sum(gold == c) + np.sum(predicted == c)) for c in classes]
+    return float(np.mean(f1))
+
+
+def _classification_scorer(data: TextDataset, tokenizer, num_labels: int, max_length: int = MAX_LENGTH) -> Scorer:
+    gold = np.asarray(data.labels, dtype=np.int64)
+    if bad := [int(v) for v in gold if not 0 <= v < num_labels]:
+        raise UserError(f"{data.source} has label {bad[0]}, but the model has {num_labels} classes "
+                        f"(0 to {num_labels - 1}): is it the model's task?")
+    if data.pairs is None:
+        batches = _encode(tokenizer, data.texts, max_length=max_length)
+    else:
+        batches = _encode(tokenizer, [a for a, _ in data.pairs], [b for _, b in data.pairs], max_length)
+
+    def score(forward: Forward) -> dict[str, float]:
+        predicted = torch.cat([forward(b).argmax(dim=-1) for b in batches]).numpy()  # (texts,)
+        return {"classification": float(np.mean(predicted == gold) * 100), "f1": macro_f1(gold, predicted) * 100}
+    return score
+
+
+def _perplexity_scorer(data: TextDataset, tokenizer, seq_len: int, max_tokens: int | None) -> Scorer:
+    windows = _windows(tokenizer, data, seq_len, max_tokens)  # (windows, seq_len)
+
+    def score(forward: Forward) -> dict[str, float]:
+        total, count = 0.0, 0
+        for i in range(0, len(windows), PERPLEXITY_BATCH):
+            ids = windows[i:i + PERPLEXITY_BATCH]
+            logits = forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # (b, seq, vocab)
+            # position t predicts token t + 1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            total, count = total + float(loss), count + ids[:, 1:].numel()
+        return {"perplexity": math.exp(total / count)}
+    return score
+
+
+def _pool_embedding(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return mean_pool(output, mask)  # (texts, d)
+
+
+def _pool_classes(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return output.softmax(dim=-1)  # (texts, labels)
+
+
+def _pool_next_token(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return output[mask.bool()].softmax(dim=-1)  # (real tokens, vocab)
+
+
+# How fidelity pools each kind's output into the vectors it compares.
+POOLING = {EMBEDDING: _pool_embedding, CLASSIFICATION: _pool_classes, CAUSAL_LM: _pool_next_token}
+
+
+def _pooled(forward: Forward, kind: str, batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    return (POOLING[kind](forward(b), b["attention_mask"]) for b in batches)
+
+
+def _fidelity_scorer(reference: Forward, kind: str, batches: list[dict[str, torch.Tensor]]) -> Scorer:
+    # a causal LM's reference is (tokens, vocab) per batch: too large to keep, recomputed for each member
+    kept = None if kind == CAUSAL_LM else list(_pooled(reference, kind, batches))
+
+    def score(forward: Forward) -> dict[str, float]:
+        expected = kept if kept is not None else _pooled(reference, kind, batches)
+        total, count = 0.0, 0
+        for actual, wanted in zip(_pooled(forward, kind, batches), expected):
+            cosine = F.cosine_similarity(actual, wanted, dim=-1)
+            total, count = total + float(cosine.double().sum()), count + len(cosine)
+        return {"fidelity": total / count}
+    return score
+
+
+# --- data files, checked per task -----------------------------------------------------------------
+
+
+def _read(path: str) -> TextDataset:
+    if not Path(path).exists():
+        raise UserError(f"data file {path} does not exist: check the path")
+    return read_dataset(path)
+
+
+def _stsb_data(path: str) -> TextDataset:
+    data = _read(path)
     if data.pairs is None or data.labels is None:
-        raise UserError(f"{path} has no scored sentence pairs: give an STS-B file (e.g. sts-dev.csv)")
-    first = sentence_embeddings(model, tokenizer, [a for a, _ in data.pairs])
-    second = sentence_embeddings(model, tokenizer, [b for _, b in data.pairs])
-    cosine = F.cosine_similarity(first, second, dim=-1)
-    return float(spearmanr(cosine.numpy(), data.labels).statistic * 100)
+        raise UserError(f"{path} has no scored sentence pairs: stsb needs an STS-B file (genre, file, year, id, "
+                        "score, sentence1, sentence2; e.g. sts-dev.csv)")
+    return data
 
 
-def perplexity(model: nn.Module, tokenizer, path: str, seq_len: int = 512, max_tokens: int | None = None) -> float:
-    """exp(mean next-token loss) over non-overlapping windows of the text (the first `max_tokens`)."""
-    data = read_dataset(path, fmt="text")
-    num_windows = 10**9 if max_tokens is None else max(1, max_tokens // seq_len)
-    windows = tokenize_stream(tokenizer, data.texts, seq_len, num_windows, seed=0).input_ids
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(windows), 4):
-            batch = windows[i:i + 4]
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            tokens = batch.shape[0] * (batch.shape[1] - 1)
-            total, count = total + float(loss) * tokens, count + tokens
-    return math.exp(total / count)
+def _classification_data(path: str) -> TextDataset:
+    data = _read(path)
+    if data.labels is None:
+        raise UserError(f"{path} has no labels: classification needs a GLUE TSV whose header names sentence "
+                        "(or sentence1 and sentence2) and label")
+    if data.fmt != "glue" or not all(isinstance(v, int) for v in data.labels):
+        raise UserError(f"{path} has scores, not class labels: classification needs a GLUE TSV with integer labels")
+    return data
 
 
-def fidelity(model: nn.Module, dense: nn.Module, tokenizer, texts: list[str]) -> float:
+def _text_data(path: str) -> TextDataset:
+    data = _read(path)
+    if data.fmt != "text":
+        raise UserError(f"{path} is tab-separated {data.fmt} data: perplexity needs running text "
+                        "(a .txt or .raw file, one paragraph a line)")
+    return data
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # in row["scores"], and the CSV column score_<key>
+    label: str  # for plots
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class Member:
+    """One family member, ready to score."""
+
+    name: str
+    kind: str
+    config: object  # the dense config saved with the member
+    tokenizer: object
+    forward: Forward
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", None) or PERPLEXITY_SEQ_LEN)
+
+    @property
+    def max_length(self) -> int:
+        return min(MAX_LENGTH, self.max_positions)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    label: str
+    higher_is_better: bool
+    kinds: tuple[str, ...]  # the model kinds it can score
+    needs: str  # the model it needs, for errors
+    read: Callable[[str], TextDataset]  # reads the data file, refusing the wrong format
+    prepare: Callable[[TextDataset, Member, int | None], Scorer]  # (data, dense, max_tokens): once per family
+    extra: tuple[Metric, ...] = ()
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        return (Metric(self.name, self.label, self.higher_is_better), *self.extra)
+
+
+def _prepare_stsb(data: TextDataset, dense: Member, max_tokens: int | None) -> Scorer:
+    return _stsb_scorer(data, dense.tokenizer, dense.max_length)
+
+
+def _prepare_classification(data: TextDataset, dense: Member, max_tokens: int | None) -> Scorer:
+    return _classification_scorer(data, dense.tokenizer, dense.config.num_labels, dense.max_length)
+
+
+def _prepare_perplexity(data: TextDataset, dense: Member, max_tokens: int | None) -> Scorer:
+    return _perplexity_scorer(data, dense.tokenizer, min(PERPLEXITY_SEQ_LEN, dense.max_positions), max_tokens)
+
+
+def _prepare_fidelity(data: TextDataset, dense: Member, max_tokens: int | None) -> Scorer:
+    texts = _all_texts(data)
+    if max_tokens is not None:
+        texts = _first_tokens(dense.tokenizer, texts, max_tokens, dense.max_length)
+    return _fidelity_scorer(dense.forward, dense.kind, _encode(dense.tokenizer, texts, max_length=dense.max_length))
+
+
+TASKS = {task.name: task for task in (
+    Task("stsb", "STS-B Spearman x100", True, (EMBEDDING,), "an embedding model (mean-pooled hidden states)",
+         _stsb_data, _prepare_stsb),
+    Task("classification", "accuracy (%)", True, (CLASSIFICATION,),
+         "a sequence-classification model (one with a classification head)", _classification_data,
+         _prepare_classification, extra=(Metric("f1", "macro-F1 (%)", True),)),
+    Task("perplexity", "perplexity", False, (CAUSAL_LM,), "a causal LM (a language-modelling head)", _text_data,
+         _prepare_perplexity),
+    Task("fidelity", "fidelity (cosine to dense)", True, (EMBEDDING, CLASSIFICATION, CAUSAL_LM), "any model",
+         _read, _prepare_fidelity),
+)}
+
+
+def task_named(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}: use one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# --- one model, in Python -------------------------------------------------------------------------
+
+
+def sentence_embeddings(model: nn.Module | Forward, tokenizer, sentences: list[str],
+                        max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """Mean-pooled last hidden states, (n, d), in the sentence-transformers convention."""
+    return _embed(as_forward(model, EMBEDDING), _encode(tokenizer, sentences, max_length=max_length))
+
+
+def stsb_spearman(model: nn.Module | Forward, tokenizer, path: str) -> float:
+    """Spearman x 100 between cosine similarity of the pair's embeddings and the gold score."""
+    return _stsb_scorer(_stsb_data(path), tokenizer)(as_forward(model, EMBEDDING))["stsb"]
+
+
+def classification_scores(model: nn.Module | Forward, tokenizer, path: str, num_labels: int | None = None) -> dict:
+    """{"accuracy", "f1"} in %, of the argmax of the logits on a labelled GLUE TSV."""
+    if num_labels is None:
+        if not isinstance(model, nn.Module):
+            raise ValueError("give num_labels with a Forward")
+        num_labels = model.config.num_labels
+    scorer = _classification_scorer(_classification_data(path), tokenizer, num_labels)
+    scores = scorer(as_forward(model, CLASSIFICATION))
+    return {"accuracy": scores["classification"], "f1": scores["f1"]}
+
+
+def perplexity(model: nn.Module | Forward, tokenizer, path: str, seq_len: int = PERPLEXITY_SEQ_LEN,
+               max_tokens: int | None = None) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the text (max_tokens: a seeded sample)."""
+    scorer = _perplexity_scorer(_text_data(path), tokenizer, seq_len, max_tokens)
+    return scorer(as_forward(model, CAUSAL_LM))["perplexity"]
+
+
+def fidelity(model: nn.Module | Forward, dense: nn.Module | Forward, tokenizer, texts: list[str],
+             kind: str | None = None) -> float:
     """Mean cosine similarity of pooled outputs to the dense model's, on held-out text (1.0 = identical)."""
-    return float(F.cosine_similarity(sentence_embeddings(model, tokenizer, texts),
-                                     sentence_embeddings(dense, tokenizer, texts), dim=-1).mean())
+    if kind is None:
+        if not isinstance(dense, nn.Module):
+            raise ValueError("give the model kind with a Forward")
+        kind = module_kind(dense)
+    batches = _encode(tokenizer, texts)
+    return _fidelity_scorer(as_forward(dense, kind), kind, batches)(as_forward(model, kind))["fidelity"]
+
+
+# --- a family -----------------------------------------------------------------------------------
+
+
+def _read_report(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise UserError(f"family directory {folder} does not exist")
+    path = folder / "report.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no report.json: run `ziplm-planner compress` first")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is corrupt ({err}): run `ziplm-planner compress` again") from None
+    rows = report.get("members") if isinstance(report, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("folder"), str) for r in rows):
+        raise UserError(f"{path} is not a ziplm-planner family report: run `ziplm-planner compress` again")
+    if bad := [r["folder"] for r in rows if Path(r["folder"]).name != r["folder"] or r["folder"] in ("", ".", "..")]:
+        raise UserError(f"{path} names a member folder {bad[0]!r} outside the family")
+    return report
+
+
+def _required_files(backend: str) -> tuple[str, ...]:
+    return (PRUNING, "config.json", "tokenizer_config.json", WEIGHTS if backend == "torch" else ONNX)
+
+
+def _check_member(folder: Path, name: str, backend: str) -> str:
+    """The member's kind, after checking that its folder has what `backend` needs."""
+    path = folder / name
+    if not path.is_dir():
+        raise UserError(f"member {name} is missing: {path} does not exist; run `ziplm-planner compress` again")
+    for required in _required_files(backend):
+        if not (path / required).is_file():
+            hint = " (compressed with --no-onnx? evaluate with backend torch)" if required == ONNX else ""
+            raise UserError(f"member {name} is incomplete: {required} missing{hint}")
+    return read_record(path)["kind"]
+
+
+def _load_member(folder: Path, name: str, kind: str, backend: str) -> Member:
+    path = folder / name
+    tokenizer = load_pruned_tokenizer(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"member {name} has an unreadable config.json: {str(err).splitlines()[0]}") from None
+    forward = torch_forward(load_pruned(path), kind) if backend == "torch" else onnx_forward(path / ONNX)
+    return Member(name, kind, config, tokenizer, forward)
+
+
+def _report_csv(rows: list[dict]) -> str:
+    """The rows as report.csv: lists joined by spaces (as compress writes them), scores as score_<key>."""
+    import pandas as pd
+
+    flat = [{**{k: v for k, v in row.items() if k != "scores"},
+             **{f"score_{k}": v for k, v in (row.get("scores") or {}).items()}} for row in rows]
+    frame = pd.DataFrame(flat)
+    for column in frame.columns:
+        if frame[column].map(lambda v: isinstance(v, list)).any():
+            frame[column] = frame[column].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else v)
+    return frame.to_csv(index=False)
+
+
+def _with_scores(report: dict, task: Task, scores: dict[str, dict[str, float]], meta: dict) -> dict:
+    """A copy of the report with the scores in its rows and the metrics' descriptions in its metadata."""
+    rows = [{**row, "scores": {**(row.get("scores") or {}), **scores.get(row["folder"], {})}}
+            for row in report["members"]]
+    metadata = dict(report.get("metadata") or {})
+    metadata["scores_meta"] = {**(metadata.get("scores_meta") or {}), **{
+        m.key: {"higher_is_better": m.higher_is_better, "label": m.label, "task": task.name, **meta}
+        for m in task.metrics}}
+    return {**report, "metadata": metadata, "members": rows}
+
+
+def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: str = "torch",
+                    max_tokens: int | None = None) -> dict[str, float]:
+    """Score the dense member and every member in report.json on `task`; returns {folder: score}.
+
+    The scores go into report.json (row["scores"], metadata["scores_meta"]) and report.csv
+    (score_<key> columns), both written only once every member is scored. max_tokens caps the
+    tokens perplexity and fidelity read (other tasks score their whole file)."""
+    spec, folder, data = task_named(task), Path(folder), str(data)
+    if backend not in BACKEND_ALIASES:
+        raise UserError(f"unknown backend {backend!r}: use torch or onnxruntime")
+    backend = BACKEND_ALIASES[backend]
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max tokens must be >= 1, got {max_tokens}")
+    report = _read_report(folder)
+    names = list(dict.fromkeys(["dense", *(row["folder"] for row in report["members"])]))
+    kinds = {name: _check_member(folder, name, backend) for name in names}
+    if others := {n: k for n, k in kinds.items() if k != kinds["dense"]}:
+        name, kind = next(iter(others.items()))
+        raise UserError(f"member {name} is a {kind} model, the dense member a {kinds['dense']} one: "
+                        "not one family; run `ziplm-planner compress` again")
+    kind = kinds["dense"]
+    if kind not in spec.kinds:
+        fitting = [t.name for t in TASKS.values() if kind in t.kinds]
+        raise UserError(f"task {spec.name} needs {spec.needs}, and {folder} holds {KIND_NAMES[kind]}: "
+                        f"use {' or '.join(fitting)}")
+    dataset = spec.read(data)
+
+    dense = _load_member(folder, "dense", kind, backend)
+    scorer = spec.prepare(dataset, dense, max_tokens)
+    scores = {}
+    for name in tqdm(names, desc=f"evaluate {spec.name}"):
+        member = dense if name == "dense" else _load_member(folder, name, kind, backend)
+        scores[name] = scorer(member.forward)
+        log.info("%s %s: %s", name, spec.name, ", ".join(f"{k} {v:.4f}" for k, v in scores[name].items()))
+
+    meta = {"data": data, "backend": backend, **({"max_tokens": max_tokens} if max_tokens is not None else {})}
+    updated = _with_scores(report, spec, scores, meta)
+    csv_text, json_text = _report_csv(updated["members"]), json.dumps(updated, indent=1)
+    atomic_write_text(folder / "report.csv", csv_text)
+    atomic_write_text(folder / "report.json", json_text)
+    return {name: values[spec.name] for name, values in scores.items()}

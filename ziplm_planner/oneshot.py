@@ -26,7 +26,7 @@ from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .export import save_member
 from .models import LoadedModel
-from .profile import workload
+from .profiler import workload
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .table import LatencyTable

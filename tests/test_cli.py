@@ -1,0 +1,52 @@
+"""The CLI: bad input is one line on stderr, exit status 2, no traceback, nothing left behind."""
+
+import json
+import sys
+
+import pytest
+
+from ziplm_planner.cli import main
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["ziplm-planner", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def unsupported_model(tmp_path):
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    return folder
+
+
+@pytest.mark.parametrize("args,message", [
+    (["profile", "/no/such/model", "-o", "{tmp}/t.json"], "model path /no/such/model does not exist"),
+    (["profile", "minilm", "--batch-size", "0", "-o", "{tmp}/t.json"], "batch size must be at least 1"),
+    (["profile", "minilm", "--seq-len", "0", "-o", "{tmp}/t.json"], "seq len must be at least 1"),
+    (["profile", "minilm", "-o", "/no/such/dir/t.json"], "folder /no/such/dir does not exist"),
+    (["profile", "{model}", "-o", "{tmp}/t.json"], "unsupported architecture 't5'"),
+    (["profile", "show", "{tmp}/missing.json"], "does not exist"),
+    (["compress", "minilm", "--profile", "{tmp}/missing.json", "--targets", "2", "--calib", "x", "-o", "{tmp}/f"],
+     "does not exist"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "0.5", "--calib", "x", "-o", "{tmp}/f"], "must be > 1"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "two", "--calib", "x", "-o", "{tmp}/f"], "must be numbers"),
+    (["evaluate", "{tmp}", "--task", "stsb", "--data", "x"], "has no report.json"),
+    (["plot", "{tmp}/nothing", "-o", "{tmp}/p.png"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, unsupported_model, args, message):
+    args = [a.format(tmp=tmp_path, model=unsupported_model) for a in args]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "f").exists()
+
+
+def test_unknown_option_is_a_usage_error(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "profile", "minilm", "--bogus")
+    assert code == 2 and "No such option" in err

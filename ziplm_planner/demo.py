@@ -1,0 +1,76 @@
+"""The demo: the whole pipeline on the bundled model, on this machine, with no data files.
+
+Calibration and held-out text come from Python itself: the docstrings of standard-library
+modules, split into sentences. Profile -> compress -> evaluate -> plot, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import random
+import re
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+STDLIB_MODULES = ("argparse", "asyncio", "collections", "configparser", "contextlib", "csv", "dataclasses", "datetime",
+                  "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "heapq", "http.client",
+                  "inspect", "io", "itertools", "json", "logging", "mailbox", "os", "pathlib", "pickle", "random", "re",
+                  "shutil", "smtplib", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap",
+                  "threading", "typing", "unittest", "urllib.request", "uuid", "zipfile")
+
+
+def python_sentences() -> list[str]:
+    """Sentences of 6 to 60 words from standard-library docstrings, deduplicated, in a fixed order."""
+    seen, sentences = set(), []
+    for name in STDLIB_MODULES:
+        module = importlib.import_module(name)
+        docs = [inspect.getdoc(module)] + [inspect.getdoc(obj) for _, obj in sorted(vars(module).items())
+                                           if (inspect.isfunction(obj) or inspect.isclass(obj))
+                                           and getattr(obj, "__module__", "") == module.__name__]
+        for doc in filter(None, docs):
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 6 <= len(sentence.split()) <= 60 and sentence not in seen:
+                    seen.add(sentence)
+                    sentences.append(sentence)
+    return sentences
+
+
+def write_demo_texts(folder: Path, held_out: int = 300, seed: int = 0) -> tuple[Path, Path]:
+    """calibration.txt and heldout.txt: disjoint random splits of the standard-library sentences."""
+    sentences = python_sentences()
+    random.Random(seed).shuffle(sentences)
+    calibration = atomic_write_text(folder / "calibration.txt", "\n".join(sentences[held_out:]) + "\n")
+    heldout = atomic_write_text(folder / "heldout.txt", "\n".join(sentences[:held_out]) + "\n")
+    return calibration, heldout
+
+
+def run_demo(output: Path, targets=(1.5, 2.0, 3.0), backend: str = "onnxruntime", stsb: str | None = None,
+             rounds: int = 20, num_samples: int = 512) -> dict:
+    """Profile, compress, evaluate and plot the bundled model; returns the paths written. The demo's
+    family folder is rebuilt on every run."""
+    from . import api
+    from .evaluate import evaluate_family
+    from .models import load_model
+    from .plot import plot_frontier, plot_layers, read_family
+
+    output.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(DEFAULT_MODEL)
+    calibration, heldout = write_demo_texts(output)
+    table_path = output / f"profile-{backend}.json"
+    log.info("profiling %s on %s", DEFAULT_MODEL, backend)
+    api.profile(loaded, table_path, backend=backend, rounds=rounds)
+    family = output / "family"
+    api.compress(loaded, table_path, list(targets), calibration, family, num_samples=num_samples, overwrite=True)
+    evaluate_family(family, "fidelity", str(heldout))
+    if stsb:
+        evaluate_family(family, "stsb", stsb)
+    data = read_family(family)
+    plots = plot_frontier([data], output / "frontier.png", task="stsb" if stsb else "fidelity")
+    plots += plot_layers(data, output / "layers.png")
+    return {"table": table_path, "family": family, "report": family / "report.csv", "plots": plots}
