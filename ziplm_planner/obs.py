@@ -86,6 +86,16 @@ def kept_columns(kept_groups: Sequence[int] | Tensor, group_size: int) -> Tensor
     return (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).reshape(-1)
 
 
+def spd_solve(A: Tensor, B: Tensor) -> Tensor:
+    """A⁻¹ B for symmetric positive definite A (batched): Cholesky, not LU. Blocks of an inverse
+    Hessian are SPD, and batched LU on CPU (MKL getrf) was seen to fail intermittently on them."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool(info.any()):  # round-off made a block indefinite: a jitter far below the dampening
+        jitter = 1e-10 * A.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)[..., None, None]
+        L = torch.linalg.cholesky(A + jitter * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device))
+    return torch.cholesky_solve(B, L)
+
+
 def group_saliencies(W: Tensor, h_inv: Tensor, group_size: int, alive: Tensor) -> Tensor:
     """ρ_M = Σ_rows W_{r,M} B⁻¹ W_{r,M}ᵀ, B = (H⁻¹)_{M,M}, for every group; +inf where not alive."""
     d_out, d_in = W.shape
@@ -98,7 +108,7 @@ def group_saliencies(W: Tensor, h_inv: Tensor, group_size: int, alive: Tensor) -
     blocks = h_inv.reshape(num_groups, group_size, num_groups, group_size)
     blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)[idx]  # (alive, g, g) diagonal blocks B
     w_m = W.reshape(d_out, num_groups, group_size)[:, idx].permute(1, 2, 0)  # (alive, g, d_out) = W_{:,M}ᵀ
-    rho[idx] = (w_m * torch.linalg.solve(blocks, w_m)).sum(dim=(1, 2))
+    rho[idx] = (w_m * spd_solve(blocks, w_m)).sum(dim=(1, 2))
     return rho
 
 
@@ -191,7 +201,7 @@ def obs_prune(
         if group_size == 1:  # column i; a rank-1 update is ~2x faster than solve + addmm
             y.addr_(y[:, i].clone(), y[i] / y[i, i], alpha=-1.0)
         else:
-            y.addmm_(y[:, m].clone(), torch.linalg.solve(y[m, m], y[m]), alpha=-1.0)
+            y.addmm_(y[:, m].clone(), spd_solve(y[m, m], y[m]), alpha=-1.0)
         y[m] = 0.0  # exact zeros where round-off would leave ~eps
         y[:, m] = 0.0
         alive[i] = False
@@ -217,5 +227,5 @@ def reconstruct_weights(
     w0 = W.to(torch.float64).masked_fill(dead, 0.0)
     cols = kept_columns(kept_groups, group_size)
     h_s = h[cols]  # (|S|, d_in) = H_d[S, :], symmetric so H_d[:, S]ᵀ
-    w_s = torch.linalg.solve(h_s[:, cols], h_s @ w0.T).T  # (H_SS)⁻¹ H_{S,:} Wᵀ, transposed
+    w_s = spd_solve(h_s[:, cols], h_s @ w0.T).T  # (H_SS)⁻¹ H_{S,:} Wᵀ, transposed
     return w_s.to(W.dtype)
