@@ -9,6 +9,7 @@ in the adapters.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -23,15 +24,26 @@ class _Captured(Exception):
     pass
 
 
+def arguments_by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by parameter name, **kwargs flattened in: some models pass the mask to their
+    layers positionally (BERT's encoder), and a captured layer is called again as layer(hidden, **kwargs)."""
+    signature = inspect.signature(module.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    return dict(bound)
+
+
 def capture_first_layer_call(model: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, dict]:
     """Hidden states and keyword arguments that `run()` (a forward of `model`) passes its first layer;
     the forward stops there."""
     captured = {}
 
     def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = kwargs
+        arguments = arguments_by_name(module, args, kwargs)
+        captured["hidden"] = arguments.pop(next(iter(inspect.signature(module.forward).parameters)))
+        captured["kwargs"] = arguments
         raise _Captured
 
     handle = model_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -59,6 +71,11 @@ def capture_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]])
     for batch in batches:
         model_inputs = {k: v for k, v in batch.items() if k != "labels"}
         hidden, kwargs = capture_first_layer_call(model, lambda: model(**model_inputs))
+        # A KV cache in the captured arguments would grow each time a layer runs on the batch, and
+        # the next run would attend over stale keys: every run must see only this batch.
+        kwargs.pop("past_key_values", None)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         inputs.append(LayerInput(hidden, kwargs, batch["attention_mask"].bool()))
     return inputs
 
