@@ -113,15 +113,17 @@ class StubVerifier:
     ([1.3, 0.9], 1, True),  # the looser plan misses: the first, which met, is kept
 ])
 def test_members_are_replanned_until_measured_to_meet_the_target(setup, tmp_path, factors, expected_replans, met):
-    from ziplm_planner.oneshot import Planner
+    from ziplm_planner.calibrate import CalibrationLoss
     from ziplm_planner.database import build_database
+    from ziplm_planner.oneshot import Planner, verified_member
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path)
     calibration = load_calibration(loaded, str(calib), 16, 32)
-    planner = Planner(loaded, table, build_database(loaded.model, calibration, table), calibration, settings)
+    loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(16))
+    planner = Planner(loaded, table, build_database(loaded.model, calibration, table), calibration, settings, loss)
     target = within(table, 1.5)
-    result, _ = planner.member(target, StubVerifier(table, target, factors))
+    result, _ = verified_member(planner, target, table, StubVerifier(table, target, factors), loss, settings.max_replans)
     assert result.replans == expected_replans and result.met == met
     if met:
         assert result.speedup >= 0.97 * target
@@ -212,3 +214,20 @@ def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cach
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     again = compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "uniform", "layerdrop", "kwon"])
+def test_baselines_make_families_in_the_same_format(setup, tmp_path, method):
+    loaded, table, calib = setup
+    out = tmp_path / method
+    report = compress_model(loaded, table, [within(table, 1.5)], str(calib), out,
+                            fast_settings(tmp_path, method=method, onnx=False, max_replans=0))
+    assert report.metadata["method"] == method
+    row = report.rows[1]
+    assert row["predicted_speedup"] >= row["target"] * 0.999
+    assert load_pruned(out / row["folder"]) is not None
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(UserError, match="unknown method 'obs'"):
+        fast_settings(tmp_path, method="obs")

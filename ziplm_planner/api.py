@@ -36,7 +36,7 @@ def profile(model: str | LoadedModel = "minilm", output: str | Path | None = Non
 
 
 def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets: str | list[float],
-             calibration: str | Path, output: str | Path, *, num_samples: int = 512, seed: int = 0,
+             calibration: str | Path, output: str | Path, *, method: str = "ziplm", num_samples: int = 512, seed: int = 0,
              calibration_inputs: str = "dense", search_evaluations: int = 30, score_samples: int = 128,
              onnx: bool = True, overwrite: bool = False, cache_dir: str | Path | None = None):
     """Compress `model` to each speedup target on the machine `table` was profiled on.
@@ -47,7 +47,7 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
 
     targets = parse_targets(targets)
     table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
-    settings = CompressSettings(num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
+    settings = CompressSettings(method=method, num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
                                 search_evaluations=search_evaluations, score_samples=score_samples, onnx=onnx,
                                 **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
     return compress_model(_loaded(model), table, targets, str(calibration), Path(output), settings, overwrite)

@@ -88,6 +88,8 @@ def profile_show(table_path) -> None:
 @click.option("--profile", "table", type=click.Path(path_type=Path), required=True, help="Latency table (profile -o).")
 @click.option("--targets", required=True, help="Speedup targets, e.g. 1.5,2,3.")
 @click.option("--calib", "calibration", required=True, help="Calibration data: text, STS-B or GLUE TSV file.")
+@click.option("--method", type=click.Choice(["ziplm", "magnitude", "uniform", "layerdrop", "kwon"]), default="ziplm",
+              show_default=True, help="ziplm, or a baseline planned on the same table and budgets.")
 @click.option("--num-samples", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calibration-inputs", type=click.Choice(["dense", "sequential"]), default="dense", show_default=True,
@@ -99,12 +101,12 @@ def profile_show(table_path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Level-database cache.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
-def compress(model, table, targets, calibration, num_samples, seed, calibration_inputs, search_evaluations,
+def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, search_evaluations,
              score_samples, no_onnx, overwrite, cache_dir, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 
-    report = api.compress(model, table, targets, calibration, output, num_samples=num_samples, seed=seed,
+    report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
                           calibration_inputs=calibration_inputs, search_evaluations=search_evaluations,
                           score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(format_report(report.rows))

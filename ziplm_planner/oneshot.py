@@ -39,8 +39,13 @@ SPEEDUP_TOLERANCE = 0.97  # a member below 0.97 x target is re-planned with a ti
 OVERSHOOT = 1.10  # one above 1.10 x target is re-planned with a looser budget
 
 
+ZIPLM = "ziplm"
+METHODS = (ZIPLM, "magnitude", "uniform", "layerdrop", "kwon")  # the others: baselines.py, same table and budgets
+
+
 @dataclass(frozen=True)
 class CompressSettings:
+    method: str = ZIPLM
     num_samples: int = 512
     seed: int = 0
     dampening: float = 0.01
@@ -53,6 +58,8 @@ class CompressSettings:
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.calibration_inputs not in (DENSE, SEQUENTIAL):
             raise UserError(f"calibration inputs must be {DENSE} or {SEQUENTIAL}, got {self.calibration_inputs!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
@@ -178,11 +185,13 @@ class Verifier:
 
 
 class Planner:
+    """ZipLM: the SPDY-searched DP over the level database, stitched with OBS-updated weights."""
+
     def __init__(self, loaded: LoadedModel, table: LatencyTable, db: LevelDatabase, calibration: Calibration,
-                 settings: CompressSettings):
+                 settings: CompressSettings, score_loss: CalibrationLoss):
         self.loaded, self.table, self.db, self.calibration, self.settings = loaded, table, db, calibration, settings
         self.problem = db.search_blocks(table)
-        self.score_loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))
+        self.score_loss = score_loss
 
     def search(self, budget_ms: float) -> list[tuple[int, int]]:
         """Kept (attention, FFN) per layer minimising the learned-weighted error within `budget_ms`."""
@@ -199,39 +208,42 @@ class Planner:
                  total_time(self.problem, result.choice), result.score, result.evaluations)
         return self.db.kept_counts(self.problem, result.choice)
 
-    def build(self, counts: list[tuple[int, int]]):
+    def build(self, budget_ms: float):
+        """(pruned model, plan, kept counts) for a model predicted to run in `budget_ms`."""
+        counts = self.search(budget_ms)
         if self.settings.calibration_inputs == SEQUENTIAL:
-            return stitch_sequential(self.loaded.model, self.db, counts, self.calibration)
-        return stitch(self.loaded.model, self.db, counts)
+            return (*stitch_sequential(self.loaded.model, self.db, counts, self.calibration), counts)
+        return (*stitch(self.loaded.model, self.db, counts), counts)
 
-    def member(self, target: float, verifier: Verifier) -> tuple[MemberResult, object]:
-        """Plan, build and measure. A member below 0.97 x target is re-planned with a budget tightened by
-        the shortfall; one past 1.10 x target (accuracy left on the table) with a looser budget, kept
-        only if it still meets the target."""
-        budget = self.table.dense_ms / target
-        floor = self.table.predict([(0, 0)] * self.table.shape.num_layers)
-        best = None
-        for attempt in range(self.settings.max_replans + 1):
-            counts = self.search(budget)
-            model, plan = self.build(counts)
-            measured, dense = verifier.measure(model)
-            result = MemberResult(target, member_name(target), plan, self.table.predict(counts), measured, dense,
-                                  self.table.estimator, self.score_loss(model), count_parameters(model), attempt)
-            if result.met:
-                if best is None or result.speedup < best[0].speedup:
-                    best = (result, model)
-                if result.speedup <= OVERSHOOT * target:
-                    break
-            elif best is not None:
-                break  # a looser budget missed: keep the member that met the target
-            budget = max(floor, budget * result.speedup / target * (1.0 if result.met else 0.99))
-            log.info("x%g measured %.3fx: re-planning with %.2f ms", target, result.speedup, budget)
-        if best is None:
-            log.warning("x%g: measured speedup %.3fx is below %.2f x target after %d re-plans", target, result.speedup,
-                        SPEEDUP_TOLERANCE, self.settings.max_replans)
-            return result, model
-        best[0].replans = attempt  # re-plans made, including a looser one that was not kept
-        return best
+
+def verified_member(planner, target: float, table: LatencyTable, verifier: Verifier, score_loss: CalibrationLoss,
+                    max_replans: int) -> tuple[MemberResult, object]:
+    """Plan with any planner (`build(budget_ms) -> (model, plan, counts)`), build and measure. A member
+    below 0.97 x target is re-planned with a budget tightened by the shortfall; one past 1.10 x target
+    (accuracy left on the table) with a looser budget, kept only if it still meets the target."""
+    budget = table.dense_ms / target
+    floor = table.predict([(0, 0)] * table.shape.num_layers)
+    best = None
+    for attempt in range(max_replans + 1):
+        model, plan, counts = planner.build(budget)
+        measured, dense = verifier.measure(model)
+        result = MemberResult(target, member_name(target), plan, table.predict(counts), measured, dense,
+                              table.estimator, score_loss(model), count_parameters(model), attempt)
+        if result.met:
+            if best is None or result.speedup < best[0].speedup:
+                best = (result, model)
+            if result.speedup <= OVERSHOOT * target:
+                break
+        elif best is not None:
+            break  # a looser budget missed: keep the member that met the target
+        budget = max(floor, budget * result.speedup / target * (1.0 if result.met else 0.99))
+        log.info("x%g measured %.3fx: re-planning with %.2f ms", target, result.speedup, budget)
+    if best is None:
+        log.warning("x%g: measured speedup %.3fx is below %.2f x target after %d re-plans", target, result.speedup,
+                    SPEEDUP_TOLERANCE, max_replans)
+        return result, model
+    best[0].replans = attempt  # re-plans made, including a looser one that was not kept
+    return best
 
 
 # --- the whole run -------------------------------------------------------------------------------------
@@ -266,34 +278,47 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     torch.manual_seed(settings.seed)
     calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
                                    settings.seed)
-    manifest = {"format": FAMILY_FORMAT, "source": {"model": model_fingerprint(loaded)["location"],
+    manifest = {"format": FAMILY_FORMAT, "source": {"model": model_fingerprint(loaded)["location"], "method": settings.method,
                                                     "table": table.to_dict()["spec"], "shape": asdict(shape)}}
     prepare_family_dir(output, manifest, overwrite)
 
-    key = database_key(model_fingerprint(loaded), calibration, table, settings.dampening, settings.num_samples, settings.seed)
-    db = cached_database(settings.cache_dir, key, lambda: build_database(loaded.model, calibration, table, settings.dampening))
-    database_seconds = time.perf_counter() - started
+    score_loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))
+    planning = {}
+    if settings.method == ZIPLM:
+        key = database_key(model_fingerprint(loaded), calibration, table, settings.dampening, settings.num_samples,
+                           settings.seed)
+        db = cached_database(settings.cache_dir, key,
+                             lambda: build_database(loaded.model, calibration, table, settings.dampening))
+        planning["level_database"] = {**db.metadata, "seconds_this_run": round(time.perf_counter() - started, 2)}
+        planner = Planner(loaded, table, db, calibration, settings, score_loss)
+    else:
+        from .baselines import BaselinePlanner
 
-    planner = Planner(loaded, table, db, calibration, settings)
-    results = []
+        planner = BaselinePlanner(settings.method, loaded, table, calibration, settings.seed)
+        planning["baseline_setup_seconds"] = round(time.perf_counter() - started, 2)
+    results, planning_seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
         verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
         dense_measured, dense_again = verifier.measure(loaded.model)
         dense = MemberResult(1.0, "dense", PruningPlan.dense(shape), table.dense_ms, dense_measured, dense_again,
-                             table.estimator, planner.score_loss(loaded.model), count_parameters(loaded.model))
+                             table.estimator, score_loss(loaded.model), count_parameters(loaded.model))
         save_member(output / "dense", loaded.model, loaded.tokenizer, dense.plan, loaded.kind,
                     {"target": 1.0}, onnx=settings.onnx)
         results.append(dense)
         for target in tqdm(targets, desc="family members"):
-            result, model = planner.member(target, verifier)
+            member_started = time.perf_counter()
+            result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
+            planning_seconds += time.perf_counter() - member_started
             save_member(output / result.folder, model, loaded.tokenizer, result.plan, loaded.kind,
-                        {"target": target, "report": result.row(table.dense_ms)}, onnx=settings.onnx)
+                        {"target": target, "method": settings.method, "report": result.row(table.dense_ms)},
+                        onnx=settings.onnx)
             results.append(result)
     report = FamilyReport([r.row(table.dense_ms) for r in results], {
-        "model": loaded.source.reference, "model_kind": loaded.kind, "table": table.metadata.get("model"),
-        "spec": table.spec.to_dict(), "estimator": table.estimator, "calibration": calibration_path,
+        "model": loaded.source.reference, "model_kind": loaded.kind, "method": settings.method,
+        "table": table.metadata.get("model"), "spec": table.spec.to_dict(), "estimator": table.estimator,
+        "calibration": calibration_path,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
-        "level_database": {**db.metadata, "seconds_this_run": round(database_seconds, 2)},
+        **planning, "members_seconds": round(planning_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1), "created": now(), "machine": machine_info(),
         "versions": library_versions(),
     })

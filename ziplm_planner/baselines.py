@@ -1,0 +1,404 @@
+"""Baselines on ZipLM's latency table and budgets, so that only the choice of structures differs.
+
+- magnitude: structured weight-norm pruning; per-block levels by the same DP as ZipLM, with the
+  block error at a level the fraction of squared weight norm removed; no weight updates.
+- uniform: one keep ratio for every attention and FFN block (rounded to table levels), the largest
+  that fits; structures by weight norm; no weight updates.
+- layerdrop: ShortGPT (Men et al. 2024): drop whole layers by increasing block influence
+  BI_l = 1 - E[cos(x_l, x_{l+1})] until the model fits; no weight updates.
+- kwon: Kwon et al. 2022: Fisher information of head/neuron masks (§3), mask search under the
+  latency table (§4.1, as a DP), mask rearrangement with the block-diagonal Fisher (§4.2, Alg. 2),
+  least-squares mask tuning (§4.3) folded into the output projections' columns.
+
+A mask variable multiplies a structure's columns of its block's output projection INPUT (a head's
+output or a neuron's activation): a pre-hook, architecture-agnostic through the adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import ATTENTION, BLOCKS, FFN, architecture_for, get_module, model_layers, model_shape
+from .calibrate import Calibration, mean_pool
+from .database import group_size, table_levels, total_structures
+from .errors import UserError
+from .layers import LayerInput, capture_inputs, output_projection, propagate, run_layer, weight_out_in
+from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
+from .search import BlockLevels, solve_dp
+from .surgery import LayerPlan, PruningPlan, apply_plan
+from .table import LatencyTable
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "uniform", "layerdrop", "kwon")
+TARGET_NOISE = 0.1  # embedding Fisher: std of the sampled target around the dense embedding, x its norm
+MASK_DAMPENING = 0.1  # mask tuning: ridge towards the untuned mask, x mean(diag G); guards overfitting
+MAX_MASK = 10.0  # Kwon's guard: tuned mask values beyond ±10 mean an ill-posed solve; keep 1
+UNIFORM_GRID = 4096  # keep ratios scanned by `uniform`, besides every table level's own ratio
+
+
+# --- weight magnitude -----------------------------------------------------------------------------
+
+
+def magnitude_importance(layer: nn.Module, config, block: str) -> torch.Tensor:
+    """Squared L2 norm of each structure's weights: its rows of Q, K, V (a KV group: every query
+    head of the group, its K and V head) or of the FFN input projections, and its output-projection
+    columns. (units,) float64."""
+    arch, shape = architecture_for(config), model_shape(config)
+    units = total_structures(shape, block)
+
+    def row_norms(weight: torch.Tensor) -> torch.Tensor:  # (rows, d_in) -> (units,)
+        return weight.double().square().sum(1).view(units, -1).sum(1)
+
+    if block == ATTENTION:
+        q_rows, kv_rows = units * shape.q_per_unit * shape.head_dim, units * shape.head_dim
+        if arch.fused_qkv:
+            inputs = weight_out_in(get_module(layer, arch.query)).split([q_rows, kv_rows, kv_rows])
+        else:
+            inputs = [weight_out_in(get_module(layer, path)) for path in (arch.query, arch.key, arch.value)]
+    else:
+        inputs = [weight_out_in(get_module(layer, path)) for path in arch.ffn_inputs]
+    out = weight_out_in(output_projection(layer, config, block))  # (d_model, units * width)
+    return sum(row_norms(w) for w in inputs) + row_norms(out.T)
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, ascending."""
+    return sorted(torch.topk(scores, k).indices.tolist()) if k else []
+
+
+def removed_share(scores: torch.Tensor, levels: list[int], relative: bool) -> list[float]:
+    """Per level k, the sum of all but the k largest scores (over the total if `relative`)."""
+    ordered = scores.sort(descending=True).values
+    kept = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])  # kept[k]: sum of the top k
+    total = float(kept[-1])
+    removed = [max(0.0, total - float(kept[k])) for k in levels]
+    return [r / total if total > 0 else 0.0 for r in removed] if relative else removed
+
+
+# --- block influence (ShortGPT) --------------------------------------------------------------------
+
+
+def layer_inputs(model: nn.Module, batches: list[dict]) -> list[LayerInput]:
+    """`capture_inputs` without the KV cache a causal LM's forward creates: layers here run several
+    times on the same batch, and a cache would grow with every run."""
+    inputs = capture_inputs(model, batches)
+    for batch in inputs:
+        if "past_key_values" in batch.kwargs:
+            batch.kwargs["past_key_values"] = None
+    return inputs
+
+
+def block_influence(model: nn.Module, batches: list[dict]) -> list[float]:
+    """BI_l = 1 - mean cos(x_l, x_{l+1}) over real tokens (ShortGPT eq. 1), per layer."""
+    inputs, scores = layer_inputs(model, batches), []
+    for layer in model_layers(model):
+        outputs = propagate(layer, inputs)
+        cos = torch.cat([F.cosine_similarity(a.hidden[a.tokens].double(), b.hidden[b.tokens].double(), dim=-1)
+                         for a, b in zip(inputs, outputs)])
+        scores.append(1.0 - float(cos.mean()))
+        inputs = outputs
+    return scores
+
+
+# --- Fisher information of the masks (Kwon §3) -----------------------------------------------------
+
+
+@contextmanager
+def structure_masks(model: nn.Module, masks: dict[tuple[int, str], torch.Tensor]) -> Iterator[None]:
+    """Multiply each structure's output-projection input columns by its mask, per sample:
+    masks[(layer, block)] is (batch, units)."""
+    config, shape = model.config, model_shape(model.config)
+
+    def hook_for(mask: torch.Tensor, width: int):
+        def hook(module, args):
+            scale = mask.repeat_interleave(width, dim=1)[:, None, :]  # (batch, 1, units * width)
+            return (args[0] * scale.to(args[0].dtype), *args[1:])
+        return hook
+
+    layers = model_layers(model)
+    handles = [output_projection(layers[idx], config, block).register_forward_pre_hook(
+        hook_for(mask, group_size(shape, block))) for (idx, block), mask in masks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def fisher_targets(dense: nn.Module, kind: str, batches: list[dict], seed: int) -> list[torch.Tensor | None]:
+    """What each sample's loss is measured against. Distances to the dense model's own output have
+    zero gradient at the dense model, so targets are sampled from the model's predictive
+    distribution (the true Fisher): a class drawn from its softmax when there are no labels, and for
+    embeddings a Gaussian draw around the dense embedding. Causal LMs use their real next tokens."""
+    if kind == CAUSAL_LM:
+        return [None] * len(batches)
+    generator, targets = torch.Generator().manual_seed(seed), []
+    with torch.no_grad():  # not inference_mode: the targets enter an autograd graph later
+        for batch in batches:
+            if kind == CLASSIFICATION and "labels" in batch:
+                targets.append(batch["labels"])
+                continue
+            out = dense(**{k: v for k, v in batch.items() if k != "labels"})
+            if kind == CLASSIFICATION:
+                targets.append(torch.multinomial(out.logits.float().softmax(-1), 1, generator=generator).squeeze(1))
+            else:
+                pooled = mean_pool(out.last_hidden_state, batch["attention_mask"])  # (batch, d)
+                noise = torch.randn(pooled.shape, generator=generator, dtype=pooled.dtype)
+                scale = TARGET_NOISE * pooled.norm(dim=-1, keepdim=True) / math.sqrt(pooled.shape[-1])
+                targets.append(pooled + scale * noise)
+    return targets
+
+
+def per_sample_losses(model: nn.Module, kind: str, batch: dict, target) -> torch.Tensor:
+    """(batch,) differentiable losses: mean next-token NLL over real tokens (causal LM), cross-entropy
+    (classifier), cosine distance of the mean-pooled embedding (embedding model)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if kind == CAUSAL_LM:
+        logits = model(**inputs, use_cache=False).logits
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+        logits = logits[:, :-1].transpose(1, 2).to(torch.promote_types(logits.dtype, torch.float32))
+        nll = F.cross_entropy(logits, labels, reduction="none")  # (batch, seq - 1), 0 where -100
+        return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    out = model(**inputs)
+    if kind == CLASSIFICATION:
+        return F.cross_entropy(out.logits, target, reduction="none")
+    return 1.0 - F.cosine_similarity(mean_pool(out.last_hidden_state, batch["attention_mask"]), target, dim=-1)
+
+
+def mask_gradients(model: nn.Module, kind: str, batches: list[dict], targets: list) -> dict[str, torch.Tensor]:
+    """Per-sample gradients g = dL_s/dm at m = 1, per block: (samples, layers, units) float64.
+    Each sample has its own mask, so one backward of Σ_s L_s gives every per-sample gradient."""
+    shape = model_shape(model.config)
+    grads: dict[str, list[torch.Tensor]] = {block: [] for block in BLOCKS}
+    dtype = next(model.parameters()).dtype
+    for batch, target in zip(batches, targets):
+        n = len(batch["input_ids"])
+        masks = {(idx, block): torch.ones(n, total_structures(shape, block), dtype=dtype, requires_grad=True)
+                 for idx in range(shape.num_layers) for block in BLOCKS}
+        with torch.enable_grad(), structure_masks(model, masks):
+            losses = per_sample_losses(model, kind, batch, target)
+            found = dict(zip(masks, torch.autograd.grad(losses.sum(), list(masks.values()))))
+        for block in BLOCKS:
+            grads[block].append(torch.stack([found[(idx, block)] for idx in range(shape.num_layers)], dim=1))
+    return {block: torch.cat(g).double() for block, g in grads.items()}
+
+
+def rearrange(fisher: torch.Tensor, kept: int) -> list[int]:
+    """Kwon Alg. 2: which `kept` structures to keep, given the block's Fisher (n, n) = Σ_s g gᵀ.
+    Starts from pruning the n - kept of least diagonal Fisher; each remaining structure in turn joins
+    the pruned set P, then the member whose removal minimises 1_Pᵀ F 1_P (the Fisher estimate of the
+    loss increase) leaves it. Never worse than the diagonal choice."""
+    n = len(fisher)
+    if kept in (0, n):
+        return list(range(kept))
+    order = fisher.diagonal().argsort().tolist()  # least important first
+    pruned = torch.zeros(n, dtype=torch.bool)
+    pruned[order[: n - kept]] = True
+    column_sum = fisher[:, pruned].sum(1)  # F 1_P
+    for index in order[n - kept:]:
+        pruned[index] = True
+        column_sum += fisher[:, index]
+        # 1_{P\i}ᵀ F 1_{P\i} = 1_Pᵀ F 1_P - 2 (F 1_P)_i + F_ii, for every i in P
+        leave = int((fisher.diagonal() - 2 * column_sum).masked_fill(~pruned, math.inf).argmin())
+        pruned[leave] = False
+        column_sum -= fisher[:, leave]
+    return (~pruned).nonzero().squeeze(1).tolist()
+
+
+# --- mask tuning (Kwon §4.3) -------------------------------------------------------------------------
+
+
+def mask_normal_equations(xx: torch.Tensor, xt: torch.Tensor, weight: torch.Tensor,
+                          width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal equations (G, b) of min_m ||Σ_u m_u x_u W_uᵀ - t||² over structures u of `width`
+    columns, from xx = xᵀx (d_in, d_in) and xt = xᵀt (d_in, d_out) summed over tokens, and the
+    weight (d_out, d_in); no (tokens·d_out, units) design matrix:
+    G_uv = Σ_{a∈u, c∈v} (xᵀx)_ac (WᵀW)_ac,  b_u = Σ_{a∈u} (xᵀt W)_aa."""
+    weight = weight.double()
+    units = weight.shape[1] // width
+    gram = (xx * (weight.T @ weight)).view(units, width, units, width).sum((1, 3))
+    rhs = (xt * weight.T).sum(1).view(units, width).sum(1)
+    return gram, rhs
+
+
+def solve_mask(gram: torch.Tensor, rhs: torch.Tensor, dampening: float = MASK_DAMPENING) -> torch.Tensor | None:
+    """m = 1 + Δ, (G + λ·mean(diag G)·I) Δ = b - G 1: least squares damped towards the untuned mask,
+    so a structure the data cannot tell apart (a dead neuron) keeps 1. None when the solve fails or
+    leaves ±MAX_MASK (Kwon's guard)."""
+    ridge = dampening * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    ones = torch.ones_like(rhs)
+    try:
+        mask = ones + torch.linalg.solve(gram + ridge, rhs - gram @ ones)
+    except RuntimeError:  # singular even with damping: G = 0, the block sees no input
+        return None
+    return mask if torch.isfinite(mask).all() and mask.abs().max() <= MAX_MASK else None
+
+
+def block_sums(layer: nn.Module, config, batch: LayerInput) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each block still present: (x, s) at real tokens, where x (tokens, d_in) is its output
+    projection's input and s (tokens, d_model) = projection output + the residual it is added to,
+    the sum a post-norm LayerNorm or the next block sees."""
+    arch, seen, tokens = architecture_for(config), {}, batch.tokens
+
+    def keep(name):
+        def hook(module, args, out=None):  # a forward hook, or a pre-hook (no output)
+            seen[name] = (args[0][tokens], None if out is None else out[tokens])
+        return hook
+
+    projections = {b: m for b in BLOCKS if (m := output_projection(layer, config, b)) is not None}
+    handles = [module.register_forward_hook(keep(block)) for block, module in projections.items()]
+    if FFN in projections and not arch.pre_norm:
+        # post-norm: the FFN's residual is the attention block's output, which is also the FFN's input
+        handles.append(get_module(layer, arch.ffn_inputs[0]).register_forward_pre_hook(keep("ffn_in")))
+    try:
+        run_layer(layer, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    x_layer, sums = batch.hidden[tokens], {}
+    if ATTENTION in seen:
+        sums[ATTENTION] = (seen[ATTENTION][0], seen[ATTENTION][1] + x_layer)
+    if FFN in seen:
+        attention_out = seen[ATTENTION][1] if ATTENTION in seen else 0.0
+        residual = x_layer + attention_out if arch.pre_norm else seen["ffn_in"][0]
+        sums[FFN] = (seen[FFN][0], seen[FFN][1] + residual)
+    return sums
+
+
+def tune_masks(dense: nn.Module, pruned: nn.Module, inputs: list[LayerInput]) -> None:
+    """Kwon §4.3, layer by layer, attention then FFN: least-squares mask values of each kept block's
+    structures so that its sum on the pruned model's inputs reproduces the dense model's on the
+    dense inputs; folded into the output projection's columns of `pruned`, in place."""
+    config, shape = dense.config, model_shape(dense.config)
+    teacher_in, student_in = inputs, inputs
+    for idx, (teacher, student) in enumerate(zip(model_layers(dense), model_layers(pruned))):
+        targets = [{b: s for b, (_, s) in block_sums(teacher, config, batch).items()} for batch in teacher_in]
+        for block in BLOCKS:
+            projection = output_projection(student, config, block)
+            if projection is None:
+                continue
+            weight, xx, xt = weight_out_in(projection), 0.0, 0.0
+            for batch, target in zip(student_in, targets):
+                x, current = block_sums(student, config, batch)[block]
+                # current - W x is everything but the masked term: residual and bias
+                want = target[block] - (current - x @ weight.T)
+                x = x.double()
+                xx, xt = xx + x.T @ x, xt + x.T @ want.double()
+            gram, rhs = mask_normal_equations(xx, xt, weight, group_size(shape, block))
+            mask = solve_mask(gram, rhs)
+            if mask is None:
+                log.warning("layer %d %s: mask tuning ill-posed, left untuned", idx, block)
+                continue
+            log.debug("layer %d %s: mask values in [%.3f, %.3f]", idx, block, mask.min(), mask.max())
+            with torch.no_grad():
+                weight.mul_(mask.repeat_interleave(group_size(shape, block)).to(weight.dtype))
+        teacher_in, student_in = propagate(teacher, teacher_in), propagate(student, student_in)
+
+
+# --- the planner ------------------------------------------------------------------------------------
+
+
+class BaselinePlanner:
+    """Plans and builds baseline members on a latency table; importances are computed once."""
+
+    def __init__(self, method: str, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
+        if method not in METHODS:
+            raise UserError(f"unknown baseline method {method!r}: supported are {', '.join(METHODS)}")
+        started = time.perf_counter()
+        self.method, self.loaded, self.table = method, loaded, table
+        self.shape = model_shape(loaded.model.config)
+        table.check_compatible(self.shape, source="latency table")
+        layers, config = model_layers(loaded.model), loaded.model.config
+        self.scores: list[dict[str, torch.Tensor]] = []  # per layer and block: importance of each structure
+        self.fisher: list[dict[str, torch.Tensor]] = []  # kwon: per layer and block, Σ_s g gᵀ
+        self.influence: list[float] = []  # layerdrop: BI per layer
+        if method in ("magnitude", "uniform"):
+            self.scores = [{b: magnitude_importance(layer, config, b) for b in BLOCKS} for layer in layers]
+        elif method == "layerdrop":
+            self.influence = block_influence(loaded.model, calibration.batches())
+        else:
+            batches = calibration.batches()
+            targets = fisher_targets(loaded.model, loaded.kind, batches, seed)
+            grads = mask_gradients(loaded.model, loaded.kind, batches, targets)  # (samples, layers, units)
+            self.fisher = [{b: grads[b][:, i].T @ grads[b][:, i] for b in BLOCKS} for i in range(len(layers))]
+            self.scores = [{b: f.diagonal().clone() for b, f in layer.items()} for layer in self.fisher]
+            self.inputs = layer_inputs(loaded.model, batches)
+        log.info("%s baseline: importances in %.1f s", method, time.perf_counter() - started)
+
+    def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[int, int]]]:
+        """A pruned copy of loaded.model (the dense model is never modified) whose predicted time fits
+        budget_ms; returns (model, plan, kept counts per layer)."""
+        block_budget = self.table.block_budget(budget_ms)
+        if block_budget < 0:
+            raise UserError(f"budget {budget_ms:g} ms is below the table's fixed part "
+                            f"{self.table.predict([(0, 0)] * self.shape.num_layers):g} ms")
+        counts = {"magnitude": self._searched, "kwon": self._searched, "uniform": self._uniform,
+                  "layerdrop": self._layers_dropped}[self.method](block_budget)
+        plan = PruningPlan(self.shape, [LayerPlan(self._kept(i, ATTENTION, a), self._kept(i, FFN, f))
+                                        for i, (a, f) in enumerate(counts)])
+        model = apply_plan(copy.deepcopy(self.loaded.model), plan)
+        if self.method == "kwon":
+            tune_masks(self.loaded.model, model, self.inputs)
+        log.info("%s: budget %.2f ms, predicted %.2f ms, kept %s", self.method, budget_ms,
+                 self.table.predict(counts), counts)
+        return model, plan, counts
+
+    # --- kept counts per method ----------------------------------------------------------------
+
+    def _searched(self, block_budget: float) -> list[tuple[int, int]]:
+        """magnitude: min Σ share of squared norm removed; kwon: min Σ Fisher diagonal removed (the
+        diagonal estimate of the loss increase, comparable across blocks, so no normalising)."""
+        problem = []
+        for idx, layer in enumerate(self.scores):
+            for block in BLOCKS:
+                levels = table_levels(self.table, block)
+                problem.append(BlockLevels(
+                    f"layer{idx}.{block}", tuple(levels), tuple(self.table.time(block, k) for k in levels),
+                    tuple(removed_share(layer[block], levels, relative=self.method == "magnitude"))))
+        choice = solve_dp(problem, block_budget)
+        counts = [b.levels[i] for b, i in zip(problem, choice)]
+        return list(zip(counts[0::2], counts[1::2]))
+
+    def _uniform(self, block_budget: float) -> list[tuple[int, int]]:
+        """The largest ratio r (scanned downwards) with each block at the table level nearest r x its size."""
+        grids = [(np.asarray(table_levels(self.table, b)), total_structures(self.shape, b)) for b in BLOCKS]
+        ratios = {float(r) for r in np.linspace(0.0, 1.0, UNIFORM_GRID + 1)}
+        ratios |= {level / total for levels, total in grids for level in levels.tolist()}
+        # argmin takes the first minimum: ties go to the smaller level; r = 0 removes every block
+        configs = dict.fromkeys(tuple(int(levels[np.argmin(np.abs(levels - r * total))]) for levels, total in grids)
+                                for r in sorted(ratios, reverse=True))
+        return next(counts for a, f in configs if self._block_time(counts := [(a, f)] * self.shape.num_layers)
+                    <= block_budget)
+
+    def _layers_dropped(self, block_budget: float) -> list[tuple[int, int]]:
+        """ShortGPT: whole layers (both blocks) in increasing block influence until the model fits."""
+        counts = [(self.shape.attention_units, self.shape.intermediate_size)] * self.shape.num_layers
+        for idx in np.argsort(self.influence, kind="stable"):
+            if self._block_time(counts) <= block_budget:
+                break
+            counts[idx] = (0, 0)
+        return counts
+
+    def _block_time(self, counts: list[tuple[int, int]]) -> float:
+        return sum(self.table.time(ATTENTION, a) + self.table.time(FFN, f) for a, f in counts)
+
+    # --- which structures ----------------------------------------------------------------------
+
+    def _kept(self, idx: int, block: str, k: int) -> list[int]:
+        total = total_structures(self.shape, block)
+        if k in (0, total):
+            return list(range(k))
+        if self.method == "kwon":
+            return rearrange(self.fisher[idx][block], k)
+        return top_k(self.scores[idx][block], k)
