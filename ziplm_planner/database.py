@@ -33,7 +33,7 @@ from .table import LatencyTable
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ziplm-planner/level-database/v1"
+FORMAT = "ziplm-planner/level-database/v2"  # v2: Hessians of correctly masked layer inputs
 DENSE, SEQUENTIAL = "dense", "sequential"
 
 
