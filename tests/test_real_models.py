@@ -56,3 +56,22 @@ def test_surgery_on_real_model_equals_masked_dense(fixture, request):
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(outputs(pruned, batch)[keep], outputs(masked, batch)[keep], rtol=1e-3, atol=1e-3)
     assert count_parameters(pruned) < count_parameters(loaded.model)
+
+
+def test_compress_the_real_minilm_with_the_shipped_table(minilm, tmp_path):
+    from pathlib import Path
+
+    from ziplm_planner.api import compress
+    from ziplm_planner.evaluate import evaluate_family
+    from ziplm_planner.export import load_pruned
+    from ziplm_planner.demo import write_demo_texts
+
+    calibration, heldout = write_demo_texts(tmp_path)
+    table = Path(__file__).parents[1] / "profiles" / "minilm-cpu2-onnxruntime-b8s128.json"
+    report = compress(minilm, table, [2.0], calibration, tmp_path / "family", num_samples=64, search_evaluations=4,
+                      score_samples=32, onnx=False, cache_dir=tmp_path / "cache")
+    row = report.rows[1]
+    assert row["predicted_speedup"] >= 2.0 * 0.999 and row["parameters"] < report.rows[0]["parameters"]
+    scores = evaluate_family(tmp_path / "family", "fidelity", str(heldout))
+    assert scores["dense"] > 0.999 and 0.5 < scores["x2"] < scores["dense"]
+    assert load_pruned(tmp_path / "family" / "x2") is not None

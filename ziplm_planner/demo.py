@@ -22,7 +22,7 @@ STDLIB_MODULES = ("argparse", "asyncio", "collections", "configparser", "context
                   "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "heapq", "http.client",
                   "inspect", "io", "itertools", "json", "logging", "mailbox", "os", "pathlib", "pickle", "random", "re",
                   "shutil", "smtplib", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap",
-                  "threading", "typing", "unittest", "urllib.request", "uuid", "zipfile")
+                  "threading", "unittest", "urllib.request", "uuid", "zipfile")
 
 
 def python_sentences() -> list[str]:

@@ -39,6 +39,7 @@ from .backends import model_output, ort_session, to_numpy_feeds
 from .calibrate import mean_pool
 from .data import TextDataset, _right_padding, read_dataset
 from .errors import UserError
+from .family import read_report
 from .export import ONNX, PRUNING, WEIGHTS, load_pruned, load_pruned_tokenizer, read_record
 from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
 from .spec import InferenceSpec
@@ -401,24 +402,6 @@ def fidelity(model: nn.Module | Forward, dense: nn.Module | Forward, tokenizer, 
 # --- a family -----------------------------------------------------------------------------------
 
 
-def _read_report(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise UserError(f"family directory {folder} does not exist")
-    path = folder / "report.json"
-    if not path.is_file():
-        raise UserError(f"{folder} has no report.json: run `ziplm-planner compress` first")
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is corrupt ({err}): run `ziplm-planner compress` again") from None
-    rows = report.get("members") if isinstance(report, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("folder"), str) for r in rows):
-        raise UserError(f"{path} is not a ziplm-planner family report: run `ziplm-planner compress` again")
-    if bad := [r["folder"] for r in rows if Path(r["folder"]).name != r["folder"] or r["folder"] in ("", ".", "..")]:
-        raise UserError(f"{path} names a member folder {bad[0]!r} outside the family")
-    return report
-
-
 def _required_files(backend: str) -> tuple[str, ...]:
     return (PRUNING, "config.json", "tokenizer_config.json", WEIGHTS if backend == "torch" else ONNX)
 
@@ -483,7 +466,7 @@ def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: st
     backend = BACKEND_ALIASES[backend]
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"max tokens must be >= 1, got {max_tokens}")
-    report = _read_report(folder)
+    report = read_report(folder)
     names = list(dict.fromkeys(["dense", *(row["folder"] for row in report["members"])]))
     kinds = {name: _check_member(folder, name, backend) for name in names}
     if others := {n: k for n, k in kinds.items() if k != kinds["dense"]}:

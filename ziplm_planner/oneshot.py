@@ -25,6 +25,7 @@ from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_d
 from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .export import save_member
+from .family import FAMILY_FORMAT
 from .models import LoadedModel
 from .profiler import workload
 from .search import spdy_search, total_time
@@ -34,7 +35,6 @@ from .timing import TimingStats, time_interleaved
 
 log = logging.getLogger(__name__)
 
-FAMILY_FORMAT = "ziplm-planner/family/v1"
 SPEEDUP_TOLERANCE = 0.97  # a member below 0.97 x target is re-planned with a tighter budget
 OVERSHOOT = 1.10  # one above 1.10 x target is re-planned with a looser budget
 

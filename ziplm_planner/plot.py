@@ -8,7 +8,6 @@ by side, each to a temporary name renamed when complete.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -22,10 +21,10 @@ from matplotlib.patches import Patch
 
 from .atomic import atomic_write_bytes, check_writable
 from .errors import UserError
+from .family import read_report
 
 log = logging.getLogger(__name__)
 
-FAMILY_FORMAT = "ziplm-planner/family/v1"  # = compress.FAMILY_FORMAT; not imported, that would pull in torch
 REQUIRED = ("target", "folder", "met_target", "measured_ms", "measured_speedup", "calibration_loss",
             "kept_attention", "kept_ffn")
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss")  # task names whose scores fall as models improve
@@ -44,21 +43,8 @@ def read_family(folder: str | Path) -> FamilyData:
     """One family directory's report.json, checked enough to plot."""
     folder = Path(folder)
     report = folder / "report.json"
-    if not folder.exists():
-        raise UserError(f"family folder {folder} does not exist")
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder: give the directory `ziplm-planner compress -o` wrote")
-    if not report.is_file():
-        raise UserError(f"{folder} has no report.json: run `ziplm-planner compress` first")
-    try:
-        data = json.loads(report.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{report} is corrupt ({err}): rerun `ziplm-planner compress`") from None
-    if not isinstance(data, dict) or data.get("format") != FAMILY_FORMAT:
-        raise UserError(f"{report} is not a ziplm-planner family report (expected format {FAMILY_FORMAT})")
-    rows, metadata = data.get("members"), data.get("metadata")
-    if not isinstance(metadata, dict) or not isinstance(rows, list) or not rows:
-        raise UserError(f"{report} has no metadata or no members: rerun `ziplm-planner compress`")
+    data = read_report(folder)
+    rows, metadata = data["members"], data["metadata"]
     for row in rows:
         check_row(row, report)
     if len({len(row[key]) for row in rows for key in ("kept_attention", "kept_ffn")}) != 1:
