@@ -100,10 +100,12 @@ def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolera
     with torch.no_grad():
         expected = forward(model, inputs).cpu()
     diff = _max_diff(torch.from_numpy(np.asarray(actual)), expected, inputs.get("attention_mask"))
-    if not diff <= tolerance:
-        raise RuntimeError(f"ONNX export of {path} differs from torch by {diff:.3g} (tolerance {tolerance:g})")
+    # relative to the output's scale: float32 round-off over many layers grows with it (LM logits ~ 20)
+    allowed = tolerance * max(1.0, float(expected.abs().max()))
+    if not diff <= allowed:
+        raise RuntimeError(f"ONNX export of {path} differs from torch by {diff:.3g} (allowed {allowed:.3g})")
     return {"file": ONNX, "inputs": names, "outputs": [output], "dynamic_axes": expected_axes,
-            "checked_shape": list(CHECK_SHAPE), "max_abs_diff": diff, "tolerance": tolerance}
+            "checked_shape": list(CHECK_SHAPE), "max_abs_diff": diff, "allowed_abs_diff": allowed}
 
 
 def check_reload(folder: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> float:
@@ -146,7 +148,8 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
     """Write one family member folder, checked, all at once (built in a temporary sibling, then renamed).
 
     Every save is checked: the folder is reloaded with `load_pruned` and the ONNX file run in
-    ONNX Runtime, both compared with `model` within `onnx_tolerance`. Returns pruning.json's dict."""
+    ONNX Runtime, both compared with `model` within `onnx_tolerance` times the output's largest magnitude
+    (at least 1). Returns pruning.json's dict."""
     folder = Path(folder)
     if clash := {"format", "kind", "model_class", "plan", "parameters", "onnx", "reload_max_abs_diff"} & info.keys():
         raise ValueError(f"info would overwrite pruning.json fields {sorted(clash)}")
