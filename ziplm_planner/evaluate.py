@@ -39,7 +39,7 @@ from .backends import model_output, ort_session, to_numpy_feeds
 from .calibrate import mean_pool
 from .data import TextDataset, _right_padding, read_dataset
 from .errors import UserError
-from .family import read_report
+from .family import read_report, report_csv
 from .export import ONNX, PRUNING, WEIGHTS, load_pruned, load_pruned_tokenizer, read_record
 from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
 from .spec import InferenceSpec
@@ -429,19 +429,6 @@ def _load_member(folder: Path, name: str, kind: str, backend: str) -> Member:
     return Member(name, kind, config, tokenizer, forward)
 
 
-def _report_csv(rows: list[dict]) -> str:
-    """The rows as report.csv: lists joined by spaces (as compress writes them), scores as score_<key>."""
-    import pandas as pd
-
-    flat = [{**{k: v for k, v in row.items() if k != "scores"},
-             **{f"score_{k}": v for k, v in (row.get("scores") or {}).items()}} for row in rows]
-    frame = pd.DataFrame(flat)
-    for column in frame.columns:
-        if frame[column].map(lambda v: isinstance(v, list)).any():
-            frame[column] = frame[column].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else v)
-    return frame.to_csv(index=False)
-
-
 def _with_scores(report: dict, task: Task, scores: dict[str, dict[str, float]], meta: dict) -> dict:
     """A copy of the report with the scores in its rows and the metrics' descriptions in its metadata."""
     rows = [{**row, "scores": {**(row.get("scores") or {}), **scores.get(row["folder"], {})}}
@@ -490,7 +477,7 @@ def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: st
 
     meta = {"data": data, "backend": backend, **({"max_tokens": max_tokens} if max_tokens is not None else {})}
     updated = _with_scores(report, spec, scores, meta)
-    csv_text, json_text = _report_csv(updated["members"]), json.dumps(updated, indent=1)
+    csv_text, json_text = report_csv(updated["members"]), json.dumps(updated, indent=1)
     atomic_write_text(folder / "report.csv", csv_text)
     atomic_write_text(folder / "report.json", json_text)
     return {name: values[spec.name] for name, values in scores.items()}

@@ -35,3 +35,16 @@ def read_report(folder: str | Path) -> dict:
     if bad := [r["folder"] for r in rows if Path(r["folder"]).name != r["folder"] or r["folder"] in ("", ".", "..")]:
         raise UserError(f"{path} names a member folder {bad[0]!r} outside the family")
     return report
+
+
+def report_csv(rows: list[dict]) -> str:
+    """The member rows as report.csv: lists joined by spaces, scores as score_<key> columns."""
+    import pandas as pd
+
+    flat = [{**{k: v for k, v in row.items() if k != "scores"},
+             **{f"score_{k}": v for k, v in (row.get("scores") or {}).items()}} for row in rows]
+    frame = pd.DataFrame(flat)
+    for column in frame.columns:
+        if frame[column].map(lambda v: isinstance(v, list)).any():
+            frame[column] = frame[column].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else v)
+    return frame.to_csv(index=False)

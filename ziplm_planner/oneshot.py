@@ -25,7 +25,7 @@ from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_d
 from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .export import save_member
-from .family import FAMILY_FORMAT
+from .family import FAMILY_FORMAT, report_csv
 from .models import LoadedModel
 from .profiler import workload
 from .search import spdy_search, total_time
@@ -133,12 +133,7 @@ class FamilyReport:
         return {"format": FAMILY_FORMAT, "metadata": self.metadata, "members": self.rows}
 
     def save(self, folder: Path) -> None:
-        import pandas as pd
-
-        frame = pd.DataFrame(self.rows)
-        for column in ("kept_attention", "kept_ffn"):
-            frame[column] = frame[column].map(lambda v: " ".join(map(str, v)))
-        atomic_write_text(folder / "report.csv", frame.to_csv(index=False))
+        atomic_write_text(folder / "report.csv", report_csv(self.rows))
         atomic_write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1))
 
 
