@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, get_module, model_layers, model_shape
-from ziplm_planner.baselines import (METHODS, BaselinePlanner, block_sums, fisher_targets, layer_inputs,
+from ziplm_planner.baselines import (METHODS, BaselinePlanner, block_sums, fisher_targets,
                                      magnitude_importance, mask_normal_equations, per_sample_losses, rearrange,
                                      solve_mask, top_k, tune_masks)
 from ziplm_planner.calibrate import Calibration, load_calibration
 from ziplm_planner.data import TokenBatches
 from ziplm_planner.errors import UserError
-from ziplm_planner.layers import output_projection, weight_out_in
+from ziplm_planner.layers import capture_inputs, output_projection, weight_out_in
 from ziplm_planner.profiler import ProfileSettings, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
@@ -257,7 +257,7 @@ def test_mask_tuning_reduces_the_reconstruction_error(model_type):
     loaded = tiny_loaded(model_type)
     dense, shape = loaded.model, model_shape(loaded.model.config)
     calibration = random_calibration(loaded, samples=24)
-    inputs = layer_inputs(dense, calibration.batches())
+    inputs = capture_inputs(dense, calibration.batches())
     units = shape.attention_units
     plan = PruningPlan(shape, [LayerPlan(list(range(0, units, 2)), list(range(0, 48, 3))),
                                LayerPlan(list(range(1, units, 2)), list(range(1, 48, 2)))])

@@ -89,19 +89,9 @@ def removed_share(scores: torch.Tensor, levels: list[int], relative: bool) -> li
 # --- block influence (ShortGPT) --------------------------------------------------------------------
 
 
-def layer_inputs(model: nn.Module, batches: list[dict]) -> list[LayerInput]:
-    """`capture_inputs` without the KV cache a causal LM's forward creates: layers here run several
-    times on the same batch, and a cache would grow with every run."""
-    inputs = capture_inputs(model, batches)
-    for batch in inputs:
-        if "past_key_values" in batch.kwargs:
-            batch.kwargs["past_key_values"] = None
-    return inputs
-
-
 def block_influence(model: nn.Module, batches: list[dict]) -> list[float]:
     """BI_l = 1 - mean cos(x_l, x_{l+1}) over real tokens (ShortGPT eq. 1), per layer."""
-    inputs, scores = layer_inputs(model, batches), []
+    inputs, scores = capture_inputs(model, batches), []
     for layer in model_layers(model):
         outputs = propagate(layer, inputs)
         cos = torch.cat([F.cosine_similarity(a.hidden[a.tokens].double(), b.hidden[b.tokens].double(), dim=-1)
@@ -333,7 +323,7 @@ class BaselinePlanner:
             grads = mask_gradients(loaded.model, loaded.kind, batches, targets)  # (samples, layers, units)
             self.fisher = [{b: grads[b][:, i].T @ grads[b][:, i] for b in BLOCKS} for i in range(len(layers))]
             self.scores = [{b: f.diagonal().clone() for b, f in layer.items()} for layer in self.fisher]
-            self.inputs = layer_inputs(loaded.model, batches)
+            self.inputs = capture_inputs(loaded.model, batches)
         log.info("%s baseline: importances in %.1f s", method, time.perf_counter() - started)
 
     def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[int, int]]]:
