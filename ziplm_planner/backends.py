@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,29 @@ def model_output(kind: str) -> tuple[str, Callable]:
     if kind == CLASSIFICATION:
         return "logits", lambda model, inputs: model(**inputs).logits
     return "last_hidden_state", lambda model, inputs: model(**inputs).last_hidden_state
+
+
+def input_names(model: nn.Module, tokenizer) -> list[str]:
+    """The inputs the tokenizer produces that the model's forward accepts, in the tokenizer's order."""
+    if tokenizer is not None:
+        names = list(tokenizer.model_input_names)
+    else:
+        names = ["input_ids", "token_type_ids", "attention_mask"] if model.config.model_type == "bert" \
+            else ["input_ids", "attention_mask"]
+    accepted = inspect.signature(model.forward).parameters
+    return [name for name in names if name in accepted]
+
+
+def random_inputs(model: nn.Module, names: list[str], batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids (never the pad id: RoBERTa shifts its positions there), segment 0, a full mask."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab, pad = model.config.vocab_size, model.config.pad_token_id
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    if pad is not None:
+        ids[ids == pad] = (pad + 1) % vocab
+    make = {"input_ids": lambda: ids, "token_type_ids": lambda: torch.zeros(batch, seq, dtype=torch.long),
+            "attention_mask": lambda: torch.ones(batch, seq, dtype=torch.long)}
+    return {name: make[name]() for name in names}
 
 
 def model_call(model: nn.Module, kind: str, input_names: list[str]) -> TensorCall:

@@ -8,7 +8,6 @@ tokenizer, `pruning.json` (the plan: the recorded surgery) and a checked `model.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import shutil
@@ -22,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .backends import export_onnx, model_call, model_output, ort_session, padded_for_tracing, to_numpy_feeds
+from .backends import export_onnx, input_names, random_inputs, model_call, model_output, ort_session, padded_for_tracing, to_numpy_feeds
 from .errors import UserError
 from .models import CLASSIFICATION, model_class
 from .spec import InferenceSpec
@@ -36,29 +35,6 @@ TRACE_SHAPE, CHECK_SHAPE = (2, 7), (3, 12)  # (batch, sequence): the check runs 
 
 
 # --- inputs -----------------------------------------------------------------------------------
-
-
-def input_names(model: nn.Module, tokenizer) -> list[str]:
-    """The inputs the tokenizer produces that the model's forward accepts, in the tokenizer's order."""
-    if tokenizer is not None:
-        names = list(tokenizer.model_input_names)
-    else:
-        names = ["input_ids", "token_type_ids", "attention_mask"] if model.config.model_type == "bert" \
-            else ["input_ids", "attention_mask"]
-    accepted = inspect.signature(model.forward).parameters
-    return [name for name in names if name in accepted]
-
-
-def example_inputs(model: nn.Module, names: list[str], batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random ids (never 0-2, where pad ids live: RoBERTa shifts positions at its pad id), a full mask."""
-    g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    make = {
-        "input_ids": lambda: torch.randint(3, model.config.vocab_size, (batch, seq), generator=g),
-        "token_type_ids": lambda: torch.randint(0, getattr(model.config, "type_vocab_size", 1), (batch, seq), generator=g),
-        "attention_mask": lambda: torch.ones(batch, seq, dtype=torch.long),
-    }
-    return {name: make[name]().to(device) for name in names}
 
 
 def dynamic_axes(kind: str, names: list[str]) -> dict[str, dict[int, str]]:
@@ -76,7 +52,7 @@ def _max_diff(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor |
 
 
 def _check_batch(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    inputs = example_inputs(model, names, *CHECK_SHAPE, seed=1)
+    inputs = random_inputs(model, names, *CHECK_SHAPE, seed=1)
     if "attention_mask" in inputs:
         inputs["attention_mask"][1, -4:] = 0  # padding in one row
     return inputs
@@ -170,7 +146,7 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
                   "parameters": count_parameters(model), **info, "onnx": None}
         if onnx:
             call = model_call(model, kind, names)
-            example = padded_for_tracing(example_inputs(model, names, *TRACE_SHAPE))
+            example = padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
             export_onnx(call, example, tmp / ONNX, model_output(kind)[0], dynamic_axes(kind, names))
             record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
         _write_json(tmp / PRUNING, record)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import architecture_for, model_layers, model_shape
-from .backends import TensorCall, build_runner, model_call, synchronizer
+from .backends import TensorCall, build_runner, input_names, model_call, random_inputs, synchronizer
 from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .models import CAUSAL_LM, LoadedModel
@@ -62,25 +62,6 @@ def ffn_levels(intermediate_size: int, step: int) -> list[int]:
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def input_names(loaded: LoadedModel) -> list[str]:
-    names = ["input_ids", "attention_mask"]
-    return names + ["token_type_ids"] if "token_type_ids" in loaded.tokenizer.model_input_names else names
-
-
-def random_inputs(loaded: LoadedModel, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random token ids (never the pad id, which shifts RoBERTa's positions) and a full mask."""
-    generator = torch.Generator().manual_seed(seed)
-    vocab = loaded.model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, length), generator=generator)
-    pad = loaded.model.config.pad_token_id
-    if pad is not None:
-        ids[ids == pad] = (pad + 1) % vocab
-    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}
-    if "token_type_ids" in input_names(loaded):
-        inputs["token_type_ids"] = torch.zeros(batch, length, dtype=torch.long)
-    return inputs
-
-
 class FrozenKV:
     """A KV cache for timing one layer: returns the cached context plus the new token and stores
     nothing, so every repetition sees the same context length."""
@@ -102,15 +83,15 @@ class Workload:
 
 
 def prefill_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
-    names = input_names(loaded)
-    return Workload(random_inputs(loaded, spec.batch_size, spec.seq_len, seed), names,
+    names = input_names(loaded.model, loaded.tokenizer)
+    return Workload(random_inputs(loaded.model, names, spec.batch_size, spec.seq_len, seed), names,
                     lambda model: model_call(model, loaded.kind, names))
 
 
 def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
     """One new token per sequence after `context` cached ones; the cache is cropped back after each
     call. Each timed model gets its own cache, filled by its own prefill."""
-    inputs = random_inputs(loaded, spec.batch_size, spec.context + 1, seed)
+    inputs = random_inputs(loaded.model, ["input_ids", "attention_mask"], spec.batch_size, spec.context + 1, seed)
 
     def call(model: nn.Module) -> TensorCall:
         from transformers import DynamicCache
