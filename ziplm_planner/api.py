@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -11,8 +10,6 @@ from .models import LoadedModel, load_model
 from .profiler import ProfileSettings, profile_model
 from .spec import InferenceSpec
 from .table import LatencyTable
-
-log = logging.getLogger(__name__)
 
 
 def _loaded(model: str | LoadedModel) -> LoadedModel:

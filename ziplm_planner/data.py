@@ -215,7 +215,7 @@ def _check(texts: Sequence[str], seq_len: int) -> None:
 
 
 @contextmanager
-def _right_padding(tokenizer):
+def right_padding(tokenizer):
     """Pad on the right, with eos as pad if the tokenizer has none (Llama, GPT-2); restored on exit."""
     saved = tokenizer.pad_token, tokenizer.padding_side
     if tokenizer.pad_token is None:
@@ -234,7 +234,7 @@ def tokenize_sentences(tokenizer, texts: Sequence[str], seq_len: int, labels=Non
     _check(texts, seq_len)
     if labels is not None and len(labels) != len(texts):
         raise UserError(f"got {len(labels)} labels for {len(texts)} texts")
-    with _right_padding(tokenizer):
+    with right_padding(tokenizer):
         enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     y = None
     if labels is not None:  # integer class labels stay long, scores become float

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write_text
 from .backends import model_output, ort_session, to_numpy_feeds
 from .calibrate import mean_pool
-from .data import TextDataset, _right_padding, read_dataset
+from .data import TextDataset, right_padding, read_dataset
 from .errors import UserError
 from .family import read_report, report_csv
 from .export import ONNX, PRUNING, WEIGHTS, load_pruned, load_pruned_tokenizer, read_record
-from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
+from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING, head_kind
 from .spec import InferenceSpec
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,7 @@ Scorer = Callable[[Forward], dict[str, float]]
 
 def module_kind(model: nn.Module) -> str:
     """EMBEDDING, CLASSIFICATION or CAUSAL_LM, from the transformers class (its head)."""
-    name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return CAUSAL_LM
-    return CLASSIFICATION if name.endswith("ForSequenceClassification") else EMBEDDING
+    return head_kind(type(model).__name__)
 
 
 def torch_forward(model: nn.Module, kind: str | None = None) -> Forward:
@@ -111,7 +108,7 @@ def _encode(tokenizer, first: Sequence[str], second: Sequence[str] | None = None
             max_length: int = MAX_LENGTH) -> list[dict[str, torch.Tensor]]:
     """Tokenizer outputs, BATCH_SIZE texts (or pairs) a batch, right-padded to each batch's longest."""
     batches = []
-    with _right_padding(tokenizer):
+    with right_padding(tokenizer):
         for i in range(0, len(first), BATCH_SIZE):
             texts = [first[i:i + BATCH_SIZE]] + ([] if second is None else [second[i:i + BATCH_SIZE]])
             batches.append(dict(tokenizer(*texts, padding=True, truncation=True, max_length=max_length,

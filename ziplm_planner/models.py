@@ -94,16 +94,20 @@ def load_config(source: ModelSource):
     return config
 
 
-def model_kind(config) -> str:
-    """What the model computes, from its head: embeddings, class logits or next-token logits."""
-    names = config.architectures or []
-    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+def head_kind(class_name: str) -> str:
+    """What a transformers class computes, from its head: next-token logits, class logits or embeddings."""
+    if class_name.endswith(("ForCausalLM", "LMHeadModel")):
         return CAUSAL_LM
-    if any(n.endswith("ForSequenceClassification") for n in names):
-        return CLASSIFICATION
+    return CLASSIFICATION if class_name.endswith("ForSequenceClassification") else EMBEDDING
+
+
+def model_kind(config) -> str:
+    """The kind of model a config describes (its architectures; a causal head wins)."""
+    names = config.architectures or []
     if not names and architecture_for(config).pre_norm:  # GGUF configs carry no architectures
         return CAUSAL_LM
-    return EMBEDDING
+    kinds = {head_kind(name) for name in names}
+    return next((kind for kind in (CAUSAL_LM, CLASSIFICATION) if kind in kinds), EMBEDDING)
 
 
 def model_class(kind: str):
