@@ -61,12 +61,10 @@ def profile() -> None:
 def profile_run(model, backend, batch_size, seq_len, mode, context, threads, device, dtype, ffn_step, rounds,
                 estimator, output) -> None:
     """Time MODEL's attention, FFN and fixed parts at every pruned size; write a latency table."""
-    import os
-
     from . import api
 
     table = api.profile(model, output=output, backend=backend, batch_size=batch_size, seq_len=seq_len, mode=mode,
-                        context=context, threads=threads or os.cpu_count(), device=device, dtype=dtype,
+                        context=context, threads=threads, device=device, dtype=dtype,
                         ffn_step=ffn_step, rounds=rounds, estimator=estimator)
     median, worst = table.additivity_errors()
     click.echo(f"wrote {output}: dense {table.dense_ms:.2f} ms predicted, fixed part {table.fixed_ms:.2f} ms, "

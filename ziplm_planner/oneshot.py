@@ -273,14 +273,15 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     torch.manual_seed(settings.seed)
     calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
                                    settings.seed)
-    manifest = {"format": FAMILY_FORMAT, "source": {"model": model_fingerprint(loaded)["location"], "method": settings.method,
-                                                    "table": table.to_dict()["spec"], "shape": asdict(shape)}}
+    fingerprint = model_fingerprint(loaded)
+    manifest = {"format": FAMILY_FORMAT, "source": {"model": fingerprint["location"], "method": settings.method,
+                                                    "table": table.spec.to_dict(), "shape": asdict(shape)}}
     prepare_family_dir(output, manifest, overwrite)
 
     score_loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))
     planning = {}
     if settings.method == ZIPLM:
-        key = database_key(model_fingerprint(loaded), calibration, table, settings.dampening, settings.num_samples,
+        key = database_key(fingerprint, calibration, table, settings.dampening, settings.num_samples,
                            settings.seed)
         db = cached_database(settings.cache_dir, key,
                              lambda: build_database(loaded.model, calibration, table, settings.dampening))
