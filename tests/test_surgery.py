@@ -6,9 +6,11 @@ import random
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from ziplm_planner.adapters import SUPPORTED_MODEL_TYPES, architecture_for, get_module, model_layers, model_shape
 from ziplm_planner.errors import UserError
+from ziplm_planner.kvcache import cache_argument
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, build_pruned, count_parameters, unit_rows
 from tiny_models import TINY_CONFIGS, random_batch, tiny_model
 
@@ -106,11 +108,30 @@ def test_pruned_decoder_generates_with_kv_cache(model_type):
     plan.layers[1] = LayerPlan([1], [])
     pruned = apply_plan(dense, plan)
     ids = random_batch(pruned, batch=1, pad_last=0)["input_ids"]
+    cache = DynamicCache(config=pruned.config)
+    with_cache = {cache_argument(pruned): cache, "use_cache": True}
     with torch.no_grad():
         full = pruned(ids).logits[:, -1]
-        prefix = pruned(ids[:, :-1], use_cache=True)
-        step = pruned(ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+        pruned(ids[:, :-1], **with_cache)
+        step = pruned(ids[:, -1:], **with_cache).logits[:, -1]
+    assert cache.get_seq_length() == ids.shape[1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_pruned_decoder_greedy_generation_matches_masked_dense(model_type):
+    """generate() with its own cache: a pruned decoder emits the tokens of the masked dense model."""
+    dense = tiny_model(model_type, causal_lm=True)
+    shape = model_shape(dense.config)
+    plan = PruningPlan.dense(shape)
+    plan.layers[0] = LayerPlan([], [0, 5, 7])
+    plan.layers[1] = LayerPlan([1], list(range(10)))
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    masked = zero_removed(copy.deepcopy(dense), plan)
+    ids = random_batch(dense, batch=2, pad_last=0)["input_ids"]
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.generate(ids, **settings), masked.generate(ids, **settings))
 
 
 @pytest.mark.parametrize("model_type", ALL_TYPES)

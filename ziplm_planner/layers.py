@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import ATTENTION, BLOCKS, architecture_for, get_module, model_layers
+from .kvcache import without_cache
 from .obs import accumulate_hessian
 
 
@@ -73,7 +74,7 @@ def capture_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]])
         hidden, kwargs = capture_first_layer_call(model, lambda: model(**model_inputs))
         # A KV cache in the captured arguments would grow each time a layer runs on the batch, and
         # the next run would attend over stale keys: every run must see only this batch.
-        kwargs.pop("past_key_values", None)
+        kwargs = without_cache(kwargs)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         inputs.append(LayerInput(hidden, kwargs, batch["attention_mask"].bool()))

@@ -28,6 +28,7 @@ from .adapters import architecture_for, model_layers, model_shape
 from .backends import TensorCall, build_runner, input_names, model_call, random_inputs, synchronizer
 from .environment import library_versions, machine_info, now
 from .errors import UserError
+from .kvcache import cache_argument, find_cache
 from .models import CAUSAL_LM, LoadedModel
 from .spec import InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
@@ -97,12 +98,12 @@ def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Work
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
+        with_cache = {cache_argument(model): cache, "use_cache": True}
         with torch.inference_mode():
-            model(input_ids=inputs["input_ids"][:, :-1], attention_mask=inputs["attention_mask"][:, :-1],
-                  past_key_values=cache, use_cache=True)
+            model(input_ids=inputs["input_ids"][:, :-1], attention_mask=inputs["attention_mask"][:, :-1], **with_cache)
 
         def step(m, named):
-            logits = m(**named, past_key_values=cache, use_cache=True).logits
+            logits = m(**named, **with_cache).logits
             cache.crop(-1)  # drop the token just added: the context stays `spec.context` long
             return logits
         return TensorCall(model, ["input_ids", "attention_mask"], step)
@@ -165,13 +166,14 @@ def layer_candidate(layer: nn.Module, model: nn.Module, block: str, kept: int) -
 
 
 def layer_call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, kv_heads: int | None) -> tuple[TensorCall, dict]:
-    if kwargs.get("past_key_values") is not None and kv_heads is None:
-        kwargs = {**kwargs, "past_key_values": None}  # attention removed: nothing reads the cache
-    elif kwargs.get("past_key_values") is not None:
-        cached = kwargs["past_key_values"].layers[0].keys  # (batch, kv_heads, context, head_dim)
+    name, captured = find_cache(kwargs)
+    if captured is not None and kv_heads is None:
+        kwargs = {**kwargs, name: None}  # attention removed: nothing reads the cache
+    elif captured is not None:
+        cached = captured.layers[0].keys  # (batch, kv_heads, context, head_dim)
         batch, context, head_dim = hidden.shape[0], cached.shape[-2], cached.shape[-1]
         cache = torch.randn(batch, kv_heads, context, head_dim, dtype=hidden.dtype)
-        kwargs = {**kwargs, "past_key_values": FrozenKV(cache, cache.clone())}
+        kwargs = {**kwargs, name: FrozenKV(cache, cache.clone())}
     tensors, rebuild = split_tensor_kwargs(kwargs)
 
     def forward(module, named):

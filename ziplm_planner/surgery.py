@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import Architecture, Bypass, ModelShape, architecture_for, get_module, model_layers, model_shape, set_module
 from .errors import UserError
+from .kvcache import find_cache
 
 
 # --- primitives -----------------------------------------------------------------------------
@@ -79,11 +80,12 @@ class ZeroAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
+    def forward(self, hidden_states, *args, **kwargs):
+        _, cache = find_cache(kwargs)
+        if cache is not None:
             batch, seq = hidden_states.shape[:2]
             placeholder = hidden_states.new_zeros(batch, 1, seq, 1)
-            past_key_values.update(placeholder, placeholder, self.layer_idx)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return hidden_states.new_zeros(()), None
 
 
