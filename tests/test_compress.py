@@ -13,6 +13,7 @@ from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned
 from ziplm_planner.profiler import ProfileSettings, profile_model
 from ziplm_planner.spec import InferenceSpec
+from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member
 from tiny_models import tiny_loaded_with_tokenizer, write_sentences
 
 FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2)
@@ -32,8 +33,8 @@ def within(table, target):
 
 
 def fast_settings(tmp_path, **kw):
-    return CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify_rounds=3,
-                            cache_dir=tmp_path / "cache", **kw)
+    return CompressSettings(**{"num_samples": 48, "search_evaluations": 4, "score_samples": 16, "verify_rounds": 3,
+                               "cache_dir": tmp_path / "cache", **kw})
 
 
 def test_compress_writes_a_loadable_family_within_budget(setup, tmp_path):
@@ -91,42 +92,127 @@ def test_level_database_errors_and_stitching(setup):
         assert torch.isfinite(sequential(**batch).last_hidden_state).all()
 
 
+def stats(ms):
+    from ziplm_planner.timing import TimingStats
+
+    return TimingStats(ms, ms, ms, ms, 1)
+
+
 class StubVerifier:
     """Measures each successive member at `factor` x the target speedup (the last factor repeats)."""
 
-    def __init__(self, table, target, factors):
-        self.table, self.target, self.factors = table, target, list(factors)
+    def __init__(self, table, factors):
+        self.table, self.factors = table, list(factors)
 
-    def measure(self, model):
-        from ziplm_planner.timing import TimingStats
+    def measure_dense(self):
+        return Measurement(stats(self.table.dense_ms), stats(self.table.dense_ms), "p10", (1.0, 1.0), 1, False)
 
+    def measure(self, model, target):
         factor = self.factors.pop(0) if len(self.factors) > 1 else self.factors[0]
-        stats = lambda ms: TimingStats(ms, ms, ms, ms, 1)
-        return stats(self.table.dense_ms / (self.target * factor)), stats(self.table.dense_ms)
+        speedup = target * factor
+        member, dense = stats(self.table.dense_ms / speedup), stats(self.table.dense_ms)
+        return Measurement(member, dense, "p10", (speedup, speedup), 1, verdict(speedup, target) != "met")
 
 
-@pytest.mark.parametrize("factors,expected_replans,met", [
-    ([1.0], 0, True),  # as predicted: no re-plan
-    ([0.8, 1.0], 1, True),  # slower than predicted: one tighter re-plan
-    ([0.8], 3, False),  # never meets: bounded, and reported as missed
-    ([1.3, 1.0], 1, True),  # overshoots 1.10x: a looser plan that still meets is kept
-    ([1.3, 0.9], 1, True),  # the looser plan misses: the first, which met, is kept
+class BudgetRecorder:
+    """A planner that records the budgets it is asked to plan for."""
+
+    def __init__(self, planner):
+        self.planner, self.budgets = planner, []
+
+    def build(self, budget):
+        self.budgets.append(budget)
+        return self.planner.build(budget)
+
+
+@pytest.mark.parametrize("factors,expected_replans,status", [
+    ([1.0], 0, "met"),  # as predicted: no re-plan
+    ([0.8, 1.0], 1, "met"),  # slower than predicted: one tighter re-plan
+    ([0.8], 3, "missed"),  # never meets: bounded, and reported as missed
+    ([1.3, 1.0], 1, "met"),  # overshoots 1.10x: a looser plan that still meets is kept
+    ([1.3, 0.9], 3, "overshot"),  # every looser plan misses: the first is kept, reported as overshot
+    ([0.9, 1.47, 1.0], 2, "met"),  # a miss, then an overshoot: the next budget lies between the two
 ])
-def test_members_are_replanned_until_measured_to_meet_the_target(setup, tmp_path, factors, expected_replans, met):
+def test_members_are_replanned_until_measured_inside_the_band(setup, tmp_path, factors, expected_replans, status):
     from ziplm_planner.calibrate import CalibrationLoss
     from ziplm_planner.database import build_database
-    from ziplm_planner.oneshot import Planner, verified_member
+    from ziplm_planner.oneshot import Planner
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path)
     calibration = load_calibration(loaded, str(calib), 16, 32)
     loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(16))
-    planner = Planner(loaded, table, build_database(loaded.model, calibration, table), calibration, settings, loss)
+    planner = BudgetRecorder(Planner(loaded, table, build_database(loaded.model, calibration, table), calibration,
+                                     settings, loss))
     target = within(table, 1.5)
-    result, _ = verified_member(planner, target, table, StubVerifier(table, target, factors), loss, settings.max_replans)
-    assert result.replans == expected_replans and result.met == met
-    if met:
+    result, _ = verified_member(planner, target, table, StubVerifier(table, factors), loss, settings.max_replans)
+    assert result.replans == expected_replans and result.status == status
+    assert result.met == (status == "met") and len(result.history) == expected_replans + 1
+    if status != "missed":
         assert result.speedup >= 0.97 * target
+        assert result.speedup == min(s for s in result.history if s >= 0.97 * target)  # the closest that meets
+    budgets = planner.budgets
+    if factors[:2] == [0.9, 1.47]:
+        assert budgets[1] < budgets[2] < budgets[0]
+
+
+def test_next_budget_stays_between_the_budgets_that_met_and_missed():
+    # missed at 10 ms (0.9x), met far too fast at 6 ms (1.47x): the scaled guess 8.8 ms is fine
+    assert next_budget(6.0, 2.94, 2.0, fast=[6.0], slow=[10.0], floor=1.0) == pytest.approx(8.82)
+    # a guess at or past a budget that missed falls back to the geometric midpoint
+    assert next_budget(6.0, 4.0, 2.0, fast=[6.0], slow=[10.0], floor=1.0) == pytest.approx((6.0 * 10.0) ** 0.5)
+    # a first miss tightens by the shortfall and 1% more
+    assert next_budget(10.0, 1.8, 2.0, fast=[], slow=[10.0], floor=1.0) == pytest.approx(10.0 * 0.9 * 0.99)
+    assert next_budget(10.0, 0.1, 2.0, fast=[], slow=[10.0], floor=3.0) == 3.0
+
+
+@pytest.mark.parametrize("speedup,status", [(1.94, "met"), (2.2, "met"), (1.93, "missed"), (2.21, "overshot")])
+def test_verdict_accepts_0_97_to_1_10_times_the_target(speedup, status):
+    assert verdict(speedup, 2.0) == status
+
+
+def test_same_seed_table_and_data_give_the_same_family_byte_for_byte(setup, tmp_path, monkeypatch):
+    """On a quiet machine (a verifier that measures what the table predicts), every pruning.json is
+    reproduced exactly: the plan, the weights' checks, nothing that depends on the clock."""
+    import ziplm_planner.oneshot as compress_module
+
+    loaded, table, calib = setup
+    monkeypatch.setattr(compress_module, "Verifier", lambda loaded, table, *args: StubVerifier(table, [1.0]))
+    targets = [1.2, within(table, 1.8)]
+    for name in ("a", "b"):
+        settings = fast_settings(tmp_path, cache_dir=tmp_path / f"cache-{name}")  # each builds its own database
+        compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
+    members = sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_dir())
+    assert members == ["dense", "x1.2", f"x{targets[1]:g}"]
+    for member in members:
+        assert (tmp_path / "a" / member / "pruning.json").read_bytes() == \
+            (tmp_path / "b" / member / "pruning.json").read_bytes()
+        assert (tmp_path / "a" / member / "model.safetensors").read_bytes() == \
+            (tmp_path / "b" / member / "model.safetensors").read_bytes()
+
+
+def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch):
+    import ziplm_planner.oneshot as compress_module
+
+    loaded = tiny_loaded_with_tokenizer("bert")
+    table = profile_model(loaded, InferenceSpec(backend="onnxruntime", batch_size=2, seq_len=16, threads=1),
+                          FAST_PROFILE)
+    calib = write_sentences(tmp_path / "calib.txt")
+    timed = {}
+    real_save = compress_module.save_member
+
+    def save_and_record(folder, *args, onnx_file=None, **kwargs):
+        timed[folder.name] = onnx_file.read_bytes()
+        return real_save(folder, *args, onnx_file=onnx_file, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_member", save_and_record)
+    report = compress_model(loaded, table, [within(table, 1.5)], str(calib), tmp_path / "family",
+                            fast_settings(tmp_path, max_replans=0))
+    for row in report.rows:
+        assert row["timed_file"] == "model.onnx"
+        assert (tmp_path / "family" / row["folder"] / "model.onnx").read_bytes() == timed[row["folder"]]
+        measurement = json.loads((tmp_path / "family" / row["folder"] / "measurement.json").read_text())
+        assert measurement["measured_speedup"] == row["measured_speedup"]
 
 
 @pytest.mark.parametrize("text", ["1,0.5", "abc", "", "1"])

@@ -10,6 +10,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from ziplm_planner import export
+from ziplm_planner.backends import TRACE_SHAPE
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import check_onnx, load_pruned, load_pruned_tokenizer, save_member
@@ -83,7 +84,7 @@ def test_onnx_matches_torch_at_another_size_with_padding(tmp_path, model_type, c
     axes = {name: {0: "batch", 1: "sequence"} for name in [*names, output]}
     assert record["onnx"]["inputs"] == names and record["onnx"]["outputs"] == [output]
     assert record["onnx"]["dynamic_axes"] == axes
-    assert record["onnx"]["checked_shape"] != list(export.TRACE_SHAPE)
+    assert record["onnx"]["checked_shape"] != list(TRACE_SHAPE)
     assert 0 <= record["onnx"]["max_abs_diff"] < 1e-4
     # the graph itself, read independently of the checker
     graph = onnx.load(str(tmp_path / "m" / "model.onnx")).graph
@@ -144,7 +145,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "export_onnx", fail)
+    monkeypatch.setattr(export, "export_model_onnx", fail)
     with pytest.raises(KeyboardInterrupt):
         save_member(tmp_path / "m", model, None, plan, kind, {})
     assert list(tmp_path.iterdir()) == []
@@ -159,7 +160,7 @@ def test_existing_member_is_replaced_only_by_a_complete_one(tmp_path, monkeypatc
         raise RuntimeError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(export, "export_onnx", fail)
+        patch.setattr(export, "export_model_onnx", fail)
         with pytest.raises(RuntimeError, match="disk full"):
             save_member(tmp_path / "m", model, None, plan, kind, {"run": 2})
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before

@@ -21,25 +21,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .backends import export_onnx, input_names, random_inputs, model_call, model_output, ort_session, padded_for_tracing, to_numpy_feeds
+from .backends import (export_model_onnx, input_names, model_dynamic_axes, model_output, ort_session, random_inputs,
+                       to_numpy_feeds)
 from .errors import UserError
-from .models import CLASSIFICATION, model_class
+from .models import model_class
 from .spec import InferenceSpec
 from .surgery import PruningPlan, build_pruned, count_parameters
 
 log = logging.getLogger(__name__)
 
 FORMAT = "ziplm-planner/member/v1"
-WEIGHTS, PRUNING, ONNX = "model.safetensors", "pruning.json", "model.onnx"
-TRACE_SHAPE, CHECK_SHAPE = (2, 7), (3, 12)  # (batch, sequence): the check runs at another size than the trace
-
-
-# --- inputs -----------------------------------------------------------------------------------
-
-
-def dynamic_axes(kind: str, names: list[str]) -> dict[str, dict[int, str]]:
-    output_axes = {0: "batch"} if kind == CLASSIFICATION else {0: "batch", 1: "sequence"}  # (batch, labels)
-    return {**{name: {0: "batch", 1: "sequence"} for name in names}, model_output(kind)[0]: output_axes}
+WEIGHTS, PRUNING, ONNX, MEASUREMENT = "model.safetensors", "pruning.json", "model.onnx", "measurement.json"
+CHECK_SHAPE = (3, 12)  # (batch, sequence): the check runs at another size than the trace (TRACE_SHAPE)
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -66,7 +59,7 @@ def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolera
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
     found_inputs, found_outputs = [v.name for v in graph.input], [v.name for v in graph.output]
-    expected_axes = dynamic_axes(kind, names)
+    expected_axes = model_dynamic_axes(kind, names)
     axes = {name: {axis: dims[name][axis] for axis in wanted} for name, wanted in expected_axes.items() if name in dims}
     if found_inputs != names or found_outputs != [output] or axes != expected_axes:
         raise RuntimeError(f"ONNX export of {path}: inputs {found_inputs}, outputs {found_outputs}, axes {axes}; "
@@ -120,12 +113,14 @@ def _swap_in(tmp: Path, folder: Path) -> None:
 
 
 def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, kind: str, info: dict,
-                onnx: bool = True, onnx_tolerance: float = 1e-3) -> dict:
+                onnx: bool = True, onnx_tolerance: float = 1e-3, onnx_file: Path | None = None,
+                measurement: dict | None = None) -> dict:
     """Write one family member folder, checked, all at once (built in a temporary sibling, then renamed).
 
-    Every save is checked: the folder is reloaded with `load_pruned` and the ONNX file run in
-    ONNX Runtime, both compared with `model` within `onnx_tolerance` times the output's largest magnitude
-    (at least 1). Returns pruning.json's dict."""
+    `onnx_file`, when given, is the model's export already made (and timed) by `export_model_onnx`:
+    it ships as it is; `measurement` (how it was timed) goes to measurement.json. Every save is checked: the folder is reloaded with `load_pruned` and the ONNX
+    file run in ONNX Runtime, both compared with `model` within `onnx_tolerance` times the output's
+    largest magnitude (at least 1). Returns pruning.json's dict."""
     folder = Path(folder)
     if clash := {"format", "kind", "model_class", "plan", "parameters", "onnx", "reload_max_abs_diff"} & info.keys():
         raise ValueError(f"info would overwrite pruning.json fields {sorted(clash)}")
@@ -145,10 +140,13 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
         record = {"format": FORMAT, "kind": kind, "model_class": type(model).__name__, "plan": plan.to_dict(),
                   "parameters": count_parameters(model), **info, "onnx": None}
         if onnx:
-            call = model_call(model, kind, names)
-            example = padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
-            export_onnx(call, example, tmp / ONNX, model_output(kind)[0], dynamic_axes(kind, names))
+            if onnx_file is not None:
+                shutil.copyfile(onnx_file, tmp / ONNX)
+            else:
+                export_model_onnx(model, kind, names, tmp / ONNX)
             record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
+        if measurement is not None:
+            _write_json(tmp / MEASUREMENT, measurement)
         _write_json(tmp / PRUNING, record)
         record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, onnx_tolerance)
         _write_json(tmp / PRUNING, record)

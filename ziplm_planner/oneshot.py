@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from .adapters import model_shape
 from .atomic import atomic_write_text
-from .backends import build_runner, synchronizer
 from .calibrate import Calibration, CalibrationLoss, load_calibration
 from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_database, database_key, stitch, stitch_sequential
 from .environment import library_versions, machine_info, now
@@ -27,17 +26,12 @@ from .errors import UserError
 from .export import save_member
 from .family import FAMILY_FORMAT, report_csv
 from .models import LoadedModel
-from .profiler import workload
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
+from .verify import MemberResult, Verifier, verified_member
 from .table import LatencyTable
-from .timing import TimingStats, time_interleaved
 
 log = logging.getLogger(__name__)
-
-SPEEDUP_TOLERANCE = 0.97  # a member below 0.97 x target is re-planned with a tighter budget
-OVERSHOOT = 1.10  # one above 1.10 x target is re-planned with a looser budget
-
 
 ZIPLM = "ziplm"
 METHODS = (ZIPLM, "magnitude", "uniform", "layerdrop", "kwon")  # the others: baselines.py, same table and budgets
@@ -84,46 +78,6 @@ def parse_targets(text: str | list) -> list[float]:
     return targets
 
 
-def member_name(target: float) -> str:
-    return "dense" if target == 1 else f"x{target:g}"
-
-
-@dataclass
-class MemberResult:
-    target: float
-    folder: str
-    plan: PruningPlan
-    predicted_ms: float
-    measured: TimingStats
-    dense: TimingStats  # the dense model, timed interleaved with this member
-    estimator: str
-    calibration_loss: float
-    parameters: int
-    replans: int = 0
-
-    @property
-    def speedup(self) -> float:
-        return self.dense.estimate(self.estimator) / self.measured.estimate(self.estimator)
-
-    @property
-    def met(self) -> bool:
-        return self.target == 1 or self.speedup >= SPEEDUP_TOLERANCE * self.target
-
-    def row(self, dense_predicted_ms: float) -> dict:
-        counts = self.plan.kept_counts()
-        return {
-            "target": self.target, "folder": self.folder, "met_target": self.met,
-            "predicted_ms": round(self.predicted_ms, 4), "predicted_speedup": round(dense_predicted_ms / self.predicted_ms, 4),
-            "measured_ms": round(self.measured.estimate(self.estimator), 4), "measured_speedup": round(self.speedup, 4),
-            "measured_median_ms": round(self.measured.median_ms, 4), "measured_p10_ms": round(self.measured.p10_ms, 4),
-            "measured_p90_ms": round(self.measured.p90_ms, 4), "dense_ms": round(self.dense.estimate(self.estimator), 4),
-            "dense_median_ms": round(self.dense.median_ms, 4),
-            "speedup_median": round(self.dense.median_ms / self.measured.median_ms, 4),
-            "parameters": self.parameters, "calibration_loss": self.calibration_loss, "replans": self.replans,
-            "kept_attention": [a for a, _ in counts], "kept_ffn": [f for _, f in counts],
-        }
-
-
 @dataclass
 class FamilyReport:
     rows: list[dict]
@@ -154,26 +108,6 @@ def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> None:
             shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-
-
-# --- measuring -----------------------------------------------------------------------------------
-
-
-class Verifier:
-    """Times models against the dense one, interleaved, on the table's backend and spec."""
-
-    def __init__(self, loaded: LoadedModel, table: LatencyTable, rounds: int, workdir: Path, seed: int = 0):
-        self.table, self.rounds, self.workdir, self.seed = table, rounds, workdir, seed
-        self.work = workload(loaded, table.spec, seed)
-        self.dense = build_runner(self.work.call(loaded.model), self.work.inputs, table.spec, workdir, "dense")
-        self.count = 0
-
-    def measure(self, model) -> tuple[TimingStats, TimingStats]:
-        self.count += 1
-        runner = build_runner(self.work.call(model), self.work.inputs, self.table.spec, self.workdir, f"m{self.count}")
-        stats = time_interleaved({"dense": self.dense, "member": runner}, self.rounds, 3, self.seed,
-                                 synchronizer(self.table.spec))
-        return stats["member"], stats["dense"]
 
 
 # --- planning one member ---------------------------------------------------------------------------
@@ -211,36 +145,6 @@ class Planner:
         return (*stitch(self.loaded.model, self.db, counts), counts)
 
 
-def verified_member(planner, target: float, table: LatencyTable, verifier: Verifier, score_loss: CalibrationLoss,
-                    max_replans: int) -> tuple[MemberResult, object]:
-    """Plan with any planner (`build(budget_ms) -> (model, plan, counts)`), build and measure. A member
-    below 0.97 x target is re-planned with a budget tightened by the shortfall; one past 1.10 x target
-    (accuracy left on the table) with a looser budget, kept only if it still meets the target."""
-    budget = table.dense_ms / target
-    floor = table.predict([(0, 0)] * table.shape.num_layers)
-    best = None
-    for attempt in range(max_replans + 1):
-        model, plan, counts = planner.build(budget)
-        measured, dense = verifier.measure(model)
-        result = MemberResult(target, member_name(target), plan, table.predict(counts), measured, dense,
-                              table.estimator, score_loss(model), count_parameters(model), attempt)
-        if result.met:
-            if best is None or result.speedup < best[0].speedup:
-                best = (result, model)
-            if result.speedup <= OVERSHOOT * target:
-                break
-        elif best is not None:
-            break  # a looser budget missed: keep the member that met the target
-        budget = max(floor, budget * result.speedup / target * (1.0 if result.met else 0.99))
-        log.info("x%g measured %.3fx: re-planning with %.2f ms", target, result.speedup, budget)
-    if best is None:
-        log.warning("x%g: measured speedup %.3fx is below %.2f x target after %d re-plans", target, result.speedup,
-                    SPEEDUP_TOLERANCE, max_replans)
-        return result, model
-    best[0].replans = attempt  # re-plans made, including a looser one that was not kept
-    return best
-
-
 # --- the whole run -------------------------------------------------------------------------------------
 
 
@@ -260,6 +164,15 @@ def model_fingerprint(loaded: LoadedModel) -> dict:
             "config": json.loads(loaded.model.config.to_json_string(use_diff=False))}
 
 
+def save_result(output: Path, model, loaded: LoadedModel, result: MemberResult, settings: CompressSettings,
+                table: LatencyTable) -> None:
+    """A member's folder: the model, with the very ONNX file that was timed; its measurement beside
+    the plan, so pruning.json holds only what the same seed, table and data reproduce exactly."""
+    save_member(output / result.folder, model, loaded.tokenizer, result.plan, loaded.kind,
+                {"target": result.target, "method": settings.method}, onnx=settings.onnx,
+                onnx_file=result.measurement.onnx_file, measurement=result.row(table.dense_ms))
+
+
 def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float], calibration_path: str,
                    output: Path, settings: CompressSettings = CompressSettings(), overwrite: bool = False) -> FamilyReport:
     started = time.perf_counter()
@@ -268,7 +181,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     too_fast = [t for t in targets if t > table.max_speedup]
     if too_fast:
         raise UserError(f"target {max(too_fast):g}x is beyond this table's maximum speedup {table.max_speedup:.2f}x "
-                        "(every layer removed): choose smaller targets")
+                        "(the fixed part and one block): choose smaller targets")
     torch.set_num_threads(table.spec.threads)
     torch.manual_seed(settings.seed)
     calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
@@ -295,19 +208,15 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     results, planning_seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
         verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
-        dense_measured, dense_again = verifier.measure(loaded.model)
-        dense = MemberResult(1.0, "dense", PruningPlan.dense(shape), table.dense_ms, dense_measured, dense_again,
-                             table.estimator, score_loss(loaded.model), count_parameters(loaded.model))
-        save_member(output / "dense", loaded.model, loaded.tokenizer, dense.plan, loaded.kind,
-                    {"target": 1.0}, onnx=settings.onnx)
+        dense = MemberResult(1.0, "dense", PruningPlan.dense(shape), table.dense_ms, verifier.measure_dense(),
+                             score_loss(loaded.model), count_parameters(loaded.model))
+        save_result(output, loaded.model, loaded, dense, settings, table)
         results.append(dense)
         for target in tqdm(targets, desc="family members"):
             member_started = time.perf_counter()
             result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
             planning_seconds += time.perf_counter() - member_started
-            save_member(output / result.folder, model, loaded.tokenizer, result.plan, loaded.kind,
-                        {"target": target, "method": settings.method, "report": result.row(table.dense_ms)},
-                        onnx=settings.onnx)
+            save_result(output, model, loaded, result, settings, table)
             results.append(result)
     report = FamilyReport([r.row(table.dense_ms) for r in results], {
         "model": loaded.source.reference, "model_kind": loaded.kind, "method": settings.method,

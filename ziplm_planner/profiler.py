@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import architecture_for, model_layers, model_shape
-from .backends import TensorCall, build_runner, input_names, model_call, random_inputs, synchronizer
+from .backends import (TensorCall, build_runner, export_model_onnx, input_names, model_call, onnx_runner, random_inputs,
+                       synchronizer)
 from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .kvcache import cache_argument, find_cache
@@ -81,12 +82,21 @@ class Workload:
     inputs: dict[str, torch.Tensor]
     names: list[str]
     call: Callable[[nn.Module], TensorCall]
+    kind: str
+
+    def runner(self, model: nn.Module, spec: InferenceSpec, workdir: Path, name: str) -> tuple[Callable, Path | None]:
+        """Run `model` as it is deployed: on ONNX Runtime, the model.onnx a member ships with (returned,
+        so the very file timed can ship); on torch, the module itself."""
+        if spec.backend == "onnxruntime":
+            path = export_model_onnx(model, self.kind, self.names, workdir / f"{name}.onnx")
+            return onnx_runner(path, self.inputs, spec), path
+        return build_runner(self.call(model), self.inputs, spec, workdir, name), None
 
 
 def prefill_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
     names = input_names(loaded.model, loaded.tokenizer)
     return Workload(random_inputs(loaded.model, names, spec.batch_size, spec.seq_len, seed), names,
-                    lambda model: model_call(model, loaded.kind, names))
+                    lambda model: model_call(model, loaded.kind, names), loaded.kind)
 
 
 def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
@@ -109,7 +119,7 @@ def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Work
         return TensorCall(model, ["input_ids", "attention_mask"], step)
 
     step_inputs = {"input_ids": inputs["input_ids"][:, -1:], "attention_mask": inputs["attention_mask"]}
-    return Workload(step_inputs, ["input_ids", "attention_mask"], call)
+    return Workload(step_inputs, ["input_ids", "attention_mask"], call, loaded.kind)
 
 
 def workload(loaded: LoadedModel, spec: InferenceSpec, seed: int = 0) -> Workload:
@@ -210,7 +220,7 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
             kv_heads = level if block == ATTENTION else None
             call, inputs = layer_call(layer, hidden, kwargs, kv_heads)
             runners[(block, level)] = build_runner(call, inputs, spec, workdir, f"{block}{level}")
-        runners[(FIXED, 0)] = build_runner(work.call(fixed_part(model)), work.inputs, spec, workdir, "fixed")
+        runners[(FIXED, 0)] = work.runner(fixed_part(model), spec, workdir, "fixed")[0]
         stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed, synchronizer(spec),
                                  description=f"timing {len(runners)} blocks")
         records = [{"block": block, "level": level, "time_ms": s.estimate(settings.estimator), **s.to_dict()}
@@ -236,7 +246,7 @@ def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: Inferenc
     runners = {}
     for i, plan in enumerate(tqdm(plans, desc="building models", leave=False)):
         pruned = apply_plan(copy.deepcopy(loaded.model), plan)
-        runners[i] = build_runner(work.call(pruned), work.inputs, spec, workdir, f"model{i}")
+        runners[i] = work.runner(pruned, spec, workdir, f"model{i}")[0]
     stats = time_interleaved(runners, rounds, warmup, seed, synchronizer(spec), description=description)
     return [stats[i] for i in range(len(plans))]
 

@@ -44,6 +44,8 @@ class InferenceSpec:
                 raise UserError("decode mode is profiled on the torch backend only: use --backend torch or --mode prefill")
         elif self.context:
             raise UserError("--context applies to decode mode only: add --mode decode or drop --context")
+        if self.backend == "onnxruntime" and self.dtype != "float32":
+            raise UserError("onnxruntime times the float32 model.onnx that members ship with: use --dtype float32")
         if self.device == "cpu" and self.dtype == "float16":
             raise UserError("float16 on cpu is not a deployment target: use float32 or bfloat16 on cpu")
 

@@ -76,8 +76,10 @@ class LatencyTable:
 
     @property
     def max_speedup(self) -> float:
-        """Dense time over the fixed part: the speedup of removing every layer."""
-        return self.dense_ms / (self.scale * self.fixed_ms)
+        """The speedup of the fastest model that still has a block: the fixed part plus the cheapest
+        block. Past it the only plan is a model with every layer removed, which is no language model."""
+        cheapest = min(min(self.times(ATTENTION)), min(self.times(FFN)))
+        return self.dense_ms / (self.scale * (self.fixed_ms + cheapest))
 
     def additivity_errors(self) -> tuple[float, float]:
         """Median and max |predicted / measured - 1| over the whole models measured."""

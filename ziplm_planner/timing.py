@@ -55,6 +55,37 @@ def time_interleaved(
     description: str | None = None,
 ) -> dict[str, TimingStats]:
     """Time every candidate once per round, in a new random order each round."""
+    samples = interleaved_samples(candidates, rounds, warmup, seed, synchronize, description)
+    return {name: TimingStats.from_samples(values) for name, values in samples.items()}
+
+
+def speedup_interval(reference_ms: list[float], candidate_ms: list[float], estimator: str = DEFAULT_ESTIMATOR,
+                     confidence: float = 0.9, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of estimate(reference) / estimate(candidate) over paired rounds: both were
+    timed in the same rounds, so a round that a burst of load slowed is resampled as a pair."""
+    import numpy as np
+
+    if len(reference_ms) != len(candidate_ms) or len(reference_ms) < 2:
+        raise ValueError("need paired samples from the same rounds, at least two")
+    rng = np.random.default_rng(seed)
+    reference, candidate = np.asarray(reference_ms), np.asarray(candidate_ms)
+    picks = rng.integers(0, len(reference), size=(resamples, len(reference)))
+    quantile = {"min": 0.0, "p10": 0.1, "median": 0.5}[estimator]
+    ratios = np.quantile(reference[picks], quantile, axis=1) / np.quantile(candidate[picks], quantile, axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def interleaved_samples(
+    candidates: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 3,
+    seed: int = 0,
+    synchronize: Callable[[], None] | None = None,
+    description: str | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds of every candidate in every round (`time_interleaved` without the summary)."""
     sync = synchronize or (lambda: None)
     names = list(candidates)
     for name in names:
@@ -70,4 +101,4 @@ def time_interleaved(
             candidates[name]()
             sync()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: TimingStats.from_samples(values) for name, values in samples.items()}
+    return samples

@@ -1,0 +1,191 @@
+"""Verify by measurement: time each member as it ships against the dense model, and re-plan the
+ones that miss their target or overshoot it.
+
+A single timing on a busy machine lies, and only ever upward (DESIGN.md, "Measurement that noise
+cannot fool"). So a member is timed interleaved with the dense model, a bootstrap interval is kept
+beside the speedup, and a result outside the accepted band is confirmed with more rounds before
+anything is re-planned. Among members that meet a target, the one closest to it is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .calibrate import CalibrationLoss
+from .backends import synchronizer
+from .models import LoadedModel
+from .profiler import workload
+from .surgery import PruningPlan, count_parameters
+from .table import LatencyTable
+from .timing import TimingStats, interleaved_samples, speedup_interval
+
+log = logging.getLogger(__name__)
+
+SPEEDUP_TOLERANCE = 0.97  # a member below 0.97 x target has missed it: re-planned with a tighter budget
+OVERSHOOT = 1.10  # one above 1.10 x target left accuracy on the table: re-planned with a looser budget
+CONFIRM_FACTOR = 2  # a result outside the band is re-measured with this many times the rounds, pooled
+
+
+def member_name(target: float) -> str:
+    return "dense" if target == 1 else f"x{target:g}"
+
+
+def verdict(speedup: float, target: float) -> str:
+    """met (inside [0.97, 1.10] x target), missed (slower) or overshot (faster: accuracy lost)."""
+    if target == 1 or SPEEDUP_TOLERANCE * target <= speedup <= OVERSHOOT * target:
+        return "met"
+    return "missed" if speedup < SPEEDUP_TOLERANCE * target else "overshot"
+
+
+@dataclass
+class Measurement:
+    """A model timed against the dense model in the same interleaved rounds."""
+
+    member: TimingStats
+    dense: TimingStats
+    estimator: str
+    interval: tuple[float, float]  # bootstrap 90% interval of the speedup
+    rounds: int
+    remeasured: bool  # confirmed with more rounds: the first timing fell outside the band
+    onnx_file: Path | None = None  # the file timed (ONNX Runtime); it ships with the member
+
+    @property
+    def speedup(self) -> float:
+        return self.dense.estimate(self.estimator) / self.member.estimate(self.estimator)
+
+    def describe(self) -> str:
+        how = f"re-measured, {self.rounds} rounds in all" if self.remeasured else f"{self.rounds} rounds"
+        return f"{self.speedup:.3f}x (90% interval {self.interval[0]:.3f}-{self.interval[1]:.3f}, {how})"
+
+
+class Verifier:
+    """Times models as they are deployed (ONNX Runtime: their shipped model.onnx) against the dense
+    one, interleaved, on the table's backend and spec."""
+
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, rounds: int, workdir: Path, seed: int = 0):
+        self.table, self.rounds, self.workdir, self.seed = table, rounds, workdir, seed
+        self.work = workload(loaded, table.spec, seed)
+        self.dense, self.dense_onnx = self.work.runner(loaded.model, table.spec, workdir, "dense")
+        self.count = 0
+
+    def measure_dense(self) -> Measurement:
+        samples = interleaved_samples({"dense": self.dense}, self.rounds, 3, self.seed, synchronizer(self.table.spec))
+        stats = TimingStats.from_samples(samples["dense"])
+        return Measurement(stats, stats, self.table.estimator, (1.0, 1.0), self.rounds, False, self.dense_onnx)
+
+    def measure(self, model, target: float) -> Measurement:
+        """Time `model` against the dense model; outside the accepted band, confirm with more rounds."""
+        self.count += 1
+        runner, onnx_file = self.work.runner(model, self.table.spec, self.workdir, f"m{self.count}")
+        candidates = {"dense": self.dense, "member": runner}
+        samples = self._samples(candidates, self.rounds, warmup=3)
+        measurement = self._summary(samples, False, onnx_file)
+        if verdict(measurement.speedup, target) != "met":
+            more = self._samples(candidates, CONFIRM_FACTOR * self.rounds, warmup=0)
+            measurement = self._summary({k: samples[k] + more[k] for k in samples}, True, onnx_file)
+        return measurement
+
+    def _samples(self, candidates: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+        # a new order for every measurement: a fixed one would put the same candidate first after each pause
+        return interleaved_samples(candidates, rounds, warmup, self.seed + 7919 * self.count,
+                                   synchronizer(self.table.spec))
+
+    def _summary(self, samples: dict[str, list[float]], remeasured: bool, onnx_file: Path | None) -> Measurement:
+        interval = speedup_interval(samples["dense"], samples["member"], self.table.estimator, seed=self.seed)
+        return Measurement(TimingStats.from_samples(samples["member"]), TimingStats.from_samples(samples["dense"]),
+                           self.table.estimator, interval, len(samples["member"]), remeasured, onnx_file)
+
+
+@dataclass
+class MemberResult:
+    target: float
+    folder: str
+    plan: PruningPlan
+    predicted_ms: float
+    measurement: Measurement
+    calibration_loss: float
+    parameters: int
+    replans: int = 0
+    history: list[float] = field(default_factory=list)  # measured speedup of every plan tried
+
+    @property
+    def speedup(self) -> float:
+        return self.measurement.speedup
+
+    @property
+    def status(self) -> str:
+        return verdict(self.speedup, self.target)
+
+    @property
+    def met(self) -> bool:
+        return self.status == "met"
+
+    @property
+    def fast_enough(self) -> bool:
+        return self.status != "missed"
+
+    def row(self, dense_predicted_ms: float) -> dict:
+        counts, m = self.plan.kept_counts(), self.measurement
+        est = m.estimator
+        return {
+            "target": self.target, "folder": self.folder, "met_target": self.met, "status": self.status,
+            "predicted_ms": round(self.predicted_ms, 4), "predicted_speedup": round(dense_predicted_ms / self.predicted_ms, 4),
+            "measured_ms": round(m.member.estimate(est), 4), "measured_speedup": round(self.speedup, 4),
+            "speedup_interval": [round(v, 4) for v in m.interval],
+            "measured_median_ms": round(m.member.median_ms, 4), "measured_p10_ms": round(m.member.p10_ms, 4),
+            "measured_p90_ms": round(m.member.p90_ms, 4), "dense_ms": round(m.dense.estimate(est), 4),
+            "dense_median_ms": round(m.dense.median_ms, 4),
+            "speedup_median": round(m.dense.median_ms / m.member.median_ms, 4),
+            "verify_rounds": m.rounds, "remeasured": m.remeasured, "confirmation": m.describe(),
+            "timed_file": "model.onnx" if m.onnx_file else "torch module",
+            "parameters": self.parameters, "calibration_loss": self.calibration_loss, "replans": self.replans,
+            "speedups_tried": [round(s, 4) for s in self.history],
+            "kept_attention": [a for a, _ in counts], "kept_ffn": [f for _, f in counts],
+        }
+
+
+def next_budget(budget: float, speedup: float, target: float, fast: list[float], slow: list[float],
+                floor: float) -> float:
+    """The budget to try next: scaled by the measured shortfall or excess, but kept strictly between
+    the largest budget that met the target and the smallest that missed it (geometric midpoint when
+    the scaled guess falls outside), so a miss followed by an overshoot never walks past either."""
+    guess = budget * speedup / target * (1.0 if speedup >= SPEEDUP_TOLERANCE * target else 0.99)
+    low, high = max(fast, default=None), min(slow, default=None)
+    if low is not None and high is not None and not low < guess < high:
+        guess = math.sqrt(low * high)
+    return max(floor, guess)
+
+
+def verified_member(planner, target: float, table: LatencyTable, verifier: Verifier, score_loss: CalibrationLoss,
+                    max_replans: int) -> tuple[MemberResult, object]:
+    """Plan with any planner (`build(budget_ms) -> (model, plan, counts)`), build and measure, re-plan
+    until the measured speedup is inside [0.97, 1.10] x target or `max_replans` are spent. Keeps the
+    member closest above 0.97 x target; if none got there, the fastest one, reported as missed."""
+    budget = table.dense_ms / target
+    floor = table.dense_ms / table.max_speedup  # tighter would leave a model with every layer removed
+    fast, slow, tried = [], [], []
+    for attempt in range(max_replans + 1):
+        model, plan, counts = planner.build(budget)
+        measurement = verifier.measure(model, target)
+        result = MemberResult(target, member_name(target), plan, table.predict(counts), measurement,
+                              score_loss(model), count_parameters(model), attempt)
+        tried.append((result, model))
+        (fast if result.fast_enough else slow).append(budget)
+        log.info("x%g plan %d: predicted %.3fx, measured %s", target, attempt, table.dense_ms / result.predicted_ms,
+                 measurement.describe())
+        if result.met:
+            break
+        budget = next_budget(budget, result.speedup, target, fast, slow, floor)
+    met = [pair for pair in tried if pair[0].fast_enough]
+    best = min(met, key=lambda pair: pair[0].speedup) if met else max(tried, key=lambda pair: pair[0].speedup)
+    best[0].replans, best[0].history = len(tried) - 1, [r.speedup for r, _ in tried]
+    for result, _ in tried:  # candidates' exports not kept
+        if result is not best[0] and result.measurement.onnx_file is not None:
+            result.measurement.onnx_file.unlink(missing_ok=True)
+    if not best[0].met:
+        log.warning("x%g: %s after %d re-plans: %s", target, best[0].status, best[0].replans,
+                    best[0].measurement.describe())
+    return best
