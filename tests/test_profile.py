@@ -1,6 +1,8 @@
 """The profiler builds complete tables on both backends; tables refuse the wrong model or spec."""
 
+import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,8 @@ from ziplm_planner.profiler import ProfileSettings, ffn_levels, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import ATTENTION, FFN, FIXED, LatencyTable
 from tiny_models import tiny_loaded
+
+SHIPPED_TABLE = Path(__file__).parents[1] / "profiles" / "minilm-cpu2-onnxruntime-b8s128.json"
 
 FAST = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=2, additivity_rounds=2)
 
@@ -68,8 +72,8 @@ def test_prediction_is_the_sum_of_block_times(table):
     fixed, attn, ffn = table.fixed_ms, table.time(ATTENTION, 2), table.time(FFN, 32)
     assert table.predict([(2, 32), (0, 0)]) == pytest.approx(table.scale * (fixed + attn + ffn))
     assert table.predict([(0, 0), (0, 0)]) == pytest.approx(table.scale * fixed)
-    cheapest_block = min(table.predict([(1, 0), (0, 0)]), table.predict([(0, table.levels("ffn")[0]), (0, 0)]))
-    assert table.max_speedup == pytest.approx(table.dense_ms / cheapest_block)
+    cheapest_block = min(table.times(ATTENTION) + table.times(FFN))
+    assert table.max_speedup == pytest.approx(table.dense_ms / (table.scale * (fixed + cheapest_block)))
     assert table.block_budget(table.predict([(2, 32), (0, 0)])) == pytest.approx(attn + ffn)
 
 
@@ -105,3 +109,17 @@ def test_bad_table_files_are_refused(tmp_path, content, message):
 def test_bad_specs_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
         InferenceSpec(**kwargs)
+
+
+def test_a_table_says_when_it_cannot_be_trusted():
+    table = LatencyTable.load(SHIPPED_TABLE)
+    assert table.trust_problems() == []  # profiled on a quiet machine
+    noisy = copy.deepcopy(table)
+    noisy.additivity[1]["error"] = 0.25
+    for record in noisy.additivity:
+        record["measured"]["p90_ms"] = 2 * record["measured"]["p10_ms"]
+    noisy.metadata["load_average"] = 3.0
+    problems = noisy.trust_problems()
+    assert len(problems) == 3
+    assert "25.0% max" in problems[0] and "spread 2.00x" in problems[1] and "load average 3.0 on 2 cores" in problems[2]
+    assert "WARNING: whole models differ" in noisy.describe() and "profile again on a quiet machine" in noisy.describe()

@@ -29,7 +29,7 @@ from .models import LoadedModel
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .verify import MemberResult, Verifier, verified_member
-from .table import LatencyTable
+from .table import TRUST_ADVICE, LatencyTable
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,8 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     started = time.perf_counter()
     shape = model_shape(loaded.model.config)
     table.check_compatible(shape, source="latency table")
+    for problem in table.trust_problems():
+        log.warning("latency table %s: %s: %s", table.metadata.get("model", ""), problem, TRUST_ADVICE)
     too_fast = [t for t in targets if t > table.max_speedup]
     if too_fast:
         raise UserError(f"target {max(too_fast):g}x is beyond this table's maximum speedup {table.max_speedup:.2f}x "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import statistics
 import tempfile
@@ -34,7 +35,7 @@ from .models import CAUSAL_LM, LoadedModel
 from .spec import InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
 from .layers import capture_first_layer_call
-from .table import ATTENTION, FFN, FIXED, LatencyTable
+from .table import ATTENTION, FFN, FIXED, TRUST_ADVICE, LatencyTable
 from .timing import DEFAULT_ESTIMATOR, ESTIMATORS, TimingStats, time_interleaved
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def fixed_part(model: nn.Module) -> nn.Module:
 def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSettings = ProfileSettings()) -> LatencyTable:
     """Build the latency table of `loaded` on this machine for `spec`."""
     started = time.perf_counter()
+    load_average = os.getloadavg()[0]  # what else runs here: read before this run adds its own load
     model, shape = loaded.model, model_shape(loaded.model.config)
     torch.set_num_threads(spec.threads)
     work = workload(loaded, spec, settings.seed)
@@ -229,9 +231,11 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
         table.additivity = measure_additivity(loaded, table, work, settings, workdir)
     table.metadata = {
         "model": loaded.source.reference, "model_kind": loaded.kind, "created": now(), "machine": machine_info(),
-        "versions": library_versions(), "settings": asdict(settings),
+        "versions": library_versions(), "settings": asdict(settings), "load_average": round(load_average, 2),
         "profile_seconds": round(time.perf_counter() - started, 1),
     }
+    for problem in table.trust_problems():
+        log.warning("latency table: %s: %s", problem, TRUST_ADVICE)
     return table
 
 

@@ -26,6 +26,11 @@ from .timing import ESTIMATORS
 
 FORMAT = "ziplm-planner/latency-table/v1"
 FIXED = "fixed"
+ADDITIVITY_MEDIAN, ADDITIVITY_MAX = 0.05, 0.10  # |predicted / measured - 1| of whole models a sound table keeps
+WHOLE_MODEL_SPREAD = 1.5  # median p90/p10 of whole-model timings above which the machine was too noisy
+BUSY_LOAD = 0.5  # load average per core before profiling above which something else was running
+TRUST_ADVICE = ("profile again on a quiet machine (stop other jobs; `uptime` shows the load) "
+                "or with more --rounds; speedups planned from this table may miss")
 
 
 @dataclass
@@ -86,6 +91,25 @@ class LatencyTable:
         errors = [abs(a["error"]) for a in self.additivity]
         return (float(np.median(errors)), float(max(errors))) if errors else (float("nan"), float("nan"))
 
+    def trust_problems(self) -> list[str]:
+        """Why this table's figures may not hold, each with what to do; empty when it looks sound.
+        Judged by what the profiler saw: whole models against the block sum, the spread of whole-model
+        timings (short blocks always spread; whole models on a quiet machine stay within ~1.1-1.45x),
+        and the load on the machine when profiling began."""
+        problems = []
+        median, worst = self.additivity_errors()
+        if median > ADDITIVITY_MEDIAN or worst > ADDITIVITY_MAX:
+            problems.append(f"whole models differ from the block sum by {median:.1%} median, {worst:.1%} max "
+                            f"(sound: <= {ADDITIVITY_MEDIAN:.0%} / {ADDITIVITY_MAX:.0%})")
+        spreads = [a["measured"]["p90_ms"] / a["measured"]["p10_ms"] for a in self.additivity if "measured" in a]
+        if spreads and float(np.median(spreads)) > WHOLE_MODEL_SPREAD:
+            problems.append(f"whole-model timings spread {float(np.median(spreads)):.2f}x p90/p10 "
+                            f"(sound: <= {WHOLE_MODEL_SPREAD})")
+        load, cores = self.metadata.get("load_average"), self.metadata.get("machine", {}).get("cores")
+        if load is not None and cores and load > BUSY_LOAD * cores:
+            problems.append(f"the machine was busy when profiling began (load average {load:.1f} on {cores} cores)")
+        return problems
+
     def to_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.records)
         frame["spread"] = frame["p90_ms"] / frame["p10_ms"]
@@ -107,6 +131,7 @@ class LatencyTable:
             f"estimator {self.estimator}",
             f"additivity over {len(self.additivity)} whole models: median error {median:.1%}, max {worst:.1%} "
             f"(leave-one-out, after scale {self.scale:.3f} fitted on whole models)",
+            *[f"WARNING: {problem}: {TRUST_ADVICE}" for problem in self.trust_problems()],
             "",
             self.to_frame().to_string(index=False, float_format=lambda v: f"{v:.3f}"),
         ]
