@@ -13,7 +13,7 @@ from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned
 from ziplm_planner.profiler import ProfileSettings, profile_model
 from ziplm_planner.spec import InferenceSpec
-from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member
+from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member, verify_family
 from tiny_models import tiny_loaded_with_tokenizer, write_sentences
 
 FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2)
@@ -213,6 +213,10 @@ def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypa
         assert (tmp_path / "family" / row["folder"] / "model.onnx").read_bytes() == timed[row["folder"]]
         measurement = json.loads((tmp_path / "family" / row["folder"] / "measurement.json").read_text())
         assert measurement["measured_speedup"] == row["measured_speedup"]
+    retimed = verify_family(tmp_path / "family", rounds=3)
+    assert [r["folder"] for r in retimed] == [r["folder"] for r in report.rows]
+    assert retimed[0]["speedup"] == 1.0 and retimed[0]["status"] == "met"
+    assert all(r["timed"] == "model.onnx" and r["interval"][0] <= r["interval"][1] for r in retimed)
 
 
 @pytest.mark.parametrize("text", ["1,0.5", "abc", "", "1"])

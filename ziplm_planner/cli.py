@@ -129,6 +129,21 @@ def evaluate(family, task, data, backend, max_tokens) -> None:
 
 
 @cli.command()
+@click.argument("family", type=click.Path(path_type=Path))
+@click.option("--rounds", type=int, default=40, show_default=True, help="Interleaved repetitions of every member.")
+def verify(family, rounds) -> None:
+    """Re-time every member of FAMILY as it ships (its model.onnx on ONNX Runtime, else its torch model)
+    against the dense one, on this machine with the family's spec."""
+    from .verify import verify_family
+
+    rows = verify_family(family, rounds=rounds)
+    click.echo(f"{'member':>8} {'target':>7} {'speedup':>8} {'90% interval':>15} {'median':>7} {'reported':>9}  status")
+    for r in rows:
+        click.echo(f"{r['folder']:>8} {r['target']:>6.2f}x {r['speedup']:>7.3f}x {r['interval'][0]:>7.3f}-{r['interval'][1]:<7.3f}"
+                   f" {r['speedup_median']:>6.3f}x {r['reported_speedup'] or float('nan'):>8.3f}x  {r['status']}")
+
+
+@cli.command()
 @click.argument("families", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="frontier.png (an .svg is written beside it).")
 @click.option("--task", default=None, help="Which score to plot when a report has several.")
