@@ -33,8 +33,12 @@ def unsupported_model(tmp_path):
     (["profile", "show", "{tmp}/missing.json"], "does not exist"),
     (["compress", "minilm", "--profile", "{tmp}/missing.json", "--targets", "2", "--calib", "x", "-o", "{tmp}/f"],
      "does not exist"),
-    (["compress", "minilm", "--profile", "x.json", "--targets", "0.5", "--calib", "x", "-o", "{tmp}/f"], "must be > 1"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "0.5", "--calib", "x", "-o", "{tmp}/f"], "must be a finite number > 1"),
     (["compress", "minilm", "--profile", "x.json", "--targets", "two", "--calib", "x", "-o", "{tmp}/f"], "must be numbers"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "nan", "--calib", "x", "-o", "{tmp}/f"], "finite number > 1"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "2,inf", "--calib", "x", "-o", "{tmp}/f"], "finite number"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "1.5,,2", "--calib", "x", "-o", "{tmp}/f"], "empty item"),
+    (["demo", "--targets", "nan", "-o", "{tmp}/f"], "finite number > 1"),
     (["evaluate", "{tmp}", "--task", "stsb", "--data", "x"], "has no report.json"),
     (["plot", "{tmp}/nothing", "-o", "{tmp}/p.png"], "does not exist"),
 ])

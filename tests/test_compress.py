@@ -129,10 +129,18 @@ def test_members_are_replanned_until_measured_to_meet_the_target(setup, tmp_path
         assert result.speedup >= 0.97 * target
 
 
-@pytest.mark.parametrize("text", ["1,0.5", "abc", "", "1"])
-def test_bad_targets_are_refused(text):
-    with pytest.raises(UserError, match="target"):
+@pytest.mark.parametrize("text,message", [
+    ("1,0.5", "finite number > 1"), ("abc", "got 'abc'"), ("", "empty item"), ("1", "finite number > 1"),
+    ("nan", "finite number > 1"), ("inf", "finite number > 1"), ("2,-inf", "finite number > 1"),
+    ("1.5,,2", "empty item"), ("2,", "empty item"), ([], "no speedup targets"), ([2.0, float("nan")], "finite"),
+])
+def test_bad_targets_are_refused(text, message):
+    with pytest.raises(UserError, match=message):
         parse_targets(text)
+
+
+def test_targets_are_parsed_sorted_and_deduplicated():
+    assert parse_targets(" 3, 1.5 ,2,2") == [1.5, 2.0, 3.0]
 
 
 def test_target_beyond_the_tables_maximum_is_refused(setup, tmp_path):

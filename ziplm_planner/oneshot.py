@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -73,15 +74,25 @@ def default_cache_dir() -> Path:
 
 
 def parse_targets(text: str | list) -> list[float]:
-    """'1.5,2,3' -> [1.5, 2.0, 3.0]; every target a number > 1."""
+    """'1.5,2,3' -> [1.5, 2.0, 3.0]; every item a finite number > 1, none empty."""
     items = text.split(",") if isinstance(text, str) else list(text)
+    if not items:
+        raise UserError("no speedup targets given: give numbers > 1 separated by commas, e.g. 1.5,2,3")
+    return sorted({parse_target(item, text) for item in items})
+
+
+def parse_target(item, text) -> float:
+    """One speedup target; `text` is the whole list, quoted in the message."""
+    if not str(item).strip():
+        raise UserError(f"targets must be numbers separated by commas, got an empty item in {text!r}")
     try:
-        targets = sorted({float(t) for t in items if str(t).strip()})
-    except ValueError:
-        raise UserError(f"targets must be numbers separated by commas, got {text!r}") from None
-    if not targets or any(t <= 1 for t in targets):
-        raise UserError(f"every speedup target must be > 1, got {text!r}")
-    return targets
+        target = float(item)
+    except (TypeError, ValueError):
+        raise UserError(f"targets must be numbers separated by commas, got {item!r} in {text!r}") from None
+    # NaN compares false with everything, so it would pass a plain `> 1` test
+    if not math.isfinite(target) or target <= 1:
+        raise UserError(f"every speedup target must be a finite number > 1, got {item!r} in {text!r}")
+    return target
 
 
 def member_name(target: float) -> str:
