@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,10 @@ def unsupported_model(tmp_path):
     return folder
 
 
+TABLE = Path(__file__).parents[1] / "profiles" / "minilm-cpu2-onnxruntime-b8s128.json"
+COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "x"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["profile", "/no/such/model", "-o", "{tmp}/t.json"], "model path /no/such/model does not exist"),
     (["profile", "minilm", "--batch-size", "0", "-o", "{tmp}/t.json"], "batch size must be at least 1"),
@@ -39,10 +44,18 @@ def unsupported_model(tmp_path):
     (["compress", "minilm", "--profile", "x.json", "--targets", "2,inf", "--calib", "x", "-o", "{tmp}/f"], "finite number"),
     (["compress", "minilm", "--profile", "x.json", "--targets", "1.5,,2", "--calib", "x", "-o", "{tmp}/f"], "empty item"),
     (["demo", "--targets", "nan", "-o", "{tmp}/f"], "finite number > 1"),
+    ([*COMPRESS, "-o", "/proc/family"], "folder /proc is not writable"),
+    ([*COMPRESS, "-o", "{tmp}/afile/f"], "afile is a file, not a folder"),
+    ([*COMPRESS, "-o", "{tmp}/afile"], "afile is a file: give a directory"),
+    (["profile", "minilm", "-o", "/proc/t.json"], "folder /proc is not writable"),
+    (["profile", "minilm", "-o", "{tmp}/afile/t.json"], "afile is a file, not a folder"),
+    (["demo", "-o", "/proc/demo"], "folder /proc is not writable"),
+    (["demo", "-o", "{tmp}/afile/demo"], "afile is a file, not a folder"),
     (["evaluate", "{tmp}", "--task", "stsb", "--data", "x"], "has no report.json"),
     (["plot", "{tmp}/nothing", "-o", "{tmp}/p.png"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, unsupported_model, args, message):
+    (tmp_path / "afile").write_text("not a folder")
     args = [a.format(tmp=tmp_path, model=unsupported_model) for a in args]
     code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .atomic import check_writable
+from .atomic import check_creatable_dir, check_writable
 from .models import LoadedModel, load_model
 from .profiler import ProfileSettings, profile_model
 from .spec import InferenceSpec
@@ -44,6 +44,7 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
 
     targets = parse_targets(targets)
     table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+    check_creatable_dir(Path(output))  # fail now, not after loading the model
     settings = CompressSettings(method=method, num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
                                 search_evaluations=search_evaluations, score_samples=score_samples, onnx=onnx,
                                 **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
