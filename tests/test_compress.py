@@ -173,6 +173,22 @@ def test_output_holding_other_files_is_refused_without_overwrite(setup, tmp_path
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("content", [b"\x00\xff garbage", b'{"source": ', b"[1, 2]", b'"just a string"'])
+def test_unreadable_family_manifest_is_another_family(tmp_path, content):
+    from ziplm_planner.oneshot import prepare_family_dir
+
+    out = tmp_path / "family"
+    out.mkdir()
+    (out / "family.json").write_bytes(content)
+    (out / "x2").mkdir()
+    manifest = {"format": "ziplm-planner/family/v1", "source": {"model": "m"}}
+    with pytest.raises(UserError, match="already holds a different family or other files: use --overwrite"):
+        prepare_family_dir(out, manifest, overwrite=False)
+    assert (out / "family.json").read_bytes() == content
+    prepare_family_dir(out, manifest, overwrite=True)
+    assert json.loads((out / "family.json").read_text()) == manifest and not (out / "x2").exists()
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_compress_a_tiny_causal_lm(tmp_path, model_type):
     loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=True)

@@ -151,13 +151,23 @@ class FamilyReport:
 # --- the family directory ------------------------------------------------------------------------
 
 
+def manifest_source(output: Path) -> dict | None:
+    """What the family in `output` was made from, or None where family.json is missing or unreadable
+    (then the folder holds something else, as far as this run can tell)."""
+    try:
+        manifest = json.loads((output / "family.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest.get("source") if isinstance(manifest, dict) else None
+
+
 def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> None:
     """Refuse a directory holding something else unless `overwrite`; record what this run makes."""
     manifest_path = output / "family.json"
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file: give a directory for the family")
     if output.exists() and any(output.iterdir()):
-        same = manifest_path.exists() and json.loads(manifest_path.read_text()).get("source") == manifest["source"]
+        same = manifest_source(output) == manifest["source"]
         if not same and not overwrite:
             raise UserError(f"output directory {output} already holds a different family or other files: "
                             "use --overwrite or another -o")
