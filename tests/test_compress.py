@@ -91,6 +91,70 @@ def test_level_database_errors_and_stitching(setup):
         assert torch.isfinite(sequential(**batch).last_hidden_state).all()
 
 
+def small_database():
+    """A hand-made level database: 1 layer, 2 heads of width 4, 3 FFN neurons (no model needed)."""
+    from ziplm_planner.adapters import ModelShape
+    from ziplm_planner.database import BlockTrace, LevelDatabase
+
+    shape = ModelShape("bert", 1, 8, 2, 1, 4, 3, 10)
+    blocks = [{ATTENTION: BlockTrace([2, 1, 0], [0.0, 0.4, 1.0], [1, 0], torch.eye(8, dtype=torch.float64)),
+               FFN: BlockTrace([3, 2, 1, 0], [0.0, 0.2, 0.5, 1.0], [2, 0, 1], torch.eye(3, dtype=torch.float64))}]
+    return LevelDatabase(shape, blocks, 0.01, {"seconds": 1.0})
+
+
+class Foreign:
+    pass
+
+
+def payload_with(change):
+    db = small_database()
+    payload = {"format": "ziplm-planner/level-database/v2", "shape": db.shape.__dict__, "dampening": 0.01,
+               "metadata": {}, "blocks": [{b: {"levels": t.levels, "errors": t.errors, "order": t.order,
+                                               "hessian": t.hessian.float()} for b, t in db.blocks[0].items()}]}
+    change(payload)
+    return payload
+
+
+def torch_bytes(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", [
+    b"", bytes(range(256)) * 4, torch_bytes(torch.zeros(3)), torch_bytes([1, 2]), torch_bytes(Foreign()),
+    torch_bytes({"format": "something else"}),
+    torch_bytes(payload_with(lambda p: p["blocks"].append(p["blocks"][0]))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0].pop(FFN))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][FFN].update(order=[0, 0, 1]))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(hessian=torch.eye(3)))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(errors=[0.0]))),
+], ids=["empty", "random", "tensor", "list", "foreign-object", "other-format", "extra-layer", "missing-block",
+        "bad-order", "bad-hessian", "missing-errors"])
+def test_unreadable_cache_entry_is_deleted_and_rebuilt(tmp_path, caplog, content):
+    from ziplm_planner.database import cached_database
+
+    (tmp_path / "leveldb-k.pt").write_bytes(content)
+    built = []
+    build = lambda: built.append(1) or small_database()
+    db = cached_database(tmp_path, "k", build)
+    assert built == [1] and not db.metadata.get("cached")
+    assert "deleting unreadable level-database cache" in caplog.text
+    again = cached_database(tmp_path, "k", build)
+    assert built == [1] and again.metadata["cached"]
+    assert again.blocks[0][FFN].order == [2, 0, 1] and again.blocks[0][ATTENTION].hessian.shape == (8, 8)
+
+
+def test_unwritable_cache_is_a_warning(tmp_path, caplog):
+    from ziplm_planner.database import cached_database
+
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    db = cached_database(tmp_path / "cache", "k", small_database)
+    assert db.shape.num_layers == 1 and "cannot store the level database" in caplog.text
+
+
 class StubVerifier:
     """Measures each successive member at `factor` x the target speedup (the last factor repeats)."""
 
