@@ -35,6 +35,7 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     (["profile", "minilm", "--seq-len", "0", "-o", "{tmp}/t.json"], "seq len must be at least 1"),
     (["profile", "minilm", "-o", "/no/such/dir/t.json"], "folder /no/such/dir does not exist"),
     (["profile", "{model}", "-o", "{tmp}/t.json"], "unsupported architecture 't5'"),
+    (["profile", "ziplm-planner-tests/no-such-model", "-o", "{tmp}/t.json"], "not in the local Hugging Face cache"),
     (["profile", "show", "{tmp}/missing.json"], "does not exist"),
     (["compress", "minilm", "--profile", "{tmp}/missing.json", "--targets", "2", "--calib", "x", "-o", "{tmp}/f"],
      "does not exist"),
