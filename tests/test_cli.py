@@ -68,3 +68,15 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, unsuppo
 def test_unknown_option_is_a_usage_error(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "profile", "minilm", "--bogus")
     assert code == 2 and "No such option" in err
+
+
+def test_ctrl_c_in_a_command_is_the_interrupted_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    from ziplm_planner.table import LatencyTable
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LatencyTable, "load", staticmethod(interrupted))
+    code, _, err = run_cli(monkeypatch, capsys, "profile", "show", str(tmp_path / "t.json"))
+    assert code == 130
+    assert err.strip() == "interrupted: nothing incomplete was left behind as complete"
