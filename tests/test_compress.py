@@ -300,8 +300,46 @@ def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cach
     complete = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "pruning.json").exists())
     assert complete == ["dense", "x1.2"] and not (out / "report.json").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    saved = record_saves(monkeypatch, compress_module)
+    dense_row = json.loads((out / "dense" / "pruning.json").read_text())["report"]
     again = compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()
+    assert "dense" not in saved and again.rows[0] == dense_row  # the complete dense/ is reused, not re-timed
+
+
+def record_saves(monkeypatch, compress_module) -> list[str]:
+    """Names of the member folders save_member writes from now on."""
+    saved, real_save = [], compress_module.save_member
+
+    def save(folder, *args, **kwargs):
+        saved.append(folder.name)
+        return real_save(folder, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_member", save)
+    return saved
+
+
+@pytest.mark.parametrize("damage", [
+    lambda record: record.pop("timing"),  # saved before timings were kept
+    lambda record: record["timing"]["measured"].pop("runs"),
+    lambda record: record["report"].update(calibration_loss=record["report"]["calibration_loss"] + 1),  # other data
+    lambda record: record["report"].update(predicted_ms=record["report"]["predicted_ms"] * 2),  # another table
+])
+def test_incomplete_or_stale_dense_is_rebuilt(setup, tmp_path, monkeypatch, damage):
+    import ziplm_planner.oneshot as compress_module
+
+    loaded, table, calib = setup
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0)
+    out = tmp_path / "family"
+    compress_model(loaded, table, [1.2], str(calib), out, settings)
+    path = out / "dense" / "pruning.json"
+    record = json.loads(path.read_text())
+    damage(record)
+    path.write_text(json.dumps(record))
+    saved = record_saves(monkeypatch, compress_module)
+    again = compress_model(loaded, table, [1.2], str(calib), out, settings)
+    assert saved[0] == "dense"
+    assert again.rows[0] == json.loads(path.read_text())["report"] and "timing" in json.loads(path.read_text())
 
 
 @pytest.mark.parametrize("method", ["magnitude", "uniform", "layerdrop", "kwon"])

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import model_shape
+from .adapters import ModelShape, model_shape
 from .atomic import atomic_write_text
 from .backends import build_runner, synchronizer
 from .calibrate import Calibration, CalibrationLoss, load_calibration
 from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_database, database_key, stitch, stitch_sequential
 from .environment import library_versions, machine_info, now
 from .errors import UserError
-from .export import save_member
+from .export import ONNX, WEIGHTS, read_record, save_member
 from .family import FAMILY_FORMAT, report_csv
 from .models import LoadedModel
 from .profiler import workload
@@ -161,11 +161,13 @@ def manifest_source(output: Path) -> dict | None:
     return manifest.get("source") if isinstance(manifest, dict) else None
 
 
-def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> None:
-    """Refuse a directory holding something else unless `overwrite`; record what this run makes."""
+def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> bool:
+    """Refuse a directory holding something else unless `overwrite`; record what this run makes.
+    True where the directory already holds this family (an earlier, perhaps interrupted, run)."""
     manifest_path = output / "family.json"
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file: give a directory for the family")
+    same = False
     if output.exists() and any(output.iterdir()):
         same = manifest_source(output) == manifest["source"]
         if not same and not overwrite:
@@ -175,6 +177,7 @@ def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> None:
             shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    return same
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -262,6 +265,52 @@ def verified_member(planner, target: float, table: LatencyTable, verifier: Verif
     return best
 
 
+# --- the dense reference -------------------------------------------------------------------------------
+
+
+def dense_result(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, measured: TimingStats,
+                 dense: TimingStats, calibration_loss: float) -> MemberResult:
+    return MemberResult(1.0, member_name(1.0), PruningPlan.dense(shape), table.dense_ms, measured, dense,
+                        table.estimator, calibration_loss, count_parameters(loaded.model))
+
+
+def dense_info(result: MemberResult, table: LatencyTable) -> dict:
+    """What dense/pruning.json keeps besides the plan: the report row, and the timings it came from."""
+    return {"target": 1.0, "report": result.row(table.dense_ms),
+            "timing": {"measured": result.measured.to_dict(), "dense": result.dense.to_dict()}}
+
+
+def saved_dense(folder: Path, loaded: LoadedModel, shape: ModelShape, table: LatencyTable, calibration_loss: float,
+                onnx: bool) -> MemberResult | None:
+    """The dense reference an earlier run of this family saved, rebuilt from its recorded timings; None
+    (then it is timed and saved again) unless it is complete and its row is the one this run would write,
+    i.e. made with this table's prediction and estimator and this calibration's loss."""
+    try:
+        record = read_record(folder)
+        timing = record["timing"]
+        result = dense_result(loaded, shape, table, TimingStats(**timing["measured"]), TimingStats(**timing["dense"]),
+                              calibration_loss)
+    except (UserError, KeyError, TypeError):  # no dense/, an unreadable record, or one from before timings were kept
+        return None
+    files = ["config.json", WEIGHTS, *([ONNX] if onnx else [])]
+    complete = all((folder / name).is_file() for name in files) and (record.get("onnx") is not None or not onnx)
+    same = record.get("plan") == result.plan.to_dict() and record.get("report") == result.row(table.dense_ms)
+    return result if complete and same else None
+
+
+def dense_member(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, verifier: Verifier,
+                 calibration_loss: float, folder: Path, settings: CompressSettings, resumed: bool) -> MemberResult:
+    """The dense member: reused from a complete dense/ when this run continues the family, else timed
+    against itself (the same interleaved protocol as the members) and saved."""
+    if resumed and (result := saved_dense(folder, loaded, shape, table, calibration_loss, settings.onnx)):
+        log.info("reusing %s from an earlier run of this family", folder)
+        return result
+    result = dense_result(loaded, shape, table, *verifier.measure(loaded.model), calibration_loss)
+    save_member(folder, loaded.model, loaded.tokenizer, result.plan, loaded.kind, dense_info(result, table),
+                onnx=settings.onnx)
+    return result
+
+
 # --- the whole run -------------------------------------------------------------------------------------
 
 
@@ -297,7 +346,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     fingerprint = model_fingerprint(loaded)
     manifest = {"format": FAMILY_FORMAT, "source": {"model": fingerprint["location"], "method": settings.method,
                                                     "table": table.spec.to_dict(), "shape": asdict(shape)}}
-    prepare_family_dir(output, manifest, overwrite)
+    resumed = prepare_family_dir(output, manifest, overwrite)
 
     score_loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))
     planning = {}
@@ -316,12 +365,8 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     results, planning_seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
         verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
-        dense_measured, dense_again = verifier.measure(loaded.model)
-        dense = MemberResult(1.0, "dense", PruningPlan.dense(shape), table.dense_ms, dense_measured, dense_again,
-                             table.estimator, score_loss(loaded.model), count_parameters(loaded.model))
-        save_member(output / "dense", loaded.model, loaded.tokenizer, dense.plan, loaded.kind,
-                    {"target": 1.0}, onnx=settings.onnx)
-        results.append(dense)
+        results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output / "dense",
+                                    settings, resumed))
         for target in tqdm(targets, desc="family members"):
             member_started = time.perf_counter()
             result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
