@@ -45,6 +45,8 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     (["compress", "minilm", "--profile", "x.json", "--targets", "2,inf", "--calib", "x", "-o", "{tmp}/f"], "finite number"),
     (["compress", "minilm", "--profile", "x.json", "--targets", "1.5,,2", "--calib", "x", "-o", "{tmp}/f"], "empty item"),
     (["demo", "--targets", "nan", "-o", "{tmp}/f"], "finite number > 1"),
+    (["compress", "{model}", "--profile", str(TABLE), "--targets", "1000", "--calib", "x", "-o", "{tmp}/f"],
+     "beyond this table's maximum speedup"),
     ([*COMPRESS, "-o", "/proc/family"], "folder /proc is not writable"),
     ([*COMPRESS, "-o", "{tmp}/afile/f"], "afile is a file, not a folder"),
     ([*COMPRESS, "-o", "{tmp}/afile"], "afile is a file: give a directory"),

@@ -95,6 +95,14 @@ def parse_target(item, text) -> float:
     return target
 
 
+def check_reachable(targets: list[float], table: LatencyTable) -> None:
+    """Every target within the table's maximum speedup (the model with every layer removed)."""
+    too_fast = [t for t in targets if t > table.max_speedup]
+    if too_fast:
+        raise UserError(f"target {max(too_fast):g}x is beyond this table's maximum speedup {table.max_speedup:.2f}x "
+                        "(every layer removed): choose smaller targets")
+
+
 def member_name(target: float) -> str:
     return "dense" if target == 1 else f"x{target:g}"
 
@@ -335,10 +343,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     started = time.perf_counter()
     shape = model_shape(loaded.model.config)
     table.check_compatible(shape, source="latency table")
-    too_fast = [t for t in targets if t > table.max_speedup]
-    if too_fast:
-        raise UserError(f"target {max(too_fast):g}x is beyond this table's maximum speedup {table.max_speedup:.2f}x "
-                        "(every layer removed): choose smaller targets")
+    check_reachable(targets, table)
     torch.set_num_threads(table.spec.threads)
     torch.manual_seed(settings.seed)
     calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
