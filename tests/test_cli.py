@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,21 +25,40 @@ def unsupported_model(tmp_path):
     return folder
 
 
+TABLE = Path(__file__).parents[1] / "profiles" / "minilm-cpu2-onnxruntime-b8s128.json"
+COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "x"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["profile", "/no/such/model", "-o", "{tmp}/t.json"], "model path /no/such/model does not exist"),
     (["profile", "minilm", "--batch-size", "0", "-o", "{tmp}/t.json"], "batch size must be at least 1"),
     (["profile", "minilm", "--seq-len", "0", "-o", "{tmp}/t.json"], "seq len must be at least 1"),
     (["profile", "minilm", "-o", "/no/such/dir/t.json"], "folder /no/such/dir does not exist"),
     (["profile", "{model}", "-o", "{tmp}/t.json"], "unsupported architecture 't5'"),
+    (["profile", "ziplm-planner-tests/no-such-model", "-o", "{tmp}/t.json"], "not in the local Hugging Face cache"),
     (["profile", "show", "{tmp}/missing.json"], "does not exist"),
     (["compress", "minilm", "--profile", "{tmp}/missing.json", "--targets", "2", "--calib", "x", "-o", "{tmp}/f"],
      "does not exist"),
-    (["compress", "minilm", "--profile", "x.json", "--targets", "0.5", "--calib", "x", "-o", "{tmp}/f"], "must be > 1"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "0.5", "--calib", "x", "-o", "{tmp}/f"], "must be a finite number > 1"),
     (["compress", "minilm", "--profile", "x.json", "--targets", "two", "--calib", "x", "-o", "{tmp}/f"], "must be numbers"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "nan", "--calib", "x", "-o", "{tmp}/f"], "finite number > 1"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "2,inf", "--calib", "x", "-o", "{tmp}/f"], "finite number"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "1.5,,2", "--calib", "x", "-o", "{tmp}/f"], "empty item"),
+    (["demo", "--targets", "nan", "-o", "{tmp}/f"], "finite number > 1"),
+    (["compress", "{model}", "--profile", str(TABLE), "--targets", "1000", "--calib", "x", "-o", "{tmp}/f"],
+     "beyond this table's maximum speedup"),
+    ([*COMPRESS, "-o", "/proc/family"], "folder /proc is not writable"),
+    ([*COMPRESS, "-o", "{tmp}/afile/f"], "afile is a file, not a folder"),
+    ([*COMPRESS, "-o", "{tmp}/afile"], "afile is a file: give a directory"),
+    (["profile", "minilm", "-o", "/proc/t.json"], "folder /proc is not writable"),
+    (["profile", "minilm", "-o", "{tmp}/afile/t.json"], "afile is a file, not a folder"),
+    (["demo", "-o", "/proc/demo"], "folder /proc is not writable"),
+    (["demo", "-o", "{tmp}/afile/demo"], "afile is a file, not a folder"),
     (["evaluate", "{tmp}", "--task", "stsb", "--data", "x"], "has no report.json"),
     (["plot", "{tmp}/nothing", "-o", "{tmp}/p.png"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, unsupported_model, args, message):
+    (tmp_path / "afile").write_text("not a folder")
     args = [a.format(tmp=tmp_path, model=unsupported_model) for a in args]
     code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 2
@@ -50,3 +70,15 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, unsuppo
 def test_unknown_option_is_a_usage_error(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "profile", "minilm", "--bogus")
     assert code == 2 and "No such option" in err
+
+
+def test_ctrl_c_in_a_command_is_the_interrupted_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    from ziplm_planner.table import LatencyTable
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LatencyTable, "load", staticmethod(interrupted))
+    code, _, err = run_cli(monkeypatch, capsys, "profile", "show", str(tmp_path / "t.json"))
+    assert code == 130
+    assert err.strip() == "interrupted: nothing incomplete was left behind as complete"

@@ -98,6 +98,70 @@ def stats(ms):
     return TimingStats(ms, ms, ms, ms, 1)
 
 
+def small_database():
+    """A hand-made level database: 1 layer, 2 heads of width 4, 3 FFN neurons (no model needed)."""
+    from ziplm_planner.adapters import ModelShape
+    from ziplm_planner.database import BlockTrace, LevelDatabase
+
+    shape = ModelShape("bert", 1, 8, 2, 1, 4, 3, 10)
+    blocks = [{ATTENTION: BlockTrace([2, 1, 0], [0.0, 0.4, 1.0], [1, 0], torch.eye(8, dtype=torch.float64)),
+               FFN: BlockTrace([3, 2, 1, 0], [0.0, 0.2, 0.5, 1.0], [2, 0, 1], torch.eye(3, dtype=torch.float64))}]
+    return LevelDatabase(shape, blocks, 0.01, {"seconds": 1.0})
+
+
+class Foreign:
+    pass
+
+
+def payload_with(change):
+    db = small_database()
+    payload = {"format": "ziplm-planner/level-database/v2", "shape": db.shape.__dict__, "dampening": 0.01,
+               "metadata": {}, "blocks": [{b: {"levels": t.levels, "errors": t.errors, "order": t.order,
+                                               "hessian": t.hessian.float()} for b, t in db.blocks[0].items()}]}
+    change(payload)
+    return payload
+
+
+def torch_bytes(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", [
+    b"", bytes(range(256)) * 4, torch_bytes(torch.zeros(3)), torch_bytes([1, 2]), torch_bytes(Foreign()),
+    torch_bytes({"format": "something else"}),
+    torch_bytes(payload_with(lambda p: p["blocks"].append(p["blocks"][0]))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0].pop(FFN))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][FFN].update(order=[0, 0, 1]))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(hessian=torch.eye(3)))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(errors=[0.0]))),
+], ids=["empty", "random", "tensor", "list", "foreign-object", "other-format", "extra-layer", "missing-block",
+        "bad-order", "bad-hessian", "missing-errors"])
+def test_unreadable_cache_entry_is_deleted_and_rebuilt(tmp_path, caplog, content):
+    from ziplm_planner.database import cached_database
+
+    (tmp_path / "leveldb-k.pt").write_bytes(content)
+    built = []
+    build = lambda: built.append(1) or small_database()
+    db = cached_database(tmp_path, "k", build)
+    assert built == [1] and not db.metadata.get("cached")
+    assert "deleting unreadable level-database cache" in caplog.text
+    again = cached_database(tmp_path, "k", build)
+    assert built == [1] and again.metadata["cached"]
+    assert again.blocks[0][FFN].order == [2, 0, 1] and again.blocks[0][ATTENTION].hessian.shape == (8, 8)
+
+
+def test_unwritable_cache_is_a_warning(tmp_path, caplog):
+    from ziplm_planner.database import cached_database
+
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    db = cached_database(tmp_path / "cache", "k", small_database)
+    assert db.shape.num_layers == 1 and "cannot store the level database" in caplog.text
+
+
 class StubVerifier:
     """Measures each successive member at `factor` x the target speedup (the last factor repeats)."""
 
@@ -219,10 +283,18 @@ def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypa
     assert all(r["timed"] == "model.onnx" and r["interval"][0] <= r["interval"][1] for r in retimed)
 
 
-@pytest.mark.parametrize("text", ["1,0.5", "abc", "", "1"])
-def test_bad_targets_are_refused(text):
-    with pytest.raises(UserError, match="target"):
+@pytest.mark.parametrize("text,message", [
+    ("1,0.5", "finite number > 1"), ("abc", "got 'abc'"), ("", "empty item"), ("1", "finite number > 1"),
+    ("nan", "finite number > 1"), ("inf", "finite number > 1"), ("2,-inf", "finite number > 1"),
+    ("1.5,,2", "empty item"), ("2,", "empty item"), ([], "no speedup targets"), ([2.0, float("nan")], "finite"),
+])
+def test_bad_targets_are_refused(text, message):
+    with pytest.raises(UserError, match=message):
         parse_targets(text)
+
+
+def test_targets_are_parsed_sorted_and_deduplicated():
+    assert parse_targets(" 3, 1.5 ,2,2") == [1.5, 2.0, 3.0]
 
 
 def test_target_beyond_the_tables_maximum_is_refused(setup, tmp_path):
@@ -253,6 +325,22 @@ def test_output_holding_other_files_is_refused_without_overwrite(setup, tmp_path
     with pytest.raises(UserError, match="--overwrite"):
         compress_model(loaded, table, [1.5], str(calib), out, fast_settings(tmp_path))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff garbage", b'{"source": ', b"[1, 2]", b'"just a string"'])
+def test_unreadable_family_manifest_is_another_family(tmp_path, content):
+    from ziplm_planner.oneshot import prepare_family_dir
+
+    out = tmp_path / "family"
+    out.mkdir()
+    (out / "family.json").write_bytes(content)
+    (out / "x2").mkdir()
+    manifest = {"format": "ziplm-planner/family/v1", "source": {"model": "m"}}
+    with pytest.raises(UserError, match="already holds a different family or other files: use --overwrite"):
+        prepare_family_dir(out, manifest, overwrite=False)
+    assert (out / "family.json").read_bytes() == content
+    prepare_family_dir(out, manifest, overwrite=True)
+    assert json.loads((out / "family.json").read_text()) == manifest and not (out / "x2").exists()
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -302,8 +390,48 @@ def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cach
     complete = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "pruning.json").exists())
     assert complete == ["dense", "x1.2"] and not (out / "report.json").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    saved = record_saves(monkeypatch, compress_module)
+    dense_row = json.loads((out / "dense" / "measurement.json").read_text())
     again = compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()
+    assert "dense" not in saved  # the complete dense/ is reused, not re-timed
+    assert again.rows[0] == {k: v for k, v in dense_row.items() if k != "timing"}
+
+
+def record_saves(monkeypatch, compress_module) -> list[str]:
+    """Names of the member folders save_member writes from now on."""
+    saved, real_save = [], compress_module.save_member
+
+    def save(folder, *args, **kwargs):
+        saved.append(folder.name)
+        return real_save(folder, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_member", save)
+    return saved
+
+
+@pytest.mark.parametrize("damage", [
+    lambda record: record.pop("timing"),  # saved before timings were kept
+    lambda record: record["timing"]["member"].pop("runs"),
+    lambda record: record.update(calibration_loss=record["calibration_loss"] + 1),  # other data
+    lambda record: record.update(predicted_ms=record["predicted_ms"] * 2),  # another table
+])
+def test_incomplete_or_stale_dense_is_rebuilt(setup, tmp_path, monkeypatch, damage):
+    import ziplm_planner.oneshot as compress_module
+
+    loaded, table, calib = setup
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0)
+    out = tmp_path / "family"
+    compress_model(loaded, table, [1.2], str(calib), out, settings)
+    path = out / "dense" / "measurement.json"
+    record = json.loads(path.read_text())
+    damage(record)
+    path.write_text(json.dumps(record))
+    saved = record_saves(monkeypatch, compress_module)
+    again = compress_model(loaded, table, [1.2], str(calib), out, settings)
+    assert saved[0] == "dense"
+    rewritten = json.loads(path.read_text())
+    assert again.rows[0] == {k: v for k, v in rewritten.items() if k != "timing"} and "timing" in rewritten
 
 
 @pytest.mark.parametrize("method", ["magnitude", "uniform", "layerdrop", "kwon"])

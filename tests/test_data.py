@@ -58,6 +58,11 @@ def test_plain_text_and_wikitext_headings(tmp_path):
     assert (ds.fmt, ds.texts, ds.pairs, ds.labels) == ("text", ["First para .", "Second\tpara ."], None, None)
 
 
+def test_text_with_a_few_tabs_and_without_a_suffix_stays_text(tmp_path):
+    p = write(tmp_path, "notes", "one line\ttabbed\nplain line\nanother plain one\n")
+    assert read_dataset(p).texts == ["one line\ttabbed", "plain line", "another plain one"]
+
+
 def test_stsb_with_extra_columns_and_quotes(tmp_path):
     ds = read_dataset(write(tmp_path, "sts.csv", STSB_ROWS))
     assert ds.fmt == "stsb"
@@ -84,7 +89,8 @@ def test_forced_format_overrides_detection(tmp_path):
 @needs_shared
 @pytest.mark.parametrize(
     "rel, fmt, rows",
-    [("stsb/sts-dev.csv", "stsb", 1500), ("stsb/sts-train.csv", "stsb", 5749), ("sst2/dev.tsv", "glue", 872)],
+    [("stsb/sts-dev.csv", "stsb", 1500), ("stsb/sts-train.csv", "stsb", 5749), ("sst2/dev.tsv", "glue", 872),
+     ("sst2/train.tsv", "glue", 67349)],
 )
 def test_shared_files(rel, fmt, rows):
     ds = read_dataset(SHARED / rel)
@@ -96,8 +102,9 @@ def test_shared_files(rel, fmt, rows):
 
 
 @needs_shared
-def test_shared_wikitext():
-    ds = read_dataset(SHARED / "wikitext2" / "wiki.valid.raw")
+@pytest.mark.parametrize("name", ["wiki.valid.raw", "wiki.train.head.raw"])
+def test_shared_wikitext(name):
+    ds = read_dataset(SHARED / "wikitext2" / name)
     assert ds.fmt == "text" and len(ds.texts) > 1000
     assert not any(t.startswith("= ") for t in ds.texts)
 
@@ -114,6 +121,12 @@ def test_shared_wikitext():
         ("label.tsv", "sentence\tlabel\nok\t1\nbad\tpositive\n", None, "line 3: label 'positive' is not numeric"),
         ("few.tsv", "sentence\tlabel\nok\t1\n\nno label\n", None, "line 4: expected >= 2"),
         ("x.txt", "x\n", "csv", "unknown data format 'csv'"),
+        ("columns.tsv", "text\tlabel\nx\t1\n", None, "line 1: looks like a TSV but is neither STS-B"),
+        ("commas.csv", "a,b,c\n1,2,3\n", None, "line 1: looks like a TSV .* got 1 field"),
+        ("pairs", "\nA cat.\tA dog.\tx\nB.\tC.\ty\nno tab here\n", None, "pairs line 2: looks like a TSV"),
+        ("range.csv", "g\tf\t2012\t1\t7.5\ta\tb\n" + STSB_ROWS, None, "line 1: score '7.5' is not a number in"),
+        ("late.csv", STSB_ROWS + "g\tf\t2012\t1\t-0.5\ta\tb\n", None, "line 3: score '-0.5' is not a number in"),
+        ("blank.tsv", "\n\n", None, "no samples"),
     ],
 )
 def test_read_errors(tmp_path, name, content, fmt, match):

@@ -101,6 +101,68 @@ def test_bad_table_files_are_refused(tmp_path, content, message):
         LatencyTable.load(path)
 
 
+def fixed_record(data):
+    return next(r for r in data["records"] if r["block"] == FIXED)
+
+
+def first_of(data, block):
+    return next(r for r in data["records"] if r["block"] == block)
+
+
+def drop(data, block, level):
+    data["records"] = [r for r in data["records"] if (r["block"], r["level"]) != (block, level)]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: fixed_record(d).update(time_ms=0.0), "record fixed level 0: time_ms 0.0 is not > 0"),
+    (lambda d: fixed_record(d).update(level=1), r"fixed part levels \[1\] are not \[0\]"),
+    (lambda d: d["records"].append(dict(fixed_record(d))), "fixed level 0 is recorded more than once"),
+    (lambda d: d["records"].remove(fixed_record(d)), r"fixed part levels \[\] are not \[0\]"),
+    (lambda d: d.update(scale=0), "scale 0 is not > 0"),
+    (lambda d: d.update(scale=float("inf")), "scale inf is not a finite number"),
+    (lambda d: d.update(scale="1.0"), "scale '1.0' is not a finite number"),
+    (lambda d: d.update(estimator="mean"), "estimator 'mean' is not one of"),
+    (lambda d: d["spec"].update(threads="2"), "spec field threads '2' is not an integer"),
+    (lambda d: d["spec"].update(backend="tpu"), "spec: backend 'tpu'"),
+    (lambda d: d["spec"].update(colour="red"), "spec: .*unexpected keyword argument 'colour'"),
+    (lambda d: d["shape"].update(num_layers=0), "shape field num_layers 0 is not an integer >= 1"),
+    (lambda d: d["shape"].pop("head_dim"), "shape has fields"),
+    (lambda d: d.update(records=[]), "records are missing"),
+    (lambda d: d["records"].append("junk"), "record 'junk' has no known block"),
+    (lambda d: first_of(d, FFN).update(block="mlp"), "has no known block"),
+    (lambda d: first_of(d, FFN).update(time_ms=float("nan")), "time_ms nan is not a finite number"),
+    (lambda d: first_of(d, FFN).update(p10_ms=-1.0), "p10_ms -1.0 is not > 0"),
+    (lambda d: first_of(d, FFN).pop("p90_ms"), "p90_ms None is not a finite number"),
+    (lambda d: first_of(d, ATTENTION).update(runs=0), "runs 0 is not an integer >= 1"),
+    (lambda d: drop(d, ATTENTION, 2), r"attention levels missing \[2\]"),
+    (lambda d: first_of(d, ATTENTION).update(level=9), r"attention levels missing \[1\], unexpected \[9\]"),
+    (lambda d: first_of(d, FFN).update(level=49), r"FFN levels \[49\] are outside 1..48"),
+    (lambda d: drop(d, FFN, 48), "FFN level 48 \\(dense\\) is missing"),
+    (lambda d: d.update(additivity={}), "additivity is not a list"),
+    (lambda d: d["additivity"][0].pop("error"), "additivity entry 0: error None is not a finite number"),
+    (lambda d: d["additivity"][1].update(measured_ms=0), "additivity entry 1: measured_ms 0 is not > 0"),
+    (lambda d: d["additivity"][0].update(kept=[[4, 48]]), "additivity entry 0: kept is not 2"),
+    (lambda d: d["additivity"][0].update(kept=[[5, 48], [4, 48]]), "kept is not 2 .* within the shape"),
+    (lambda d: d.update(metadata=[]), "metadata is missing or not an object"),
+])
+def test_damaged_table_fields_are_refused_on_load(table, tmp_path, damage, message):
+    data = json.loads(json.dumps(table.to_dict()))
+    damage(data)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=message) as err:
+        LatencyTable.load(path)
+    assert str(err.value).startswith(f"latency table {path} is incomplete or corrupt (")
+    assert str(err.value).endswith("re-run `ziplm-planner profile`") and "\n" not in str(err.value)
+
+
+def test_shipped_tables_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "profiles").glob("*.json")):
+        assert LatencyTable.load(path).max_speedup > 1
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(batch_size=0), "batch size must be at least 1"), (dict(seq_len=0), "seq len must be at least 1"),
     (dict(backend="tensorrt"), "backend"), (dict(mode="decode"), "needs --context"),

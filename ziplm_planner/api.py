@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .atomic import check_writable
+from .atomic import check_creatable_dir, check_writable
 from .models import LoadedModel, load_model
 from .profiler import ProfileSettings, profile_model
 from .spec import InferenceSpec
@@ -40,10 +40,12 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
 
     Writes the family to `output` (one folder per target plus the dense reference, report.csv,
     report.json) and returns the FamilyReport."""
-    from .oneshot import CompressSettings, compress_model, parse_targets
+    from .oneshot import CompressSettings, check_reachable, compress_model, parse_targets
 
     targets = parse_targets(targets)
     table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+    check_reachable(targets, table)  # this and the output: fail now, not after loading the model
+    check_creatable_dir(Path(output))
     settings = CompressSettings(method=method, num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
                                 search_evaluations=search_evaluations, score_samples=score_samples, onnx=onnx,
                                 **({"cache_dir": Path(cache_dir)} if cache_dir else {}))

@@ -10,15 +10,39 @@ from .errors import UserError
 
 
 def check_writable(path: Path) -> Path:
-    """Fail before any work if `path` cannot be created (missing or read-only folder)."""
+    """Fail before any work if file `path` cannot be created (missing, read-only or not a folder)."""
+    path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UserError(f"output path {path} is a directory: give a file name")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {path}: folder {parent} is not writable")
+    _probe(parent, path)
     return path
+
+
+def check_creatable_dir(path: Path) -> Path:
+    """Fail before any work if folder `path` can neither be written into nor created. Missing parents
+    are fine when the nearest existing one is a writable folder; nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output {path} is a file: give a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" ends the chain
+    if not existing.is_dir():
+        raise UserError(f"cannot create {path}: {existing} is a file, not a folder")
+    _probe(existing, path)
+    return path
+
+
+def _probe(folder: Path, target: Path) -> None:
+    """Create and remove a temporary folder in `folder`: permission bits lie to root and on read-only
+    or virtual file systems (/proc), so only trying tells."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".ziplm-write-check-"))
+    except OSError as err:
+        raise UserError(f"cannot write {target}: folder {folder} is not writable ({err.strerror or err})") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

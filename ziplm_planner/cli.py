@@ -192,12 +192,9 @@ def main() -> None:
     except UserError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
+        click.echo("interrupted: nothing incomplete was left behind as complete", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing incomplete was left behind as complete", err=True)
-        sys.exit(130)

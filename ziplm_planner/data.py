@@ -5,6 +5,8 @@ Formats (auto-detected from the first non-empty line, or forced with `fmt`):
   stsb  STS-B TSV, no header: genre, file, year, id, score (0-5), sentence1, sentence2[, extra...].
   glue  GLUE TSV with a header naming `sentence` or `sentence1` (and optionally `label`).
 TSV files are split on tabs only, never with CSV quoting: the sentences contain quotes.
+.txt and .raw files are always text; a file that looks like a table (a .tsv or .csv name, or
+tabs on most lines) must be STS-B or GLUE, else reading it is an error naming the line.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("text", "stsb", "glue")
 _TEXT_SUFFIXES = {".txt", ".raw"}
-_FILE_SUFFIXES = _TEXT_SUFFIXES | {".tsv", ".csv", ".json", ".jsonl", ".parquet"}
+_TABLE_SUFFIXES = {".tsv", ".csv"}
+_FILE_SUFFIXES = _TEXT_SUFFIXES | _TABLE_SUFFIXES | {".json", ".jsonl", ".parquet"}
+STSB_FIELDS = 7  # genre, file, year, id, score, sentence1, sentence2
 _HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # GLUE column pairs, most specific first (MRPC/RTE/STS-B, then QNLI).
 _GLUE_PAIRS = (("sentence1", "sentence2"), ("question", "sentence"))
@@ -76,15 +80,30 @@ def calibration_texts(dataset: TextDataset, num_samples: int, seed: int) -> list
 
 
 def _detect(path: Path, lines: list[str]) -> str:
-    if path.suffix.lower() in _TEXT_SUFFIXES:
+    """text, glue or stsb. A file that looks like a table must be one of the two table formats: read
+    as plain text, a table with the wrong columns would silently calibrate on its column soup."""
+    first = next(((n, line) for n, line in enumerate(lines, 1) if line.strip()), None)
+    if path.suffix.lower() in _TEXT_SUFFIXES or first is None:
         return "text"
-    first = next((line for line in lines if line.strip()), "")
-    fields = [f.strip() for f in first.split("\t")]
+    n, line = first
+    fields = [f.strip() for f in line.split("\t")]
     if "sentence" in fields or "sentence1" in fields:
         return "glue"
-    if len(fields) >= 7 and _score(fields[4]) is not None:
-        return "stsb"
-    return "text"
+    if not _looks_tabular(path, lines):
+        return "text"
+    if len(fields) >= STSB_FIELDS:
+        return "stsb"  # _parse_stsb names the first line that is not STS-B
+    raise UserError(f"{path} line {n}: looks like a TSV but is neither STS-B (>= {STSB_FIELDS} tab-separated fields, "
+                    f"a 0-5 score in the 5th) nor GLUE (a header naming 'sentence' or 'sentence1'): got "
+                    f"{len(fields)} field(s); fix the columns, or give plain text in a .txt file")
+
+
+def _looks_tabular(path: Path, lines: list[str]) -> bool:
+    """A .tsv/.csv name, or tabs on most non-empty lines."""
+    if path.suffix.lower() in _TABLE_SUFFIXES:
+        return True
+    filled = [line for line in lines if line.strip()]
+    return sum("\t" in line for line in filled) > len(filled) / 2
 
 
 def _score(value: str) -> float | None:
@@ -111,11 +130,12 @@ def _parse_stsb(path: Path, lines: list[str]) -> TextDataset:
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) < 7:
-            raise UserError(f"{path} line {n}: expected >= 7 tab-separated fields, got {len(fields)}")
+        if len(fields) < STSB_FIELDS:
+            raise UserError(f"{path} line {n}: expected >= {STSB_FIELDS} tab-separated fields, got {len(fields)} "
+                            "(STS-B: genre, file, year, id, score, sentence1, sentence2)")
         score = _score(fields[4])
         if score is None:
-            raise UserError(f"{path} line {n}: score {fields[4]!r} is not a number in [0, 5]")
+            raise UserError(f"{path} line {n}: score {fields[4]!r} is not a number in [0, 5] (STS-B)")
         pairs.append((fields[5].strip(), fields[6].strip()))
         scores.append(score)
     return TextDataset([a for a, _ in pairs], pairs, scores, "stsb", str(path))

@@ -8,6 +8,7 @@ order rebuild any level's weights on demand.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -135,12 +136,32 @@ class LevelDatabase:
 
     @classmethod
     def load(cls, path: Path) -> LevelDatabase:
+        """Read a saved database, checked against its shape: a file holding anything else raises here
+        (ValueError, or KeyError/TypeError for a missing or mistyped field), not mid-search."""
         payload = torch.load(path, weights_only=True)
-        if payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a level database")
-        blocks = [{b: BlockTrace(t["levels"], t["errors"], t["order"], t["hessian"].double()) for b, t in layer.items()}
-                  for layer in payload["blocks"]]
-        return cls(ModelShape(**payload["shape"]), blocks, payload["dampening"], payload["metadata"])
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a level database ({FORMAT})")
+        shape = ModelShape(**payload["shape"])
+        layers = payload["blocks"]
+        if not isinstance(layers, list) or len(layers) != shape.num_layers:
+            raise ValueError(f"{path} does not hold {shape.num_layers} layers")
+        blocks = [{block: _trace(layer, shape, block) for block in BLOCKS} for layer in layers]
+        return cls(shape, blocks, float(payload["dampening"]), dict(payload["metadata"]))
+
+
+def _trace(layer: dict, shape: ModelShape, block: str) -> BlockTrace:
+    """One saved block, checked against the shape: levels from all to 0 with an error each, the removal
+    order a permutation of the structures, and a square Hessian of the output projection's inputs."""
+    saved, total = layer[block], total_structures(shape, block)
+    levels, errors, order, hessian = saved["levels"], saved["errors"], saved["order"], saved["hessian"]
+    side = total * group_size(shape, block)
+    if not (levels[0] == total and levels[-1] == 0 and len(errors) == len(levels)):
+        raise ValueError(f"{block} levels do not run from {total} to 0 with an error at each")
+    if sorted(order) != list(range(total)):
+        raise ValueError(f"{block} removal order is not a permutation of {total} structures")
+    if not (isinstance(hessian, torch.Tensor) and hessian.shape == (side, side)):
+        raise ValueError(f"{block} Hessian is not {side} x {side}")
+    return BlockTrace(list(levels), list(errors), list(order), hessian.double())
 
 
 def build_database(model: nn.Module, calibration: Calibration, table: LatencyTable, dampening: float = 0.01) -> LevelDatabase:
@@ -173,17 +194,37 @@ def database_key(model_fingerprint: dict, calibration: Calibration, table: Laten
 def cached_database(cache_dir: Path, key: str, build) -> LevelDatabase:
     """Load the database for `key` from the cache, or build and store it."""
     path = cache_dir / f"leveldb-{key}.pt"
-    if path.exists():
-        try:
-            db = LevelDatabase.load(path)
-            log.info("level database from cache %s", path)
-            db.metadata["cached"] = True
-            return db
-        except (ValueError, RuntimeError, KeyError, EOFError) as err:
-            log.warning("ignoring unreadable cache %s (%s)", path, err)
-    db = build()
-    db.save(path)
+    db = load_cached(path)
+    if db is None:
+        db = build()
+        store_cached(db, path)
     return db
+
+
+def load_cached(path: Path) -> LevelDatabase | None:
+    """The cached database at `path`; None, with the file deleted, where there is none that loads."""
+    if not path.exists():
+        return None
+    try:
+        db = LevelDatabase.load(path)
+    except Exception as err:  # a cache: random bytes, a foreign pickle, an old format all just mean rebuild
+        reason = (str(err).splitlines() or [""])[0]
+        log.warning("deleting unreadable level-database cache %s (%s: %s); rebuilding it", path, type(err).__name__,
+                    reason)
+        with contextlib.suppress(OSError):  # then the store below replaces it, or warns
+            path.unlink()
+        return None
+    log.info("level database from cache %s", path)
+    db.metadata["cached"] = True
+    return db
+
+
+def store_cached(db: LevelDatabase, path: Path) -> None:
+    """Save to the cache; a cache that cannot be written costs the next run a rebuild, not this run."""
+    try:
+        db.save(path)
+    except OSError as err:
+        log.warning("cannot store the level database in %s (%s); the next run rebuilds it", path, err.strerror or err)
 
 
 # --- stitching -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import random
 import re
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, check_creatable_dir
 from .models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def run_demo(output: Path, targets=(1.5, 2.0, 3.0), backend: str = "onnxruntime"
     from .models import load_model
     from .plot import plot_frontier, plot_layers, read_family
 
+    check_creatable_dir(output)  # before the model loads
     output.mkdir(parents=True, exist_ok=True)
     loaded = load_model(DEFAULT_MODEL)
     calibration, heldout = write_demo_texts(output)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import CONFIG_NAME
 
 from .adapters import architecture_for
 from .errors import UserError
@@ -51,9 +52,12 @@ class ModelSource:
     gguf_file: str | None = None
 
     @property
+    def on_hub(self) -> bool:
+        return self.gguf_file is None and not Path(self.location).exists()
+
+    @property
     def kwargs(self) -> dict:
-        local = Path(self.location).exists()
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {"local_files_only": local}
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {"local_files_only": not self.on_hub}
 
 
 @dataclass
@@ -85,7 +89,24 @@ def resolve_model(reference: str) -> ModelSource:
     return ModelSource(reference, str(path))
 
 
+def check_hub_model(repo_id: str) -> None:
+    """A hub id must be in the local Hugging Face cache or fetchable now. Asked once, without retries:
+    given an unreachable hub, huggingface_hub retries for half a minute and logs every try."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME), str):
+            return
+        get_hf_file_metadata(hf_hub_url(repo_id, CONFIG_NAME))  # one HEAD request, no retry
+    except Exception as err:  # offline, DNS, proxy, an invalid, unknown or gated id: it cannot be fetched
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"model {repo_id} is not in the local Hugging Face cache and cannot be fetched ({reason}): "
+                        f"download it first (`hf download {repo_id}`) or give a local folder") from None
+
+
 def load_config(source: ModelSource):
+    if source.on_hub:
+        check_hub_model(source.location)
     try:
         config = AutoConfig.from_pretrained(source.location, **source.kwargs)
     except (OSError, ValueError) as err:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -17,18 +18,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import model_shape
+from .adapters import ModelShape, model_shape
 from .atomic import atomic_write_text
 from .calibrate import Calibration, CalibrationLoss, load_calibration
 from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_database, database_key, stitch, stitch_sequential
 from .environment import library_versions, machine_info, now
 from .errors import UserError
-from .export import save_member
+from .export import MEASUREMENT, ONNX, WEIGHTS, read_record, save_member
 from .family import FAMILY_FORMAT, report_csv
 from .models import LoadedModel
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
-from .verify import MemberResult, Verifier, verified_member
+from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,33 @@ def default_cache_dir() -> Path:
 
 
 def parse_targets(text: str | list) -> list[float]:
-    """'1.5,2,3' -> [1.5, 2.0, 3.0]; every target a number > 1."""
+    """'1.5,2,3' -> [1.5, 2.0, 3.0]; every item a finite number > 1, none empty."""
     items = text.split(",") if isinstance(text, str) else list(text)
+    if not items:
+        raise UserError("no speedup targets given: give numbers > 1 separated by commas, e.g. 1.5,2,3")
+    return sorted({parse_target(item, text) for item in items})
+
+
+def parse_target(item, text) -> float:
+    """One speedup target; `text` is the whole list, quoted in the message."""
+    if not str(item).strip():
+        raise UserError(f"targets must be numbers separated by commas, got an empty item in {text!r}")
     try:
-        targets = sorted({float(t) for t in items if str(t).strip()})
-    except ValueError:
-        raise UserError(f"targets must be numbers separated by commas, got {text!r}") from None
-    if not targets or any(t <= 1 for t in targets):
-        raise UserError(f"every speedup target must be > 1, got {text!r}")
-    return targets
+        target = float(item)
+    except (TypeError, ValueError):
+        raise UserError(f"targets must be numbers separated by commas, got {item!r} in {text!r}") from None
+    # NaN compares false with everything, so it would pass a plain `> 1` test
+    if not math.isfinite(target) or target <= 1:
+        raise UserError(f"every speedup target must be a finite number > 1, got {item!r} in {text!r}")
+    return target
+
+
+def check_reachable(targets: list[float], table: LatencyTable) -> None:
+    """Every target within the table's maximum speedup (the fixed part and the cheapest block)."""
+    too_fast = [t for t in targets if t > table.max_speedup]
+    if too_fast:
+        raise UserError(f"target {max(too_fast):g}x is beyond this table's maximum speedup {table.max_speedup:.2f}x "
+                        "(the fixed part and one block): choose smaller targets")
 
 
 @dataclass
@@ -94,13 +113,25 @@ class FamilyReport:
 # --- the family directory ------------------------------------------------------------------------
 
 
-def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> None:
-    """Refuse a directory holding something else unless `overwrite`; record what this run makes."""
+def manifest_source(output: Path) -> dict | None:
+    """What the family in `output` was made from, or None where family.json is missing or unreadable
+    (then the folder holds something else, as far as this run can tell)."""
+    try:
+        manifest = json.loads((output / "family.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest.get("source") if isinstance(manifest, dict) else None
+
+
+def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> bool:
+    """Refuse a directory holding something else unless `overwrite`; record what this run makes.
+    True where the directory already holds this family (an earlier, perhaps interrupted, run)."""
     manifest_path = output / "family.json"
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file: give a directory for the family")
+    same = False
     if output.exists() and any(output.iterdir()):
-        same = manifest_path.exists() and json.loads(manifest_path.read_text()).get("source") == manifest["source"]
+        same = manifest_source(output) == manifest["source"]
         if not same and not overwrite:
             raise UserError(f"output directory {output} already holds a different family or other files: "
                             "use --overwrite or another -o")
@@ -108,6 +139,7 @@ def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> None:
             shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    return same
 
 
 # --- planning one member ---------------------------------------------------------------------------
@@ -145,6 +177,49 @@ class Planner:
         return (*stitch(self.loaded.model, self.db, counts), counts)
 
 
+# --- the dense reference -------------------------------------------------------------------------------
+
+
+def dense_result(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, measurement: Measurement,
+                 calibration_loss: float) -> MemberResult:
+    return MemberResult(1.0, member_name(1.0), PruningPlan.dense(shape), table.dense_ms, measurement,
+                        calibration_loss, count_parameters(loaded.model))
+
+
+def saved_dense(folder: Path, loaded: LoadedModel, shape: ModelShape, table: LatencyTable, calibration_loss: float,
+                onnx: bool) -> MemberResult | None:
+    """The dense reference an earlier run of this family saved, rebuilt from its recorded timings; None
+    (then it is timed and saved again) unless it is complete and its row is the one this run would write,
+    i.e. made with this table's prediction and estimator and this calibration's loss."""
+    try:
+        record = read_record(folder)
+        saved = json.loads((folder / MEASUREMENT).read_text())
+        result = dense_result(loaded, shape, table, Measurement.from_dict(saved["timing"]), calibration_loss)
+    except (UserError, OSError, ValueError, KeyError, TypeError):  # missing, unreadable, or from an older version
+        return None
+    files = ["config.json", WEIGHTS, *([ONNX] if onnx else [])]
+    complete = all((folder / name).is_file() for name in files) and (record.get("onnx") is not None or not onnx)
+    same = record.get("plan") == result.plan.to_dict() and saved == measurement_record(result, table)
+    return result if complete and same else None
+
+
+def measurement_record(result: MemberResult, table: LatencyTable) -> dict:
+    """measurement.json: the member's report row and the timings it came from."""
+    return {**result.row(table.dense_ms), "timing": result.measurement.to_dict()}
+
+
+def dense_member(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, verifier: Verifier,
+                 calibration_loss: float, output: Path, settings: CompressSettings, resumed: bool) -> MemberResult:
+    """The dense member: reused from a complete dense/ when this run continues the family, else timed
+    with the verifier's protocol and saved."""
+    if resumed and (result := saved_dense(output / "dense", loaded, shape, table, calibration_loss, settings.onnx)):
+        log.info("reusing %s from an earlier run of this family", output / "dense")
+        return result
+    result = dense_result(loaded, shape, table, verifier.measure_dense(), calibration_loss)
+    save_result(output, loaded.model, loaded, result, settings, table)
+    return result
+
+
 # --- the whole run -------------------------------------------------------------------------------------
 
 
@@ -170,7 +245,7 @@ def save_result(output: Path, model, loaded: LoadedModel, result: MemberResult, 
     the plan, so pruning.json holds only what the same seed, table and data reproduce exactly."""
     save_member(output / result.folder, model, loaded.tokenizer, result.plan, loaded.kind,
                 {"target": result.target, "method": settings.method}, onnx=settings.onnx,
-                onnx_file=result.measurement.onnx_file, measurement=result.row(table.dense_ms))
+                onnx_file=result.measurement.onnx_file, measurement=measurement_record(result, table))
 
 
 def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float], calibration_path: str,
@@ -180,10 +255,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     table.check_compatible(shape, source="latency table")
     for problem in table.trust_problems():
         log.warning("latency table %s: %s: %s", table.metadata.get("model", ""), problem, TRUST_ADVICE)
-    too_fast = [t for t in targets if t > table.max_speedup]
-    if too_fast:
-        raise UserError(f"target {max(too_fast):g}x is beyond this table's maximum speedup {table.max_speedup:.2f}x "
-                        "(the fixed part and one block): choose smaller targets")
+    check_reachable(targets, table)
     torch.set_num_threads(table.spec.threads)
     torch.manual_seed(settings.seed)
     calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
@@ -191,7 +263,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     fingerprint = model_fingerprint(loaded)
     manifest = {"format": FAMILY_FORMAT, "source": {"model": fingerprint["location"], "method": settings.method,
                                                     "table": table.spec.to_dict(), "shape": asdict(shape)}}
-    prepare_family_dir(output, manifest, overwrite)
+    resumed = prepare_family_dir(output, manifest, overwrite)
 
     score_loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))
     planning = {}
@@ -210,10 +282,8 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     results, planning_seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
         verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
-        dense = MemberResult(1.0, "dense", PruningPlan.dense(shape), table.dense_ms, verifier.measure_dense(),
-                             score_loss(loaded.model), count_parameters(loaded.model))
-        save_result(output, loaded.model, loaded, dense, settings, table)
-        results.append(dense)
+        results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
+                                    resumed))
         for target in tqdm(targets, desc="family members"):
             member_started = time.perf_counter()
             result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)

@@ -11,7 +11,10 @@ whole model was from the prediction (leave-one-out), so additivity is checked, n
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,22 +161,170 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
+        """Read and validate a table file: every field is checked here, so that a damaged table is one
+        line naming the problem, not a crash (a division by a zero fixed part) minutes later."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"latency table {path} does not exist: make one with `ziplm-planner profile`")
         try:
             data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"latency table {path} is not valid JSON ({err}): re-run `ziplm-planner profile`") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UserError(f"{path} is not a ziplm-planner latency table (expected format {FORMAT!r})")
         try:
-            table = cls(InferenceSpec(**data["spec"]), ModelShape(**data["shape"]), data["estimator"],
-                        list(data["records"]), list(data.get("additivity", [])), dict(data.get("metadata", {})),
-                        float(data.get("scale", 1.0)))
-            blocks = {r["block"] for r in table.records}
-            assert {ATTENTION, FFN, FIXED} <= blocks and table.estimator in ESTIMATORS
-            assert all(r["time_ms"] >= 0 for r in table.records)
-        except (KeyError, TypeError, AssertionError):
-            raise UserError(f"latency table {path} is incomplete or corrupt: re-run `ziplm-planner profile`") from None
-        return table
+            return cls.from_dict(data)
+        except InvalidTable as err:
+            raise UserError(f"latency table {path} is incomplete or corrupt ({err}): "
+                            "re-run `ziplm-planner profile`") from None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatencyTable:
+        """The table `to_dict` wrote, validated; InvalidTable names the first field that is wrong."""
+        shape = _shape(data.get("shape"))
+        return cls(_spec(data.get("spec")), shape, _estimator(data.get("estimator")), _records(data.get("records"), shape),
+                   _additivity(data.get("additivity", []), shape), _mapping(data.get("metadata", {}), "metadata"),
+                   _positive(data.get("scale", 1.0), "scale"))
+
+
+# --- validation on load: one function per rule -------------------------------------------------
+
+
+class InvalidTable(ValueError):
+    """A table field that is missing or wrong; `LatencyTable.load` names the file."""
+
+
+TIME_FIELDS = ("time_ms", "min_ms", "p10_ms", "median_ms", "p90_ms")
+ADDITIVITY_TIMES = ("block_sum_ms", "predicted_ms", "measured_ms")
+ADDITIVITY_ERRORS = ("error", "unscaled_error")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidTable(f"{what} {value!r} is not a finite number")
+    return float(value)
+
+
+def _positive(value, what: str) -> float:
+    if _finite(value, what) <= 0:
+        raise InvalidTable(f"{what} {value!r} is not > 0")
+    return float(value)
+
+
+def _mapping(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidTable(f"{what} is missing or not an object")
+    return value
+
+
+def _spec(value) -> InferenceSpec:
+    fields = _mapping(value, "spec")
+    if bad := [name for name in ("threads", "batch_size", "seq_len", "context") if not _is_int(fields.get(name))]:
+        raise InvalidTable(f"spec field {bad[0]} {fields.get(bad[0])!r} is not an integer")
+    try:
+        return InferenceSpec(**fields)
+    except (TypeError, UserError) as err:  # unknown or missing fields, or values no spec allows
+        raise InvalidTable(f"spec: {err}") from None
+
+
+def _shape(value) -> ModelShape:
+    fields = _mapping(value, "shape")
+    names = [f.name for f in dataclasses.fields(ModelShape)]
+    if sorted(fields) != sorted(names):
+        raise InvalidTable(f"shape has fields {sorted(fields)}, expected {sorted(names)}")
+    if not isinstance(fields["model_type"], str) or not fields["model_type"]:
+        raise InvalidTable(f"shape model_type {fields['model_type']!r} is not a name")
+    if bad := [name for name in names if name != "model_type" and not (_is_int(fields[name]) and fields[name] >= 1)]:
+        raise InvalidTable(f"shape field {bad[0]} {fields[bad[0]]!r} is not an integer >= 1")
+    return ModelShape(**fields)
+
+
+def _estimator(value) -> str:
+    if value not in ESTIMATORS:
+        raise InvalidTable(f"estimator {value!r} is not one of {', '.join(ESTIMATORS)}")
+    return value
+
+
+def _records(value, shape: ModelShape) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise InvalidTable("records are missing")
+    for record in value:
+        _check_record(record)
+    _check_unique_levels(value)
+    _check_attention_levels(value, shape)
+    _check_ffn_levels(value, shape)
+    _check_fixed(value)
+    return value
+
+
+def _check_record(record) -> None:
+    """block, level, the estimate and the quantiles (finite, > 0) and the number of runs."""
+    if not isinstance(record, dict) or record.get("block") not in (ATTENTION, FFN, FIXED) \
+            or not _is_int(record.get("level")):
+        raise InvalidTable(f"record {record!r:.80} has no known block or no integer level")
+    where = f"record {record['block']} level {record['level']}:"
+    for name in TIME_FIELDS:
+        _positive(record.get(name), f"{where} {name}")
+    if not (_is_int(record.get("runs")) and record["runs"] >= 1):
+        raise InvalidTable(f"{where} runs {record.get('runs')!r} is not an integer >= 1")
+
+
+def _check_unique_levels(records: list[dict]) -> None:
+    counts = Counter((r["block"], r["level"]) for r in records)
+    if duplicate := next((key for key, count in counts.items() if count > 1), None):
+        raise InvalidTable(f"{duplicate[0]} level {duplicate[1]} is recorded more than once")
+
+
+def _levels(records: list[dict], block: str) -> set[int]:
+    return {r["level"] for r in records if r["block"] == block}
+
+
+def _check_attention_levels(records: list[dict], shape: ModelShape) -> None:
+    """Every attention size 1..units is timed: the search may choose any of them."""
+    levels, wanted = _levels(records, ATTENTION), set(range(1, shape.attention_units + 1))
+    if levels != wanted:
+        raise InvalidTable(f"attention levels missing {sorted(wanted - levels)}, unexpected {sorted(levels - wanted)}")
+
+
+def _check_ffn_levels(records: list[dict], shape: ModelShape) -> None:
+    """FFN sizes within 1..intermediate_size, the dense size included (the dense prediction needs it)."""
+    levels = _levels(records, FFN)
+    if outside := sorted(level for level in levels if not 1 <= level <= shape.intermediate_size):
+        raise InvalidTable(f"FFN levels {outside} are outside 1..{shape.intermediate_size}")
+    if shape.intermediate_size not in levels:
+        raise InvalidTable(f"FFN level {shape.intermediate_size} (dense) is missing")
+
+
+def _check_fixed(records: list[dict]) -> None:
+    """One fixed part, at level 0; its time (> 0, checked per record) divides every max-speedup."""
+    if _levels(records, FIXED) != {0}:
+        raise InvalidTable(f"fixed part levels {sorted(_levels(records, FIXED))} are not [0]")
+
+
+def _additivity(value, shape: ModelShape) -> list[dict]:
+    if not isinstance(value, list):
+        raise InvalidTable("additivity is not a list")
+    for n, entry in enumerate(value):
+        _check_additivity_entry(_mapping(entry, f"additivity entry {n}"), shape, f"additivity entry {n}")
+    return value
+
+
+def _check_additivity_entry(entry: dict, shape: ModelShape, where: str) -> None:
+    """One whole model: kept (attention, FFN) per layer within the shape, its times and errors."""
+    kept = entry.get("kept")
+    if not (isinstance(kept, list) and len(kept) == shape.num_layers and all(_is_kept_pair(k, shape) for k in kept)):
+        raise InvalidTable(f"{where}: kept is not {shape.num_layers} (attention, FFN) pairs within the shape")
+    for name in ADDITIVITY_TIMES:
+        _positive(entry.get(name), f"{where}: {name}")
+    for name in ADDITIVITY_ERRORS:
+        _finite(entry.get(name), f"{where}: {name}")
+    _mapping(entry.get("measured"), f"{where}: measured")
+
+
+def _is_kept_pair(pair, shape: ModelShape) -> bool:
+    return (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_int, pair))
+            and 0 <= pair[0] <= shape.attention_units and 0 <= pair[1] <= shape.intermediate_size)

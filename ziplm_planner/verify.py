@@ -56,6 +56,15 @@ class Measurement:
     def speedup(self) -> float:
         return self.dense.estimate(self.estimator) / self.member.estimate(self.estimator)
 
+    def to_dict(self) -> dict:
+        return {"member": self.member.to_dict(), "dense": self.dense.to_dict(), "estimator": self.estimator,
+                "interval": list(self.interval), "rounds": self.rounds, "remeasured": self.remeasured}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Measurement:
+        return cls(TimingStats(**data["member"]), TimingStats(**data["dense"]), data["estimator"],
+                   tuple(data["interval"]), data["rounds"], data["remeasured"])
+
     def describe(self) -> str:
         how = f"re-measured, {self.rounds} rounds in all" if self.remeasured else f"{self.rounds} rounds"
         return f"{self.speedup:.3f}x (90% interval {self.interval[0]:.3f}-{self.interval[1]:.3f}, {how})"
