@@ -12,6 +12,12 @@ from .errors import UserError
 def check_writable(path: Path) -> Path:
     """Fail before any work if file `path` cannot be created (missing, read-only or not a folder)."""
     path = Path(path)
+    _probe(_file_folder(path), path)
+    return path
+
+
+def _file_folder(path: Path) -> Path:
+    """The folder file `path` goes into, checked to be one."""
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UserError(f"output path {path} is a directory: give a file name")
@@ -19,8 +25,7 @@ def check_writable(path: Path) -> Path:
         raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: folder {parent} does not exist")
-    _probe(parent, path)
-    return path
+    return parent
 
 
 def check_creatable_dir(path: Path) -> Path:
@@ -46,8 +51,10 @@ def _probe(folder: Path, target: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    check_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:  # creating the temporary file is the write check
+        fd, tmp = tempfile.mkstemp(dir=_file_folder(path), prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write {path}: folder {path.parent} is not writable ({err.strerror or err})") from None
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         with os.fdopen(fd, "wb") as handle:
