@@ -1,11 +1,15 @@
 """The CLI: bad input is one line on stderr, exit status 2, no traceback, nothing left behind."""
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from ziplm_planner.cli import main
+from ziplm_planner.cli import cli, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -50,3 +54,26 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, unsuppo
 def test_unknown_option_is_a_usage_error(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "profile", "minilm", "--bogus")
     assert code == 2 and "No such option" in err
+
+
+def command_paths(command, path=()):
+    """(path, command) for the group and every command under it, e.g. (("profile", "show"), show)."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from command_paths(sub, (*path, name))
+
+
+def test_help_of_every_command_loads_no_heavy_library():
+    """--help must answer at once: torch and transformers alone take seconds to import."""
+    heavy = ("torch", "transformers", "onnxruntime", "matplotlib", "pandas")
+    argvs = [["ziplm-planner", *path, "--help"] for path, _ in command_paths(cli)]
+    code = ("import runpy, sys\n"
+            f"for sys.argv in {argvs!r}:\n"
+            "    try:\n"
+            "        runpy.run_module('ziplm_planner', run_name='__main__')\n"
+            "    except SystemExit as done:\n"
+            "        assert not done.code, done.code\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "Usage: ziplm-planner compress" in result.stdout
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout.splitlines()[-1]

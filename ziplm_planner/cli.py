@@ -4,13 +4,14 @@ library function and prints a result; bad input is one line on stderr and exit s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
+from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
-from .models import ALIASES, DEFAULT_MODEL
 
 MODEL_HELP = f"model: Hugging Face folder or id, a .gguf file, or an alias ({', '.join(ALIASES)})"
 
@@ -34,9 +35,16 @@ def cli(verbose: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:
-        import transformers
+        quiet_transformers()
 
-        transformers.logging.set_verbosity_error()
+
+def quiet_transformers() -> None:
+    """transformers' warnings only at -v. Set through the variable transformers reads when it is imported,
+    so that commands which never need it (--help) do not spend seconds importing it."""
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @cli.group(cls=DefaultCommandGroup)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .models import DEFAULT_MODEL
+from .aliases import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
