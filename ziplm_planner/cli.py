@@ -12,6 +12,7 @@ import click
 
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
+from .progress import show_stages
 
 MODEL_HELP = f"model: Hugging Face folder or id, a .gguf file, or an alias ({', '.join(ALIASES)})"
 
@@ -30,10 +31,12 @@ class DefaultCommandGroup(click.Group):
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Latency-aware structured compression of transformer language models (after ZipLM)."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.call_on_close(show_stages())  # stage lines at every verbosity, other INFO logs behind -v
     if verbose == 0:
         quiet_transformers()
 

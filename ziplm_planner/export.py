@@ -24,6 +24,7 @@ from torch import nn
 from .backends import export_onnx, input_names, random_inputs, model_call, model_output, ort_session, padded_for_tracing, to_numpy_feeds
 from .errors import UserError
 from .models import CLASSIFICATION, model_class
+from .progress import stage
 from .spec import InferenceSpec
 from .surgery import PruningPlan, build_pruned, count_parameters
 
@@ -138,21 +139,22 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
     except OSError as err:
         raise UserError(f"cannot write member {folder}: {err.strerror or err}") from None
     try:
-        save_model(model, str(tmp / WEIGHTS))  # drops tied duplicates, recorded in the file's metadata
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        record = {"format": FORMAT, "kind": kind, "model_class": type(model).__name__, "plan": plan.to_dict(),
-                  "parameters": count_parameters(model), **info, "onnx": None}
-        if onnx:
-            call = model_call(model, kind, names)
-            example = padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
-            export_onnx(call, example, tmp / ONNX, model_output(kind)[0], dynamic_axes(kind, names))
-            record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
-        _write_json(tmp / PRUNING, record)
-        record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, onnx_tolerance)
-        _write_json(tmp / PRUNING, record)
-        _swap_in(tmp, folder)
+        with stage(f"export {folder.name}", f"weights{', ONNX' if onnx else ''} and their checks, to {folder}"):
+            save_model(model, str(tmp / WEIGHTS))  # drops tied duplicates, recorded in the file's metadata
+            model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            record = {"format": FORMAT, "kind": kind, "model_class": type(model).__name__, "plan": plan.to_dict(),
+                      "parameters": count_parameters(model), **info, "onnx": None}
+            if onnx:
+                call = model_call(model, kind, names)
+                example = padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
+                export_onnx(call, example, tmp / ONNX, model_output(kind)[0], dynamic_axes(kind, names))
+                record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
+            _write_json(tmp / PRUNING, record)
+            record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, onnx_tolerance)
+            _write_json(tmp / PRUNING, record)
+            _swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .adapters import architecture_for
 from .aliases import ALIASES
 from .errors import UserError
+from .progress import stage, transformers_bars
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,11 @@ def load_model(reference: str, dtype: torch.dtype = torch.float32) -> LoadedMode
     source = resolve_model(reference)
     config = load_config(source)
     kind = model_kind(config)
-    log.info("loading %s (%s, %s)", source.reference, config.model_type, kind)
     try:
-        model = model_class(kind).from_pretrained(
-            source.location, dtype=dtype, attn_implementation="sdpa", **source.kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
+        with stage("load model", f"{source.reference} ({config.model_type}, {kind})"), transformers_bars():
+            model = model_class(kind).from_pretrained(
+                source.location, dtype=dtype, attn_implementation="sdpa", **source.kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {source.reference}: {str(err).splitlines()[0]}") from None
     return LoadedModel(model.eval(), tokenizer, source, kind)
