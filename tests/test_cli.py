@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from ziplm_planner.cli import cli, main
 
@@ -77,3 +79,24 @@ def test_help_of_every_command_loads_no_heavy_library():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "Usage: ziplm-planner compress" in result.stdout
     assert result.stdout.splitlines()[-1] == "[]", result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("path,command", list(command_paths(cli)), ids=lambda p: " ".join(p) if isinstance(p, tuple) else "")
+def test_every_option_and_argument_is_explained(path, command):
+    """Options carry their own help; click arguments have none, so the command's text must name them."""
+    text = f"{command.help or ''} {command.epilog or ''}"
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{' '.join(path)} {param.opts[-1]} has no help"
+        else:
+            assert param.human_readable_name in text, f"{' '.join(path)}: {param.human_readable_name} is not explained"
+            if not param.required:
+                assert f"Default: {param.default}" in text, f"{' '.join(path)}: the default of {param.human_readable_name}"
+
+
+def test_compress_help_says_what_model_can_be():
+    result = CliRunner().invoke(cli, ["compress", "--help"])
+    text = " ".join(result.stdout.split())
+    assert result.exit_code == 0
+    for words in ("Hugging Face model folder or hub id", ".gguf file", "minilm, smollm2", "Default: minilm"):
+        assert words in text, words
