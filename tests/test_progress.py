@@ -14,8 +14,7 @@ from click.testing import CliRunner
 
 from ziplm_planner import progress
 from ziplm_planner.cli import cli
-from ziplm_planner.profiler import ProfileSettings, profile_model
-from ziplm_planner.spec import InferenceSpec
+from ziplm_planner.table import LatencyTable
 from tiny_models import tiny_loaded_with_tokenizer, write_sentences
 
 ESCAPES = re.compile(r"\r|\x1b\[")
@@ -98,27 +97,43 @@ def check_redirected(stderr: str, stdout: str) -> None:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    """A tiny BERT folder compressed by the CLI: (folder, family, target, calibration text, compress result)."""
+    """A tiny BERT folder profiled and compressed by the CLI: (family, target, calibration text, {command: result})."""
     root = tmp_path_factory.mktemp("progress")
     loaded = tiny_loaded_with_tokenizer("bert")
     loaded.model.save_pretrained(root / "model")
     loaded.tokenizer.save_pretrained(root / "model")
-    settings = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2)
-    table = profile_model(loaded, InferenceSpec(batch_size=2, seq_len=16, threads=1), settings)
-    table.save(root / "table.json")
+    results = {"profile": run("profile", root / "model", "--batch-size", 2, "--seq-len", 16, "--threads", 1,
+                              "--ffn-step", 16, "--rounds", 3, "-o", root / "table.json")}
+    table = LatencyTable.load(root / "table.json")
     target = round(min(1.3, 1 + 0.8 * (table.max_speedup - 1)), 2)  # reachable whatever the timings
     calib, family = write_sentences(root / "calib.txt"), root / "family"
-    result = run("compress", root / "model", "--profile", root / "table.json", "--targets", target, "--calib", calib,
-                 "--num-samples", 48, "--search-evaluations", 4, "--score-samples", 16, "--no-onnx",
-                 "--cache-dir", root / "cache", "-o", family)
-    return root, family, target, calib, result
+    results["compress"] = run("compress", root / "model", "--profile", root / "table.json", "--targets", target,
+                              "--calib", calib, "--num-samples", 48, "--search-evaluations", 4, "--score-samples", 16,
+                              "--no-onnx", "--cache-dir", root / "cache", "-o", family)
+    return family, target, calib, results
+
+
+def stage_names(stderr: str) -> list[str]:
+    """The stage lines of stderr without their prefix and indentation; fails on any other line."""
+    lines = stderr.splitlines()
+    assert all(line.startswith(progress.PREFIX) for line in lines), stderr  # the default verbosity: stages only
+    return [line.removeprefix(progress.PREFIX).strip() for line in lines]
+
+
+def test_profile_names_each_stage_and_draws_no_bars(compressed):
+    result = compressed[3]["profile"]
+    check_redirected(result.stderr, result.stdout)
+    stages = stage_names(result.stderr)
+    for start in ("load model: ", "profile: ", "building blocks: ", "timing blocks: ", "additivity check: "):
+        assert any(line.startswith(start) for line in stages), (start, stages)
+    assert re.fullmatch(r"profile done in \d+\.\d s", stages[-1]), stages
 
 
 def test_compress_names_each_stage_and_draws_no_bars(compressed):
-    _, _, target, _, result = compressed
+    _, target, _, results = compressed
+    result = results["compress"]
     check_redirected(result.stderr, result.stdout)
-    stages = [line.removeprefix("[ziplm] ").strip() for line in result.stderr.splitlines()]
-    assert len(stages) == len(result.stderr.splitlines())  # nothing but stage lines at the default verbosity
+    stages = stage_names(result.stderr)
     for start in ("load model: ", "calibration: 48 samples of 16 tokens", "level database: 2 layers",
                   "dense reference: ", "export dense: ", f"member 1 of 1: target {target:g}x", f"export x{target:g}: "):
         assert any(line.startswith(start) for line in stages), (start, stages)
@@ -127,7 +142,7 @@ def test_compress_names_each_stage_and_draws_no_bars(compressed):
 
 
 def test_evaluate_names_its_stage_and_draws_no_bars(compressed, tmp_path):
-    _, family, _, calib, _ = compressed
+    family, _, calib, _ = compressed
     result = run("evaluate", shutil.copytree(family, tmp_path / "family"), "--task", "fidelity", "--data", calib)
     check_redirected(result.stderr, result.stdout)
     assert "[ziplm] evaluate fidelity: 2 models of " in result.stderr
@@ -137,7 +152,7 @@ def test_evaluate_names_its_stage_and_draws_no_bars(compressed, tmp_path):
 @pytest.mark.parametrize("verbose", [False, True])
 def test_plot_to_a_file_shows_stage_lines_once_and_info_logs_behind_v(compressed, tmp_path, verbose):
     """A real process with stderr in a file, as a newcomer's redirected log."""
-    family = compressed[1]
+    family = compressed[0]
     with open(tmp_path / "err.log", "w") as err:
         done = subprocess.run([sys.executable, "-m", "ziplm_planner", *(["-v"] if verbose else []), "plot", family,
                                "-o", tmp_path / "frontier.png"], cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,

@@ -28,7 +28,7 @@ from .backends import TensorCall, build_runner, input_names, model_call, random_
 from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .models import CAUSAL_LM, LoadedModel
-from .progress import bar, stage
+from .progress import bar, bars_enabled, stage
 from .spec import InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
 from .layers import capture_first_layer_call
@@ -202,7 +202,7 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
         runners = block_runners(loaded.model, work, grid, spec, Path(tmp))
         with stage("timing blocks", f"{len(runners)} blocks x {settings.rounds} rounds, interleaved"):
             stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed, synchronizer(spec),
-                                     description=f"timing {len(runners)} blocks")
+                                     description=bar_label(f"timing {len(runners)} blocks"))
         records = [{"block": block, "level": level, "time_ms": s.estimate(settings.estimator), **s.to_dict()}
                    for (block, level), s in sorted(stats.items())]
         table = LatencyTable(spec, shape, settings.estimator, records)
@@ -232,6 +232,11 @@ def block_runners(model: nn.Module, work: Workload, grid: dict[str, list[int]], 
     return runners
 
 
+def bar_label(text: str) -> str | None:
+    """time_interleaved draws its bar whenever it is given a label, so give none where bars are off."""
+    return text if bars_enabled() else None
+
+
 def random_kept_counts(table: LatencyTable, rng: random.Random) -> list[tuple[int, int]]:
     attention, ffn = [0, *table.levels(ATTENTION)], [0, *table.levels(FFN)]
     return [(rng.choice(attention), rng.choice(ffn)) for _ in range(table.shape.num_layers)]
@@ -244,7 +249,7 @@ def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: Inferenc
     for i, plan in enumerate(bar(plans, desc="building models", leave=False)):
         pruned = apply_plan(copy.deepcopy(loaded.model), plan)
         runners[i] = build_runner(work.call(pruned), work.inputs, spec, workdir, f"model{i}")
-    stats = time_interleaved(runners, rounds, warmup, seed, synchronizer(spec), description=description)
+    stats = time_interleaved(runners, rounds, warmup, seed, synchronizer(spec), description=bar_label(description))
     return [stats[i] for i in range(len(plans))]
 
 
