@@ -70,7 +70,7 @@ def _run_demo(output: Path, targets: list[float], backend: str, stsb: str | None
     table_path = output / f"profile-{backend}.json"
     api.profile(loaded, table_path, backend=backend, rounds=rounds)
     family = output / "family"
-    with stage("compress", f"{len(targets)} members"):
+    with stage("compress", "the dense reference and a member per target"):
         api.compress(loaded, table_path, targets, calibration, family, num_samples=num_samples, overwrite=True)
     evaluate_family(family, "fidelity", str(heldout))
     if stsb:
