@@ -116,7 +116,8 @@ def profile_show(table_path) -> None:
               help="Calibration samples each SPDY candidate is scored on.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, search_evaluations,
              score_samples, no_onnx, overwrite, cache_dir, output) -> None:

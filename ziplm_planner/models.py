@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from .adapters import architecture_for
 from .aliases import ALIASES
 from .errors import UserError
 from .progress import stage, transformers_bars
-
-log = logging.getLogger(__name__)
 
 EMBEDDING, CLASSIFICATION, CAUSAL_LM = "embedding", "classification", "causal-lm"
 _MODEL_CLASSES = {EMBEDDING: AutoModel, CLASSIFICATION: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
