@@ -37,6 +37,12 @@ def test_stage_logs_its_start_and_its_elapsed_time_nested_indented(caplog):
     assert re.fullmatch(r"member 1 of 2 done in \d+\.\d s \(measured 2\.01x\)", lines[3])
 
 
+@pytest.mark.parametrize("seconds,shown", [(0.04, "0.0 s"), (14.66, "14.7 s"), (89.9, "89.9 s"), (90, "1 min 30 s"),
+                                            (119.7, "2 min 0 s"), (3725.2, "62 min 5 s")])
+def test_durations_read_naturally(seconds, shown):
+    assert progress.duration(seconds) == shown
+
+
 def test_a_failed_stage_logs_no_done_line(caplog):
     with caplog.at_level(logging.INFO, logger=progress.STAGE_LOGGER), pytest.raises(ValueError):
         with progress.stage("calibration"):

@@ -46,7 +46,11 @@ class Stage:
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 90 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+    """'14.7 s' up to a minute and a half, then '2 min 5 s'."""
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
 
 
 @contextmanager
