@@ -2,6 +2,8 @@
 
 import importlib
 
+import pytest
+
 import ziplm_planner as zp
 
 
@@ -14,3 +16,12 @@ def test_api_functions_and_stage_modules_do_not_shadow_each_other():
     import ziplm_planner.oneshot as oneshot  # the attribute path resolves to the module, not a function
 
     assert oneshot is stages["oneshot"]
+
+
+def test_public_names_are_all_listed_and_resolve():
+    assert set(zp.__all__) == {"InferenceSpec", "LatencyTable", "compress", "load_model", "load_pruned",
+                               "load_pruned_tokenizer", "profile"}
+    assert all(getattr(zp, name).__name__ == name for name in zp.__all__)
+    assert set(zp.__all__) <= set(dir(zp))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        zp.nothing

@@ -1,12 +1,17 @@
 """The CLI: bad input is one line on stderr, exit status 2, no traceback, nothing left behind."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
-from ziplm_planner.cli import main
+from ziplm_planner.cli import cli, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -82,3 +87,47 @@ def test_ctrl_c_in_a_command_is_the_interrupted_line_and_exit_130(monkeypatch, c
     code, _, err = run_cli(monkeypatch, capsys, "profile", "show", str(tmp_path / "t.json"))
     assert code == 130
     assert err.strip() == "interrupted: nothing incomplete was left behind as complete"
+
+
+def command_paths(command, path=()):
+    """(path, command) for the group and every command under it, e.g. (("profile", "show"), show)."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from command_paths(sub, (*path, name))
+
+
+def test_help_of_every_command_loads_no_heavy_library():
+    """--help must answer at once: torch and transformers alone take seconds to import."""
+    heavy = ("torch", "transformers", "onnxruntime", "matplotlib", "pandas")
+    argvs = [["ziplm-planner", *path, "--help"] for path, _ in command_paths(cli)]
+    code = ("import runpy, sys\n"
+            f"for sys.argv in {argvs!r}:\n"
+            "    try:\n"
+            "        runpy.run_module('ziplm_planner', run_name='__main__')\n"
+            "    except SystemExit as done:\n"
+            "        assert not done.code, done.code\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "Usage: ziplm-planner compress" in result.stdout
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("path,command", list(command_paths(cli)), ids=lambda p: " ".join(p) if isinstance(p, tuple) else "")
+def test_every_option_and_argument_is_explained(path, command):
+    """Options carry their own help; click arguments have none, so the command's text must name them."""
+    text = f"{command.help or ''} {command.epilog or ''}"
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{' '.join(path)} {param.opts[-1]} has no help"
+        else:
+            assert param.human_readable_name in text, f"{' '.join(path)}: {param.human_readable_name} is not explained"
+            if not param.required:
+                assert f"Default: {param.default}" in text, f"{' '.join(path)}: the default of {param.human_readable_name}"
+
+
+def test_compress_help_says_what_model_can_be():
+    result = CliRunner().invoke(cli, ["compress", "--help"])
+    text = " ".join(result.stdout.split())
+    assert result.exit_code == 0
+    for words in ("Hugging Face model folder or hub id", ".gguf file", "minilm, smollm2", "Default: minilm"):
+        assert words in text, words

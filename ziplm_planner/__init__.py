@@ -5,11 +5,33 @@ remove the structures with the worst loss-to-runtime trade-off using second-orde
 estimates and weight updates, and output a family of smaller models, one per speedup target.
 """
 
-from .api import compress, profile
-from .export import load_pruned
-from .models import load_model
-from .spec import InferenceSpec
-from .table import LatencyTable
+from __future__ import annotations
 
-__all__ = ["InferenceSpec", "LatencyTable", "compress", "load_model", "load_pruned", "profile"]
+import importlib
+
+# Public name -> the module that defines it. They are imported on first use (PEP 562), because
+# torch and transformers take seconds to load and `ziplm-planner --help` needs neither.
+_PUBLIC = {
+    "InferenceSpec": "spec",
+    "LatencyTable": "table",
+    "compress": "api",
+    "load_model": "models",
+    "load_pruned": "export",
+    "load_pruned_tokenizer": "export",
+    "profile": "api",
+}
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # later lookups find it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

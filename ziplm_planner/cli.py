@@ -4,15 +4,20 @@ library function and prints a result; bad input is one line on stderr and exit s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
+from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
-from .models import ALIASES, DEFAULT_MODEL
+from .progress import show_stages
 
-MODEL_HELP = f"model: Hugging Face folder or id, a .gguf file, or an alias ({', '.join(ALIASES)})"
+MODEL_HELP = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
+              f"{', '.join(ALIASES)}. Default: {DEFAULT_MODEL}.")
+TARGETS_HELP = "Speedup targets over the dense model, e.g. 1.5,2,3: one family member each."
+BACKEND_HELP = "Runtime the model is deployed on: PyTorch or ONNX Runtime."
 
 
 class DefaultCommandGroup(click.Group):
@@ -29,35 +34,49 @@ class DefaultCommandGroup(click.Group):
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Latency-aware structured compression of transformer language models (after ZipLM)."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.call_on_close(show_stages())  # stage lines at every verbosity, other INFO logs behind -v
     if verbose == 0:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        quiet_transformers()
 
 
-@cli.group(cls=DefaultCommandGroup)
+def quiet_transformers() -> None:
+    """transformers' warnings only at -v. Set through the variable transformers reads when it is imported,
+    so that commands which never need it (--help) do not spend seconds importing it."""
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@cli.group(cls=DefaultCommandGroup, epilog=MODEL_HELP)
 def profile() -> None:
     """Profile this machine: `profile MODEL -o TABLE.json`, or `profile show TABLE.json`."""
 
 
-@profile.command("run")
+@profile.command("run", epilog=MODEL_HELP)
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help=BACKEND_HELP)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per call, as deployed.")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (prefill).")
-@click.option("--mode", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True)
+@click.option("--mode", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
+              help="prefill: one forward over --seq-len tokens; decode: one new token after --context cached ones.")
 @click.option("--context", type=int, default=0, help="KV-cache length for --mode decode.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads [default: all cores].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device to time on.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Weight and activation type (float16 on cuda only).")
 @click.option("--ffn-step", type=int, default=64, show_default=True, help="FFN sizes timed: multiples of this.")
 @click.option("--rounds", type=int, default=40, show_default=True, help="Interleaved repetitions per block.")
-@click.option("--estimator", type=click.Choice(["min", "p10", "median"]), default="p10", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--estimator", type=click.Choice(["min", "p10", "median"]), default="p10", show_default=True,
+              help="Statistic of each block's timings taken as its cost (p10 stays stable on a busy machine).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Latency table to write (JSON).")
 def profile_run(model, backend, batch_size, seq_len, mode, context, threads, device, dtype, ffn_step, rounds,
                 estimator, output) -> None:
     """Time MODEL's attention, FFN and fixed parts at every pruned size; write a latency table."""
@@ -75,21 +94,21 @@ def profile_run(model, backend, batch_size, seq_len, mode, context, threads, dev
 @profile.command("show")
 @click.argument("table_path", type=click.Path(path_type=Path))
 def profile_show(table_path) -> None:
-    """Print a latency table."""
+    """Print the latency table TABLE_PATH (written by `profile MODEL -o`)."""
     from .table import LatencyTable
 
     click.echo(LatencyTable.load(table_path).describe())
 
 
-@cli.command()
+@cli.command(epilog=MODEL_HELP)
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--profile", "table", type=click.Path(path_type=Path), required=True, help="Latency table (profile -o).")
-@click.option("--targets", required=True, help="Speedup targets, e.g. 1.5,2,3.")
+@click.option("--targets", required=True, help=TARGETS_HELP)
 @click.option("--calib", "calibration", required=True, help="Calibration data: text, STS-B or GLUE TSV file.")
 @click.option("--method", type=click.Choice(["ziplm", "magnitude", "uniform", "layerdrop", "kwon"]), default="ziplm",
               show_default=True, help="ziplm, or a baseline planned on the same table and budgets.")
-@click.option("--num-samples", type=int, default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-samples", type=int, default=512, show_default=True, help="Calibration samples for the Hessians.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample and the search.")
 @click.option("--calibration-inputs", type=click.Choice(["dense", "sequential"]), default="dense", show_default=True,
               help="Hessians of the final members from dense inputs, or from the model compressed so far.")
 @click.option("--search-evaluations", type=int, default=30, show_default=True, help="SPDY: models scored per target.")
@@ -97,7 +116,8 @@ def profile_show(table_path) -> None:
               help="Calibration samples each SPDY candidate is scored on.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Level-database cache.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, search_evaluations,
              score_samples, no_onnx, overwrite, cache_dir, output) -> None:
@@ -113,13 +133,16 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
 
 @cli.command()
 @click.argument("family", type=click.Path(path_type=Path))
-@click.option("--task", type=click.Choice(["stsb", "classification", "perplexity", "fidelity"]), required=True)
+@click.option("--task", type=click.Choice(["stsb", "classification", "perplexity", "fidelity"]), required=True,
+              help="stsb (embedding models), classification (classifiers), perplexity (causal LMs), "
+                   "or fidelity to the dense member (any model).")
 @click.option("--data", required=True, help="STS-B file, GLUE TSV with labels, or raw text (perplexity, fidelity).")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="Score each member's torch model or its model.onnx.")
-@click.option("--max-tokens", type=int, default=None, help="Perplexity: score only the first N tokens.")
+@click.option("--max-tokens", type=int, default=None, help="Perplexity and fidelity: score at most N tokens of the data.")
 def evaluate(family, task, data, backend, max_tokens) -> None:
-    """Score the dense reference and every member of FAMILY; write the scores into its report."""
+    """Score the dense reference and every member of FAMILY (a folder written by compress); write the scores
+    into its report."""
     from .evaluate import evaluate_family
 
     scores = evaluate_family(family, task, data, backend=backend, max_tokens=max_tokens)
@@ -148,7 +171,8 @@ def verify(family, rounds) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="frontier.png (an .svg is written beside it).")
 @click.option("--task", default=None, help="Which score to plot when a report has several.")
 def plot(families, output, task) -> None:
-    """Plot score against measured speedup and latency for every FAMILY, and what each member kept."""
+    """Plot score against measured speedup and latency for every family in FAMILIES (folders written by compress),
+    and what each member kept."""
     from .plot import plot_frontier, plot_layers, read_family
 
     data = [read_family(folder) for folder in families]
@@ -159,9 +183,11 @@ def plot(families, output, task) -> None:
 
 
 @cli.command()
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ziplm-demo"), show_default=True)
-@click.option("--targets", default="1.5,2,3", show_default=True)
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ziplm-demo"), show_default=True,
+              help="Folder for the table, the family, the texts and the plots.")
+@click.option("--targets", default="1.5,2,3", show_default=True, help=TARGETS_HELP)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="onnxruntime", show_default=True,
+              help=BACKEND_HELP)
 @click.option("--stsb", default=None, help="An STS-B file (e.g. sts-dev.csv) to score the family on as well.")
 def demo(output, targets, backend, stsb) -> None:
     """The whole pipeline on the bundled model with Python's own text: profile, compress, evaluate, plot."""

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import ATTENTION, BLOCKS, FFN, ModelShape, architecture_for, model_layers, model_shape
 from .calibrate import Calibration
 from .errors import UserError
 from .layers import LayerInput, block_hessians, capture_inputs, output_projection, propagate, weight_out_in
 from .obs import kept_columns, obs_prune, reconstruct_weights
+from .progress import bar
 from .search import BlockLevels
 from .surgery import LayerPlan, PruningPlan, prune_attention, prune_ffn
 from .table import LatencyTable
@@ -170,7 +170,7 @@ def build_database(model: nn.Module, calibration: Calibration, table: LatencyTab
     config, shape = model.config, model_shape(model.config)
     inputs = capture_inputs(model, calibration.batches())
     blocks = []
-    for idx, layer in enumerate(tqdm(model_layers(model), desc="level database", leave=False)):
+    for idx, layer in enumerate(bar(model_layers(model), desc="level database", leave=False)):
         hessians = block_hessians(layer, config, inputs)
         blocks.append({block: obs_trace(layer, config, block, hessians[block], table_levels(table, block), dampening,
                                         f"layer {idx} {block}") for block in BLOCKS})
@@ -265,7 +265,7 @@ def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[in
     model, config, shape = copy.deepcopy(dense), dense.config, db.shape
     inputs: list[LayerInput] = capture_inputs(model, calibration.batches())
     plan_layers = []
-    for idx, layer in enumerate(tqdm(model_layers(model), desc="sequential stitch", leave=False)):
+    for idx, layer in enumerate(bar(model_layers(model), desc="sequential stitch", leave=False)):
         kept_by_block = {}
         for block, level in zip(BLOCKS, counts[idx]):
             total = total_structures(shape, block)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 import random
 import re
 from pathlib import Path
 
+from .aliases import DEFAULT_MODEL
 from .atomic import atomic_write_text, check_creatable_dir
-from .models import DEFAULT_MODEL
-
-log = logging.getLogger(__name__)
+from .progress import stage
 
 STDLIB_MODULES = ("argparse", "asyncio", "collections", "configparser", "contextlib", "csv", "dataclasses", "datetime",
                   "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "heapq", "http.client",
@@ -54,20 +52,27 @@ def run_demo(output: Path, targets=(1.5, 2.0, 3.0), backend: str = "onnxruntime"
              rounds: int = 20, num_samples: int = 512) -> dict:
     """Profile, compress, evaluate and plot the bundled model; returns the paths written. The demo's
     family folder is rebuilt on every run."""
+    targets = list(targets)
+    check_creatable_dir(output)  # before anything starts: bad input is one line
+    with stage("demo", f"{DEFAULT_MODEL} to {', '.join(f'{t:g}x' for t in targets)} on {backend}, into {output}"):
+        return _run_demo(output, targets, backend, stsb, rounds, num_samples)
+
+
+def _run_demo(output: Path, targets: list[float], backend: str, stsb: str | None, rounds: int, num_samples: int) -> dict:
     from . import api
     from .evaluate import evaluate_family
     from .models import load_model
     from .plot import plot_frontier, plot_layers, read_family
 
-    check_creatable_dir(output)  # before the model loads
     output.mkdir(parents=True, exist_ok=True)
     loaded = load_model(DEFAULT_MODEL)
-    calibration, heldout = write_demo_texts(output)
+    with stage("demo texts", "sentences from the docstrings of Python's standard library"):
+        calibration, heldout = write_demo_texts(output)
     table_path = output / f"profile-{backend}.json"
-    log.info("profiling %s on %s", DEFAULT_MODEL, backend)
     api.profile(loaded, table_path, backend=backend, rounds=rounds)
     family = output / "family"
-    api.compress(loaded, table_path, list(targets), calibration, family, num_samples=num_samples, overwrite=True)
+    with stage("compress", "the dense reference and a member per target"):
+        api.compress(loaded, table_path, targets, calibration, family, num_samples=num_samples, overwrite=True)
     evaluate_family(family, "fidelity", str(heldout))
     if stsb:
         evaluate_family(family, "stsb", stsb)

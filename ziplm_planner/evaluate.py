@@ -32,7 +32,6 @@ import torch.nn.functional as F
 import transformers
 from scipy.stats import spearmanr
 from torch import nn
-from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
 from .backends import model_output, ort_session, to_numpy_feeds
@@ -42,6 +41,7 @@ from .errors import UserError
 from .family import read_report, report_csv
 from .export import ONNX, PRUNING, WEIGHTS, load_pruned, load_pruned_tokenizer, read_record
 from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING, head_kind
+from .progress import bar, stage
 from .spec import InferenceSpec
 
 log = logging.getLogger(__name__)
@@ -464,13 +464,14 @@ def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: st
                         f"use {' or '.join(fitting)}")
     dataset = spec.read(data)
 
-    dense = _load_member(folder, "dense", kind, backend)
-    scorer = spec.prepare(dataset, dense, max_tokens)
-    scores = {}
-    for name in tqdm(names, desc=f"evaluate {spec.name}"):
-        member = dense if name == "dense" else _load_member(folder, name, kind, backend)
-        scores[name] = scorer(member.forward)
-        log.info("%s %s: %s", name, spec.name, ", ".join(f"{k} {v:.4f}" for k, v in scores[name].items()))
+    with stage(f"evaluate {spec.name}", f"{len(names)} models of {folder} on {backend}, data {data}"):
+        dense = _load_member(folder, "dense", kind, backend)
+        scorer = spec.prepare(dataset, dense, max_tokens)
+        scores = {}
+        for name in bar(names, desc=f"evaluate {spec.name}"):
+            member = dense if name == "dense" else _load_member(folder, name, kind, backend)
+            scores[name] = scorer(member.forward)
+            log.info("%s %s: %s", name, spec.name, ", ".join(f"{k} {v:.4f}" for k, v in scores[name].items()))
 
     meta = {"data": data, "backend": backend, **({"max_tokens": max_tokens} if max_tokens is not None else {})}
     updated = _with_scores(report, spec, scores, meta)

@@ -25,6 +25,7 @@ from .backends import (export_model_onnx, input_names, model_dynamic_axes, model
                        to_numpy_feeds)
 from .errors import UserError
 from .models import model_class
+from .progress import stage
 from .spec import InferenceSpec
 from .surgery import PruningPlan, build_pruned, count_parameters
 
@@ -133,24 +134,25 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
     except OSError as err:
         raise UserError(f"cannot write member {folder}: {err.strerror or err}") from None
     try:
-        save_model(model, str(tmp / WEIGHTS))  # drops tied duplicates, recorded in the file's metadata
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        record = {"format": FORMAT, "kind": kind, "model_class": type(model).__name__, "plan": plan.to_dict(),
-                  "parameters": count_parameters(model), **info, "onnx": None}
-        if onnx:
-            if onnx_file is not None:
-                shutil.copyfile(onnx_file, tmp / ONNX)
-            else:
-                export_model_onnx(model, kind, names, tmp / ONNX)
-            record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
-        if measurement is not None:
-            _write_json(tmp / MEASUREMENT, measurement)
-        _write_json(tmp / PRUNING, record)
-        record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, onnx_tolerance)
-        _write_json(tmp / PRUNING, record)
-        _swap_in(tmp, folder)
+        with stage(f"export {folder.name}", f"weights{', ONNX' if onnx else ''} and their checks, to {folder}"):
+            save_model(model, str(tmp / WEIGHTS))  # drops tied duplicates, recorded in the file's metadata
+            model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            record = {"format": FORMAT, "kind": kind, "model_class": type(model).__name__, "plan": plan.to_dict(),
+                      "parameters": count_parameters(model), **info, "onnx": None}
+            if onnx:
+                if onnx_file is not None:
+                    shutil.copyfile(onnx_file, tmp / ONNX)
+                else:
+                    export_model_onnx(model, kind, names, tmp / ONNX)
+                record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
+            if measurement is not None:
+                _write_json(tmp / MEASUREMENT, measurement)
+            _write_json(tmp / PRUNING, record)
+            record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, onnx_tolerance)
+            _write_json(tmp / PRUNING, record)
+            _swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

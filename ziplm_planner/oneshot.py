@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import ModelShape, model_shape
 from .atomic import atomic_write_text
@@ -27,6 +26,7 @@ from .errors import UserError
 from .export import MEASUREMENT, ONNX, WEIGHTS, read_record, save_member
 from .family import FAMILY_FORMAT, report_csv
 from .models import LoadedModel
+from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
@@ -162,9 +162,9 @@ class Planner:
             model, _ = stitch(self.loaded.model, self.db, self.db.kept_counts(self.problem, choice))
             return self.score_loss(model)
 
-        with tqdm(total=self.settings.search_evaluations, desc=f"search {budget_ms:.1f} ms", leave=False) as bar:
+        with bar(total=self.settings.search_evaluations, desc=f"search {budget_ms:.1f} ms", leave=False) as shown:
             result = spdy_search(self.problem, block_budget, score, evaluations=self.settings.search_evaluations,
-                                 seed=self.settings.seed, progress=lambda n, best: bar.update(n - bar.n))
+                                 seed=self.settings.seed, progress=lambda n, best: shown.update(n - shown.n))
         log.info("budget %.2f ms: blocks %.2f ms, score %.5f after %d evaluations", budget_ms,
                  total_time(self.problem, result.choice), result.score, result.evaluations)
         return self.db.kept_counts(self.problem, result.choice)
@@ -258,8 +258,10 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     check_reachable(targets, table)
     torch.set_num_threads(table.spec.threads)
     torch.manual_seed(settings.seed)
-    calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
-                                   settings.seed)
+    with stage("calibration", f"{settings.num_samples} samples of {calibration_length(table)} tokens, "
+                              f"from {calibration_path}"):
+        calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
+                                       settings.seed)
     fingerprint = model_fingerprint(loaded)
     manifest = {"format": FAMILY_FORMAT, "source": {"model": fingerprint["location"], "method": settings.method,
                                                     "table": table.spec.to_dict(), "shape": asdict(shape)}}
@@ -270,25 +272,31 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     if settings.method == ZIPLM:
         key = database_key(fingerprint, calibration, table, settings.dampening, settings.num_samples,
                            settings.seed)
-        db = cached_database(settings.cache_dir, key,
-                             lambda: build_database(loaded.model, calibration, table, settings.dampening))
+        with stage("level database", f"{shape.num_layers} layers, {calibration.num_samples} samples") as step:
+            db = cached_database(settings.cache_dir, key,
+                                 lambda: build_database(loaded.model, calibration, table, settings.dampening))
+            step.outcome = "from the cache" if db.metadata.get("cached") else f"cached in {settings.cache_dir}"
         planning["level_database"] = {**db.metadata, "seconds_this_run": round(time.perf_counter() - started, 2)}
         planner = Planner(loaded, table, db, calibration, settings, score_loss)
     else:
         from .baselines import BaselinePlanner
 
-        planner = BaselinePlanner(settings.method, loaded, table, calibration, settings.seed)
+        with stage(f"{settings.method} baseline"):
+            planner = BaselinePlanner(settings.method, loaded, table, calibration, settings.seed)
         planning["baseline_setup_seconds"] = round(time.perf_counter() - started, 2)
     results, planning_seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
-        verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
-        results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
-                                    resumed))
-        for target in tqdm(targets, desc="family members"):
-            member_started = time.perf_counter()
-            result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
-            planning_seconds += time.perf_counter() - member_started
-            save_result(output, model, loaded, result, settings, table)
+        with stage("dense reference", f"timed on {table.spec.backend}"):
+            verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
+            results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
+                                        resumed))
+        for number, target in enumerate(targets, 1):
+            with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
+                member_started = time.perf_counter()
+                result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
+                planning_seconds += time.perf_counter() - member_started
+                save_result(output, model, loaded, result, settings, table)
+                step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
             results.append(result)
     report = FamilyReport([r.row(table.dense_ms) for r in results], {
         "model": loaded.source.reference, "model_kind": loaded.kind, "method": settings.method,

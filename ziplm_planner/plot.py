@@ -22,6 +22,7 @@ from matplotlib.patches import Patch
 from .atomic import atomic_write_bytes, check_writable
 from .errors import UserError
 from .family import read_report
+from .progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def output_paths(output: Path) -> list[Path]:
 def save_figure(fig: Figure, paths: list[Path]) -> list[Path]:
     """Render every format first, then write each to a temporary name and rename it."""
     rendered = []
-    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, editable
+    # SVG text stays text: searchable, editable
+    with stage("plot", ", ".join(map(str, paths))), matplotlib.rc_context({"svg.fonttype": "none"}):
         for path in paths:
             buffer = io.BytesIO()
             fmt = path.suffix[1:].lower()

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import architecture_for, model_layers, model_shape
 from .backends import (TensorCall, build_runner, export_model_onnx, input_names, model_call, onnx_runner, random_inputs,
@@ -32,6 +31,7 @@ from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .kvcache import cache_argument, find_cache
 from .models import CAUSAL_LM, LoadedModel
+from .progress import bar, stage
 from .spec import InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
 from .layers import capture_first_layer_call
@@ -207,28 +207,20 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
     """Build the latency table of `loaded` on this machine for `spec`."""
     started = time.perf_counter()
     load_average = os.getloadavg()[0]  # what else runs here: read before this run adds its own load
-    model, shape = loaded.model, model_shape(loaded.model.config)
+    shape = model_shape(loaded.model.config)
     torch.set_num_threads(spec.threads)
-    work = workload(loaded, spec, settings.seed)
-    hidden, kwargs = capture_layer_call(model, work)
-    first_layer = model_layers(model)[0]
     grid = {ATTENTION: list(range(1, shape.attention_units + 1)), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
-    with tempfile.TemporaryDirectory(prefix="ziplm-profile-") as tmp:
-        workdir = Path(tmp)
-        runners = {}
-        todo = [(block, level) for block, levels in grid.items() for level in levels]
-        for block, level in tqdm(todo, desc=f"building blocks ({spec.backend})", leave=False):
-            layer = layer_candidate(first_layer, model, block, level)
-            kv_heads = level if block == ATTENTION else None
-            call, inputs = layer_call(layer, hidden, kwargs, kv_heads)
-            runners[(block, level)] = build_runner(call, inputs, spec, workdir, f"{block}{level}")
-        runners[(FIXED, 0)] = work.runner(fixed_part(model), spec, workdir, "fixed")[0]
-        stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed, synchronizer(spec),
-                                 description=f"timing {len(runners)} blocks")
+    with stage("profile", f"{loaded.source.reference}, {spec.backend} on {spec.device}, {spec.mode}"), \
+            tempfile.TemporaryDirectory(prefix="ziplm-profile-") as tmp:
+        work = workload(loaded, spec, settings.seed)
+        runners = block_runners(loaded.model, work, grid, spec, Path(tmp))
+        with stage("timing blocks", f"{len(runners)} blocks x {settings.rounds} rounds, interleaved"):
+            stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed, synchronizer(spec),
+                                     description=f"timing {len(runners)} blocks")
         records = [{"block": block, "level": level, "time_ms": s.estimate(settings.estimator), **s.to_dict()}
                    for (block, level), s in sorted(stats.items())]
         table = LatencyTable(spec, shape, settings.estimator, records)
-        table.additivity = measure_additivity(loaded, table, work, settings, workdir)
+        table.additivity = measure_additivity(loaded, table, work, settings, Path(tmp))
     table.metadata = {
         "model": loaded.source.reference, "model_kind": loaded.kind, "created": now(), "machine": machine_info(),
         "versions": library_versions(), "settings": asdict(settings), "load_average": round(load_average, 2),
@@ -237,6 +229,23 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
     for problem in table.trust_problems():
         log.warning("latency table: %s: %s", problem, TRUST_ADVICE)
     return table
+
+
+def block_runners(model: nn.Module, work: Workload, grid: dict[str, list[int]], spec: InferenceSpec,
+                  workdir: Path) -> dict[tuple[str, int], Callable[[], object]]:
+    """A runner per (block, level) of `grid` on the spec's backend, and one for the fixed part."""
+    hidden, kwargs = capture_layer_call(model, work)
+    first_layer = model_layers(model)[0]
+    runners = {}
+    todo = [(block, level) for block, levels in grid.items() for level in levels]
+    with stage("building blocks", f"{len(todo)} sizes of the first layer and the fixed part"):
+        for block, level in bar(todo, desc=f"building blocks ({spec.backend})", leave=False):
+            layer = layer_candidate(first_layer, model, block, level)
+            kv_heads = level if block == ATTENTION else None
+            call, inputs = layer_call(layer, hidden, kwargs, kv_heads)
+            runners[(block, level)] = build_runner(call, inputs, spec, workdir, f"{block}{level}")
+        runners[(FIXED, 0)] = work.runner(fixed_part(model), spec, workdir, "fixed")[0]
+    return runners
 
 
 def random_kept_counts(table: LatencyTable, rng: random.Random) -> list[tuple[int, int]]:
@@ -248,7 +257,7 @@ def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: Inferenc
                    rounds: int, warmup: int, seed: int, workdir: Path, description: str) -> list[TimingStats]:
     """Whole pruned models, timed interleaved on the spec's backend."""
     runners = {}
-    for i, plan in enumerate(tqdm(plans, desc="building models", leave=False)):
+    for i, plan in enumerate(bar(plans, desc="building models", leave=False)):
         pruned = apply_plan(copy.deepcopy(loaded.model), plan)
         runners[i] = work.runner(pruned, spec, workdir, f"model{i}")[0]
     stats = time_interleaved(runners, rounds, warmup, seed, synchronizer(spec), description=description)
@@ -262,8 +271,9 @@ def measure_additivity(loaded: LoadedModel, table: LatencyTable, work: Workload,
     counts = [[(shape.attention_units, shape.intermediate_size)] * shape.num_layers]
     counts += [random_kept_counts(table, rng) for _ in range(settings.additivity_models)]
     plans = [PruningPlan(shape, [LayerPlan(list(range(a)), list(range(f))) for a, f in kept]) for kept in counts]
-    stats = measure_models(loaded, plans, table.spec, work, settings.additivity_rounds, settings.warmup,
-                           settings.seed, workdir, "additivity check")
+    with stage("additivity check", f"the dense model and {settings.additivity_models} random pruned ones"):
+        stats = measure_models(loaded, plans, table.spec, work, settings.additivity_rounds, settings.warmup,
+                               settings.seed, workdir, "additivity check")
     sums = [table.block_sum(kept) for kept in counts]
     measured = [s.estimate(settings.estimator) for s in stats]
     ratios = [m / p for m, p in zip(measured, sums)]

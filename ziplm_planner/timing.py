@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
-from tqdm.auto import tqdm
+from .progress import bar
 
 ESTIMATORS = ("min", "p10", "median")
 DEFAULT_ESTIMATOR = "p10"
@@ -94,7 +94,7 @@ def interleaved_samples(
     sync()
     samples: dict[str, list[float]] = {name: [] for name in names}
     order = random.Random(seed)
-    for _ in tqdm(range(rounds), desc=description or "timing", leave=False, disable=description is None):
+    for _ in bar(range(rounds), desc=description or "timing", leave=False, disable=description is None):
         order.shuffle(names)
         for name in names:
             start = time.perf_counter()
