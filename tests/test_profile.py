@@ -8,7 +8,7 @@ import pytest
 
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
-from ziplm_planner.profiler import ProfileSettings, ffn_levels, profile_model
+from ziplm_planner.profiler import ProfileSettings, ffn_levels, fit_whole_models, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import ATTENTION, FFN, FIXED, LatencyTable
 from tiny_models import tiny_loaded
@@ -26,9 +26,10 @@ def check_complete(table, shape):
         assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["runs"] == 3
     assert len(table.additivity) == 3  # the dense model and two random ones
     assert table.additivity[0]["kept"] == [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
-    assert table.dense_ms == pytest.approx(table.scale * table.additivity[0]["block_sum_ms"])
-    ratios = sorted(a["measured_ms"] / a["block_sum_ms"] for a in table.additivity)
-    assert table.scale == pytest.approx(ratios[len(ratios) // 2])  # the median over the whole models
+    assert table.dense_ms == pytest.approx(table.scale * table.additivity[0]["block_sum_ms"] + table.offset_ms)
+    smallest = table.fixed_ms + min(table.times(ATTENTION) + table.times(FFN))
+    assert (table.scale, table.offset_ms) == fit_whole_models([a["block_sum_ms"] for a in table.additivity],
+                                                              [a["measured_ms"] for a in table.additivity], smallest)
 
 
 @pytest.mark.parametrize("model_type,causal,backend", [
@@ -70,10 +71,10 @@ def test_table_round_trips_through_json(table, tmp_path):
 
 def test_prediction_is_the_sum_of_block_times(table):
     fixed, attn, ffn = table.fixed_ms, table.time(ATTENTION, 2), table.time(FFN, 32)
-    assert table.predict([(2, 32), (0, 0)]) == pytest.approx(table.scale * (fixed + attn + ffn))
-    assert table.predict([(0, 0), (0, 0)]) == pytest.approx(table.scale * fixed)
+    assert table.predict([(2, 32), (0, 0)]) == pytest.approx(table.scale * (fixed + attn + ffn) + table.offset_ms)
+    assert table.predict([(0, 0), (0, 0)]) == pytest.approx(table.scale * fixed + table.offset_ms)
     cheapest_block = min(table.times(ATTENTION) + table.times(FFN))
-    assert table.max_speedup == pytest.approx(table.dense_ms / (table.scale * (fixed + cheapest_block)))
+    assert table.max_speedup == pytest.approx(table.dense_ms / (table.scale * (fixed + cheapest_block) + table.offset_ms))
     assert table.block_budget(table.predict([(2, 32), (0, 0)])) == pytest.approx(attn + ffn)
 
 
@@ -185,3 +186,12 @@ def test_a_table_says_when_it_cannot_be_trusted():
     assert len(problems) == 3
     assert "25.0% max" in problems[0] and "spread 2.00x" in problems[1] and "load average 3.0 on 2 cores" in problems[2]
     assert "WARNING: whole models differ" in noisy.describe() and "profile again on a quiet machine" in noisy.describe()
+
+
+def test_whole_models_fit_a_scale_and_an_offset():
+    sums = [10.0, 20.0, 40.0, 80.0]
+    scale, offset = fit_whole_models(sums, [1.1 * s - 2.0 for s in sums], smallest_sum=5.0)
+    assert scale == pytest.approx(1.1) and offset == pytest.approx(-2.0)
+    # too few points, or a line that would give the smallest plannable model no time: the median ratio
+    assert fit_whole_models([10.0, 20.0], [11.0, 24.0], 5.0) == (pytest.approx(1.15), 0.0)
+    assert fit_whole_models(sums, [1.1 * s - 2.0 for s in sums], smallest_sum=1.0)[1] == 0.0

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -248,9 +249,27 @@ def block_runners(model: nn.Module, work: Workload, grid: dict[str, list[int]], 
     return runners
 
 
-def random_kept_counts(table: LatencyTable, rng: random.Random) -> list[tuple[int, int]]:
+def random_kept_counts(table: LatencyTable, rng: random.Random, size: float) -> list[tuple[int, int]]:
+    """A random model of about `size` (0..1) of the dense one: every block at a random level within
+    a quarter of the level list around that share."""
+    def level(levels: list[int]) -> int:
+        share = min(1.0, max(0.0, rng.uniform(size - 0.25, size + 0.25)))
+        return levels[round(share * (len(levels) - 1))]
     attention, ffn = [0, *table.levels(ATTENTION)], [0, *table.levels(FFN)]
-    return [(rng.choice(attention), rng.choice(ffn)) for _ in range(table.shape.num_layers)]
+    return [(level(attention), level(ffn)) for _ in range(table.shape.num_layers)]
+
+
+def fit_whole_models(sums: list[float], measured: list[float], smallest_sum: float) -> tuple[float, float]:
+    """(scale, offset) with measured ~ scale * block sum + offset, least squares in relative error.
+    Falls back to the median ratio (offset 0) when the points cannot fix a line, or the line would
+    not give the smallest plannable model (block sum `smallest_sum`) a positive time."""
+    ratio = statistics.median(m / s for m, s in zip(measured, sums))
+    if len(sums) < 3 or max(sums) <= 1.05 * min(sums):
+        return ratio, 0.0
+    scale, offset = np.polyfit(sums, measured, 1, w=[1 / m for m in measured])
+    if scale <= 0 or scale * smallest_sum + offset <= 0:
+        return ratio, 0.0
+    return float(scale), float(offset)
 
 
 def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: InferenceSpec, work: Workload,
@@ -266,23 +285,24 @@ def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: Inferenc
 
 def measure_additivity(loaded: LoadedModel, table: LatencyTable, work: Workload, settings: ProfileSettings,
                        workdir: Path) -> list[dict]:
+    """Whole models, the dense one and random ones spread from small to large, against the block sum:
+    fits the table's scale and offset and reports each model's error with the line fitted on the others."""
     rng = random.Random(settings.seed)
-    shape = table.shape
+    shape, models = table.shape, settings.additivity_models
     counts = [[(shape.attention_units, shape.intermediate_size)] * shape.num_layers]
-    counts += [random_kept_counts(table, rng) for _ in range(settings.additivity_models)]
+    counts += [random_kept_counts(table, rng, (i + 1) / (models + 1)) for i in range(models)]
     plans = [PruningPlan(shape, [LayerPlan(list(range(a)), list(range(f))) for a, f in kept]) for kept in counts]
-    with stage("additivity check", f"the dense model and {settings.additivity_models} random pruned ones"):
+    with stage("additivity check", f"the dense model and {models} random pruned ones, small to large"):
         stats = measure_models(loaded, plans, table.spec, work, settings.additivity_rounds, settings.warmup,
                                settings.seed, workdir, "additivity check")
     sums = [table.block_sum(kept) for kept in counts]
     measured = [s.estimate(settings.estimator) for s in stats]
-    ratios = [m / p for m, p in zip(measured, sums)]
-    table.scale = statistics.median(ratios)
+    smallest = table.fixed_ms + min(table.times(ATTENTION) + table.times(FFN))
+    table.scale, table.offset_ms = fit_whole_models(sums, measured, smallest)
     results = []
     for i, (kept, s) in enumerate(zip(counts, stats)):
-        # leave-one-out: each model is predicted with the scale fitted on the others
-        scale = statistics.median(ratios[:i] + ratios[i + 1:]) if len(ratios) > 1 else 1.0
-        predicted = scale * sums[i]
+        scale, offset = fit_whole_models(sums[:i] + sums[i + 1:], measured[:i] + measured[i + 1:], smallest)
+        predicted = scale * sums[i] + offset
         results.append({"kept": kept, "block_sum_ms": sums[i], "predicted_ms": predicted, "measured_ms": measured[i],
                         "error": predicted / measured[i] - 1, "unscaled_error": sums[i] / measured[i] - 1,
                         "measured": s.to_dict()})
