@@ -8,7 +8,8 @@ import pytest
 
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
-from ziplm_planner.profiler import ProfileSettings, ffn_levels, fit_whole_models, profile_model
+from ziplm_planner.profiler import (ProfileSettings, ffn_levels, fit_line, fit_ratio, fit_whole_models, leave_one_out,
+                                    predicted_from_fit, profile_model)
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import ATTENTION, FFN, FIXED, LatencyTable
 from tiny_models import tiny_loaded
@@ -26,10 +27,9 @@ def check_complete(table, shape):
         assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["runs"] == 3
     assert len(table.additivity) == 3  # the dense model and two random ones
     assert table.additivity[0]["kept"] == [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
-    assert table.dense_ms == pytest.approx(table.scale * table.additivity[0]["block_sum_ms"] + table.offset_ms)
-    smallest = table.fixed_ms + min(table.times(ATTENTION) + table.times(FFN))
-    assert (table.scale, table.offset_ms) == fit_whole_models([a["block_sum_ms"] for a in table.additivity],
-                                                              [a["measured_ms"] for a in table.additivity], smallest)
+    assert table.dense_ms == pytest.approx(table.from_block_sum(table.additivity[0]["block_sum_ms"]))
+    fit = fit_whole_models([a["block_sum_ms"] for a in table.additivity], [a["measured_ms"] for a in table.additivity])
+    assert fit == (table.metadata["whole_model_fit"], table.scale, table.offset_ms, table.line_from_ms)
 
 
 @pytest.mark.parametrize("model_type,causal,backend", [
@@ -71,10 +71,10 @@ def test_table_round_trips_through_json(table, tmp_path):
 
 def test_prediction_is_the_sum_of_block_times(table):
     fixed, attn, ffn = table.fixed_ms, table.time(ATTENTION, 2), table.time(FFN, 32)
-    assert table.predict([(2, 32), (0, 0)]) == pytest.approx(table.scale * (fixed + attn + ffn) + table.offset_ms)
-    assert table.predict([(0, 0), (0, 0)]) == pytest.approx(table.scale * fixed + table.offset_ms)
+    assert table.predict([(2, 32), (0, 0)]) == pytest.approx(table.from_block_sum(fixed + attn + ffn))
+    assert table.predict([(0, 0), (0, 0)]) == pytest.approx(table.from_block_sum(fixed))
     cheapest_block = min(table.times(ATTENTION) + table.times(FFN))
-    assert table.max_speedup == pytest.approx(table.dense_ms / (table.scale * (fixed + cheapest_block) + table.offset_ms))
+    assert table.max_speedup == pytest.approx(table.dense_ms / table.from_block_sum(fixed + cheapest_block))
     assert table.block_budget(table.predict([(2, 32), (0, 0)])) == pytest.approx(attn + ffn)
 
 
@@ -181,17 +181,52 @@ def test_a_table_says_when_it_cannot_be_trusted():
     noisy.additivity[1]["error"] = 0.25
     for record in noisy.additivity:
         record["measured"]["p90_ms"] = 2 * record["measured"]["p10_ms"]
-    noisy.metadata["load_average"] = 3.0
+    noisy.metadata["others_cpu_share"] = 0.6
     problems = noisy.trust_problems()
     assert len(problems) == 3
-    assert "25.0% max" in problems[0] and "spread 2.00x" in problems[1] and "load average 3.0 on 2 cores" in problems[2]
+    assert "25.0% max" in problems[0] and "spread 2.00x" in problems[1] and "used 60% of the cores" in problems[2]
     assert "WARNING: whole models differ" in noisy.describe() and "profile again on a quiet machine" in noisy.describe()
 
 
-def test_whole_models_fit_a_scale_and_an_offset():
-    sums = [10.0, 20.0, 40.0, 80.0]
-    scale, offset = fit_whole_models(sums, [1.1 * s - 2.0 for s in sums], smallest_sum=5.0)
-    assert scale == pytest.approx(1.1) and offset == pytest.approx(-2.0)
-    # too few points, or a line that would give the smallest plannable model no time: the median ratio
-    assert fit_whole_models([10.0, 20.0], [11.0, 24.0], 5.0) == (pytest.approx(1.15), 0.0)
-    assert fit_whole_models(sums, [1.1 * s - 2.0 for s in sums], smallest_sum=1.0)[1] == 0.0
+def test_whole_models_fit_a_line_when_it_predicts_left_out_models_better():
+    sums = [10.0, 20.0, 40.0, 80.0, 160.0]
+    name, scale, offset, line_from = fit_whole_models(sums, [1.1 * s - 2.0 for s in sums])
+    assert name == "line" and scale == pytest.approx(1.1) and offset == pytest.approx(-2.0) and line_from == 10.0
+    # proportional timings: whichever is chosen predicts the ratio
+    fit = fit_whole_models(sums, [0.9 * s for s in sums])
+    assert [predicted_from_fit(fit[1:], x) for x in sums] == pytest.approx([0.9 * x for x in sums])
+    # too few points: the ratio
+    assert fit_line([10.0, 20.0], [11.0, 24.0]) == (pytest.approx(1.15), 0.0, 0.0)
+
+
+def test_below_the_smallest_model_measured_the_table_scales_proportionally():
+    fit = (1.1, -2.0, 10.0)  # the line gives 9 ms at block sum 10
+    assert predicted_from_fit(fit, 20.0) == pytest.approx(20.0)
+    assert predicted_from_fit(fit, 5.0) == pytest.approx(4.5) and predicted_from_fit(fit, 1.0) == pytest.approx(0.9)
+
+
+def test_block_budget_inverts_the_prediction_on_both_sides_of_the_knee(table):
+    import dataclasses
+
+    fitted = dataclasses.replace(table, scale=1.1, offset_ms=-0.5 * table.fixed_ms, line_from_ms=2 * table.fixed_ms)
+    for total in (0.6 * fitted.from_block_sum(2 * table.fixed_ms), 3 * table.fixed_ms, 10 * table.fixed_ms):
+        assert fitted.from_block_sum(fitted.block_budget(total) + table.fixed_ms) == pytest.approx(total)
+
+
+def test_leave_one_out_predicts_each_model_from_the_others():
+    sums, measured = [10.0, 20.0, 40.0], [10.0, 20.0, 80.0]
+    errors = leave_one_out(fit_ratio, sums, measured)
+    assert errors[2] == pytest.approx(40.0 / 80.0 - 1)  # the others' median ratio is 1
+
+
+def test_others_share_counts_the_cpu_another_process_takes():
+    import subprocess
+    import sys
+
+    from ziplm_planner.environment import CpuSnapshot, others_share
+
+    before = CpuSnapshot.now()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass"])
+    busy.wait()
+    share = others_share(before, CpuSnapshot.now())
+    assert share is not None and share > 0.2  # one core of others' work for most of the interval

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import time
+from dataclasses import dataclass
 from importlib import metadata
 
 
@@ -40,3 +42,35 @@ def library_versions() -> dict:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Busy CPU time of the whole machine (steal included: a VM's host taking its cores) and of this
+    process, at one moment; None fields where /proc/stat is not available."""
+
+    machine_busy: float | None  # seconds, all cores
+    own: float  # seconds of this process (all threads)
+    wall: float
+
+    @classmethod
+    def now(cls) -> CpuSnapshot:
+        busy = None
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+            busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            pass
+        times = os.times()
+        return cls(busy, times.user + times.system, time.perf_counter())
+
+
+def others_share(before: CpuSnapshot, after: CpuSnapshot) -> float | None:
+    """Share of the machine's cores that other processes (or the VM host) used between two snapshots:
+    0 on a quiet machine, 1 when everything else kept every core busy."""
+    if before.machine_busy is None or after.machine_busy is None or after.wall <= before.wall:
+        return None
+    others = (after.machine_busy - before.machine_busy) - (after.own - before.own)
+    return max(0.0, others / ((after.wall - before.wall) * (os.cpu_count() or 1)))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 import statistics
 import tempfile
@@ -28,7 +27,7 @@ from torch import nn
 from .adapters import architecture_for, model_layers, model_shape
 from .backends import (TensorCall, build_runner, export_model_onnx, input_names, model_call, onnx_runner, random_inputs,
                        synchronizer)
-from .environment import library_versions, machine_info, now
+from .environment import CpuSnapshot, library_versions, machine_info, now, others_share
 from .errors import UserError
 from .kvcache import cache_argument, find_cache
 from .models import CAUSAL_LM, LoadedModel
@@ -48,7 +47,7 @@ class ProfileSettings:
     rounds: int = 40  # interleaved repetitions of every block candidate
     warmup: int = 3
     estimator: str = DEFAULT_ESTIMATOR
-    additivity_models: int = 4  # random whole models checked against the prediction (plus the dense one)
+    additivity_models: int = 8  # random whole models, small to large, checked against the prediction (plus dense)
     additivity_rounds: int = 15
     seed: int = 0
 
@@ -207,7 +206,7 @@ def fixed_part(model: nn.Module) -> nn.Module:
 def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSettings = ProfileSettings()) -> LatencyTable:
     """Build the latency table of `loaded` on this machine for `spec`."""
     started = time.perf_counter()
-    load_average = os.getloadavg()[0]  # what else runs here: read before this run adds its own load
+    cpu_before = CpuSnapshot.now()  # what else runs here while this profile times
     shape = model_shape(loaded.model.config)
     torch.set_num_threads(spec.threads)
     grid = {ATTENTION: list(range(1, shape.attention_units + 1)), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
@@ -223,8 +222,9 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
         table = LatencyTable(spec, shape, settings.estimator, records)
         table.additivity = measure_additivity(loaded, table, work, settings, Path(tmp))
     table.metadata = {
-        "model": loaded.source.reference, "model_kind": loaded.kind, "created": now(), "machine": machine_info(),
-        "versions": library_versions(), "settings": asdict(settings), "load_average": round(load_average, 2),
+        **table.metadata, "model": loaded.source.reference, "model_kind": loaded.kind, "created": now(), "machine": machine_info(),
+        "versions": library_versions(), "settings": asdict(settings),
+        "others_cpu_share": _rounded(others_share(cpu_before, CpuSnapshot.now())),
         "profile_seconds": round(time.perf_counter() - started, 1),
     }
     for problem in table.trust_problems():
@@ -249,6 +249,10 @@ def block_runners(model: nn.Module, work: Workload, grid: dict[str, list[int]], 
     return runners
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def random_kept_counts(table: LatencyTable, rng: random.Random, size: float) -> list[tuple[int, int]]:
     """A random model of about `size` (0..1) of the dense one: every block at a random level within
     a quarter of the level list around that share."""
@@ -259,17 +263,46 @@ def random_kept_counts(table: LatencyTable, rng: random.Random, size: float) -> 
     return [(level(attention), level(ffn)) for _ in range(table.shape.num_layers)]
 
 
-def fit_whole_models(sums: list[float], measured: list[float], smallest_sum: float) -> tuple[float, float]:
-    """(scale, offset) with measured ~ scale * block sum + offset, least squares in relative error.
-    Falls back to the median ratio (offset 0) when the points cannot fix a line, or the line would
-    not give the smallest plannable model (block sum `smallest_sum`) a positive time."""
-    ratio = statistics.median(m / s for m, s in zip(measured, sums))
+def fit_ratio(sums: list[float], measured: list[float]) -> tuple[float, float, float]:
+    """measured ~ scale * block sum: the median ratio. (scale, offset 0, line_from 0)"""
+    return statistics.median(m / s for m, s in zip(measured, sums)), 0.0, 0.0
+
+
+def fit_line(sums: list[float], measured: list[float]) -> tuple[float, float, float]:
+    """measured ~ scale * block sum + offset over the measured range, least squares in relative error;
+    below the smallest model measured (`line_from`) the table scales proportionally, since a line is
+    no guide where nothing was measured. The ratio alone when the points cannot fix a line."""
     if len(sums) < 3 or max(sums) <= 1.05 * min(sums):
-        return ratio, 0.0
+        return fit_ratio(sums, measured)
     scale, offset = np.polyfit(sums, measured, 1, w=[1 / m for m in measured])
-    if scale <= 0 or scale * smallest_sum + offset <= 0:
-        return ratio, 0.0
-    return float(scale), float(offset)
+    if scale <= 0 or scale * min(sums) + offset <= 0:
+        return fit_ratio(sums, measured)
+    return float(scale), float(offset), min(sums)
+
+
+WHOLE_MODEL_FITS = {"ratio": fit_ratio, "line": fit_line}
+
+
+def leave_one_out(fit, sums: list[float], measured: list[float]) -> list[float]:
+    """Each model's relative error when predicted by `fit` on the other models."""
+    return [predicted_from_fit(fit(sums[:i] + sums[i + 1:], measured[:i] + measured[i + 1:]), sums[i]) / measured[i] - 1
+            for i in range(len(sums))]
+
+
+def predicted_from_fit(fit: tuple[float, float, float], block_sum: float) -> float:
+    scale, offset, line_from = fit
+    return LatencyTable.whole_model_ms(block_sum, scale, offset, line_from)
+
+
+def fit_whole_models(sums: list[float], measured: list[float]) -> tuple[str, float, float, float]:
+    """(fit name, scale, offset, line_from): the ratio or the line, whichever predicts the measured
+    whole models better when each is left out in turn. The line follows small models that run
+    cache-warm; on a noisy machine, or with few models, the ratio is steadier; cross-validation says
+    which holds here."""
+    def median_error(name):
+        return statistics.median(abs(e) for e in leave_one_out(WHOLE_MODEL_FITS[name], sums, measured))
+    name = min(WHOLE_MODEL_FITS, key=median_error) if len(sums) > 1 else "ratio"
+    return (name, *WHOLE_MODEL_FITS[name](sums, measured))
 
 
 def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: InferenceSpec, work: Workload,
@@ -297,13 +330,9 @@ def measure_additivity(loaded: LoadedModel, table: LatencyTable, work: Workload,
                                settings.seed, workdir, "additivity check")
     sums = [table.block_sum(kept) for kept in counts]
     measured = [s.estimate(settings.estimator) for s in stats]
-    smallest = table.fixed_ms + min(table.times(ATTENTION) + table.times(FFN))
-    table.scale, table.offset_ms = fit_whole_models(sums, measured, smallest)
-    results = []
-    for i, (kept, s) in enumerate(zip(counts, stats)):
-        scale, offset = fit_whole_models(sums[:i] + sums[i + 1:], measured[:i] + measured[i + 1:], smallest)
-        predicted = scale * sums[i] + offset
-        results.append({"kept": kept, "block_sum_ms": sums[i], "predicted_ms": predicted, "measured_ms": measured[i],
-                        "error": predicted / measured[i] - 1, "unscaled_error": sums[i] / measured[i] - 1,
-                        "measured": s.to_dict()})
-    return results
+    fit, table.scale, table.offset_ms, table.line_from_ms = fit_whole_models(sums, measured)
+    table.metadata["whole_model_fit"] = fit
+    errors = leave_one_out(WHOLE_MODEL_FITS[fit], sums, measured)
+    return [{"kept": kept, "block_sum_ms": total, "predicted_ms": (1 + error) * m, "measured_ms": m, "error": error,
+             "unscaled_error": total / m - 1, "measured": s.to_dict()}
+            for kept, total, m, error, s in zip(counts, sums, measured, errors, stats)]

@@ -33,7 +33,7 @@ FORMAT = "ziplm-planner/latency-table/v1"
 FIXED = "fixed"
 ADDITIVITY_MEDIAN, ADDITIVITY_MAX = 0.05, 0.10  # |predicted / measured - 1| of whole models a sound table keeps
 WHOLE_MODEL_SPREAD = 1.5  # median p90/p10 of whole-model timings above which the machine was too noisy
-BUSY_LOAD = 0.5  # load average per core before profiling above which something else was running
+BUSY_SHARE = 0.25  # share of the cores other processes used while profiling, above which timings are suspect
 TRUST_ADVICE = ("profile again on a quiet machine (stop other jobs; `uptime` shows the load) "
                 "or with more --rounds; speedups planned from this table may miss")
 
@@ -46,8 +46,9 @@ class LatencyTable:
     records: list[dict]  # block, level, time_ms (the estimate), min_ms, p10_ms, median_ms, p90_ms, runs
     additivity: list[dict] = field(default_factory=list)  # whole models: kept, predicted_ms, measured_ms, error
     metadata: dict = field(default_factory=dict)  # model, machine, versions, created, settings, seconds
-    scale: float = 1.0  # whole model ms = scale * block sum + offset_ms, fitted on measured whole models
-    offset_ms: float = 0.0
+    scale: float = 1.0  # whole model ms = scale * block sum + offset_ms, fitted on measured whole models,
+    offset_ms: float = 0.0  # for block sums from line_from_ms up; below it, proportional to the block sum
+    line_from_ms: float = 0.0
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -78,11 +79,22 @@ class LatencyTable:
         return self.from_block_sum(self.block_sum(kept_counts))
 
     def from_block_sum(self, block_sum_ms: float) -> float:
-        return self.scale * block_sum_ms + self.offset_ms
+        return self.whole_model_ms(block_sum_ms, self.scale, self.offset_ms, self.line_from_ms)
+
+    @staticmethod
+    def whole_model_ms(block_sum_ms: float, scale: float, offset_ms: float, line_from_ms: float) -> float:
+        """The fitted line from `line_from_ms` up, and below it the line's value there scaled down
+        proportionally (nothing below was measured, and a model's time stays positive)."""
+        if block_sum_ms >= line_from_ms:
+            return scale * block_sum_ms + offset_ms
+        return (scale * line_from_ms + offset_ms) * block_sum_ms / line_from_ms
 
     def block_budget(self, total_ms: float) -> float:
-        """The budget for the sum of block times (fixed part excluded) that gives a model of `total_ms`."""
-        return (total_ms - self.offset_ms) / self.scale - self.fixed_ms
+        """The budget for the sum of block times (fixed part excluded) that gives a model of `total_ms`:
+        the inverse of `from_block_sum`."""
+        knee = self.scale * self.line_from_ms + self.offset_ms
+        block_sum = (total_ms - self.offset_ms) / self.scale if total_ms >= knee else total_ms * self.line_from_ms / knee
+        return block_sum - self.fixed_ms
 
     @property
     def dense_ms(self) -> float:
@@ -104,7 +116,7 @@ class LatencyTable:
         """Why this table's figures may not hold, each with what to do; empty when it looks sound.
         Judged by what the profiler saw: whole models against the block sum, the spread of whole-model
         timings (short blocks always spread; whole models on a quiet machine stay within ~1.1-1.45x),
-        and the load on the machine when profiling began."""
+        and the CPU time other processes (or the VM host, as steal) took while it timed."""
         problems = []
         median, worst = self.additivity_errors()
         if median > ADDITIVITY_MEDIAN or worst > ADDITIVITY_MAX:
@@ -114,9 +126,10 @@ class LatencyTable:
         if spreads and float(np.median(spreads)) > WHOLE_MODEL_SPREAD:
             problems.append(f"whole-model timings spread {float(np.median(spreads)):.2f}x p90/p10 "
                             f"(sound: <= {WHOLE_MODEL_SPREAD})")
-        load, cores = self.metadata.get("load_average"), self.metadata.get("machine", {}).get("cores")
-        if load is not None and cores and load > BUSY_LOAD * cores:
-            problems.append(f"the machine was busy when profiling began (load average {load:.1f} on {cores} cores)")
+        others = self.metadata.get("others_cpu_share")
+        if others is not None and others > BUSY_SHARE:
+            problems.append(f"other work (or the VM host) used {others:.0%} of the cores while profiling "
+                            f"(sound: <= {BUSY_SHARE:.0%})")
         return problems
 
     def to_frame(self) -> pd.DataFrame:
@@ -139,7 +152,8 @@ class LatencyTable:
             f"dense {self.dense_ms:.3f} ms predicted; fixed part {self.fixed_ms:.3f} ms; max speedup {self.max_speedup:.2f}x; "
             f"estimator {self.estimator}",
             f"additivity over {len(self.additivity)} whole models: median error {median:.1%}, max {worst:.1%} "
-            f"(leave-one-out, after scale {self.scale:.3f} and offset {self.offset_ms:+.3f} ms fitted on whole models)",
+            f"(leave-one-out, after scale {self.scale:.3f} and offset {self.offset_ms:+.3f} ms from block sum "
+            f"{self.line_from_ms:.1f} ms, fitted on whole models)",
             *[f"WARNING: {problem}: {TRUST_ADVICE}" for problem in self.trust_problems()],
             "",
             self.to_frame().to_string(index=False, float_format=lambda v: f"{v:.3f}"),
@@ -160,7 +174,7 @@ class LatencyTable:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "spec": self.spec.to_dict(), "shape": self.shape.__dict__, "estimator": self.estimator,
-                "scale": self.scale, "offset_ms": self.offset_ms, "metadata": self.metadata, "records": self.records, "additivity": self.additivity}
+                "scale": self.scale, "offset_ms": self.offset_ms, "line_from_ms": self.line_from_ms, "metadata": self.metadata, "records": self.records, "additivity": self.additivity}
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
@@ -190,7 +204,8 @@ class LatencyTable:
         shape = _shape(data.get("shape"))
         return cls(_spec(data.get("spec")), shape, _estimator(data.get("estimator")), _records(data.get("records"), shape),
                    _additivity(data.get("additivity", []), shape), _mapping(data.get("metadata", {}), "metadata"),
-                   _positive(data.get("scale", 1.0), "scale"), _finite(data.get("offset_ms", 0.0), "offset_ms"))
+                   _positive(data.get("scale", 1.0), "scale"), _finite(data.get("offset_ms", 0.0), "offset_ms"),
+                   _line_from(data.get("line_from_ms", 0.0), data.get("scale", 1.0), data.get("offset_ms", 0.0)))
 
 
 # --- validation on load: one function per rule -------------------------------------------------
@@ -219,6 +234,16 @@ def _positive(value, what: str) -> float:
     if _finite(value, what) <= 0:
         raise InvalidTable(f"{what} {value!r} is not > 0")
     return float(value)
+
+
+def _line_from(value, scale, offset) -> float:
+    """Where the fitted line starts: >= 0, and the line positive there (else models below would get
+    no time at all)."""
+    start = _finite(value, "line_from_ms")
+    if start < 0 or (start > 0 and _finite(scale, "scale") * start + _finite(offset, "offset_ms") <= 0) \
+            or (start == 0 and offset != 0):
+        raise InvalidTable(f"line_from_ms {value!r} does not start a line positive from there")
+    return start
 
 
 def _mapping(value, what: str) -> dict:

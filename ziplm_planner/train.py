@@ -1,0 +1,195 @@
+"""Recovery training: distil a pruned student from its dense teacher on Hugging Face accelerate.
+
+One code path for one CPU, one GPU, DDP, FSDP and several nodes (`accelerate launch`,
+`torchrun`): accelerate prepares the student, optimiser, data and schedule, and reduces what is
+logged; nothing here is written for a number of processes. AdamW with linear warm-up then linear
+decay; each call starts its schedule from the top, which is the learning-rate rewind oBERT and
+GMP* use at every pruning step. A checkpoint (accelerate state plus progress.json) is written
+every `checkpoint_every` steps and at the end; a call given the same folder resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .data import TokenBatches
+from .distill import LossWeights, distillation_terms
+from .errors import UserError
+from .progress import bar
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    tokens: int = 500_000  # real tokens the student sees per member
+    batch_size: int = 16  # samples per step on each process
+    learning_rate: float = 1e-4
+    warmup: float = 0.1  # share of the steps spent warming up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    weights: LossWeights = field(default_factory=LossWeights)
+    seed: int = 0
+    log_every: int = 10  # steps between points of the loss curve
+    checkpoint_every: int = 200
+
+    def __post_init__(self):
+        if self.tokens < 1:
+            raise UserError(f"the training budget must be at least 1 token, got {self.tokens}")
+        if self.batch_size < 1 or self.learning_rate <= 0 or not 0 <= self.warmup < 1:
+            raise UserError("training needs batch size >= 1, learning rate > 0 and warm-up in [0, 1)")
+
+
+@dataclass
+class TrainRecord:
+    """What a training run did: the report's recovery columns and the loss curve."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    final: dict[str, float]  # loss terms, mean over the last logged window
+    curve: list[dict] = field(default_factory=list)  # {"step", "tokens", <term>: value}
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_second": round(self.tokens_per_second, 1)}
+
+
+def make_accelerator(cpu: bool = False):
+    """The accelerator every process of a run builds: seedable shuffling (epoch e shuffles with seed + e,
+    so a resumed run sees the same batches), bf16 autocast on a GPU that has it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    gpu = torch.cuda.is_available() and not cpu
+    precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else ("fp16" if gpu else "no")
+    return Accelerator(cpu=cpu, mixed_precision=precision,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def planned_steps(data: TokenBatches, settings: TrainSettings, processes: int) -> int:
+    """Steps that show the student about `settings.tokens` real tokens, all processes together."""
+    tokens_per_sample = data.num_tokens / len(data.input_ids)
+    return max(1, math.ceil(settings.tokens / (tokens_per_sample * settings.batch_size * processes)))
+
+
+def linear_schedule(steps: int, warmup: float):
+    warm = max(1, round(warmup * steps))
+    return lambda step: min((step + 1) / warm, max(0.0, (steps - step) / max(1, steps - warm)))
+
+
+def _dataset(data: TokenBatches) -> TensorDataset:
+    tensors = [data.input_ids, data.attention_mask] + ([data.labels] if data.labels is not None else [])
+    return TensorDataset(*tensors)
+
+
+def _batch(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    batch = {"input_ids": tensors[0], "attention_mask": tensors[1]}
+    if len(tensors) > 2:
+        batch["labels"] = tensors[2]
+    length = int(batch["attention_mask"].sum(1).max())  # right padding: drop columns no sample reaches
+    return {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
+
+
+def _read_progress(folder: Path | None, identity: dict) -> dict | None:
+    if folder is None or not (folder / PROGRESS).is_file():
+        return None
+    progress = json.loads((folder / PROGRESS).read_text())
+    if progress.get("identity") != identity:
+        raise UserError(f"checkpoint {folder} was made with other training settings or data: "
+                        "remove it or give another --checkpoint-dir")
+    return progress
+
+
+def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches, settings: TrainSettings,
+           accelerator, checkpoint: Path | None = None, label: str = "distil") -> TrainRecord:
+    """Train `student` in place to match `teacher` on `data`; returns the record. `accelerator` is an
+    `accelerate.Accelerator`; every process calls this with the same arguments."""
+    from accelerate.utils import set_seed, skip_first_batches
+
+    set_seed(settings.seed)
+    steps = planned_steps(data, settings, accelerator.num_processes)
+    identity = {"settings": json.loads(json.dumps(asdict(settings))), "samples": len(data.input_ids),
+                "tokens": data.num_tokens, "processes": accelerator.num_processes, "steps": steps}
+    progress = _read_progress(checkpoint, identity) or {"identity": identity, "step": 0, "tokens": 0, "seconds": 0.0,
+                                                         "curve": []}
+    loader = DataLoader(_dataset(data), batch_size=settings.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(settings.seed))
+    if len(loader) == 0:
+        raise UserError(f"training data has {len(data.input_ids)} samples, fewer than one batch of "
+                        f"{settings.batch_size}: give more data or a smaller --train-batch-size")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, settings.warmup))
+    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    model, optimizer, prepared, scheduler = accelerator.prepare(student.train(), optimizer, loader, scheduler)
+    if progress["step"]:
+        accelerator.load_state(str(checkpoint))
+        log.info("%s: resuming at step %d of %d from %s", label, progress["step"], steps, checkpoint)
+    per_epoch = len(prepared)
+    window: dict[str, list[float]] = {}
+    started = time.perf_counter() - progress["seconds"]
+    with bar(total=steps, initial=progress["step"], desc=label, leave=False,
+             disable=not accelerator.is_main_process) as shown:
+        while progress["step"] < steps:
+            epoch, done = divmod(progress["step"], per_epoch)
+            prepared.set_epoch(epoch)  # the shuffle of each epoch is fixed by seed and epoch: resumable
+            for tensors in skip_first_batches(prepared, done) if done else prepared:
+                batch = _batch(list(tensors))
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                with accelerator.autocast():
+                    student_out = model(**inputs, output_hidden_states=True)
+                    with torch.no_grad():
+                        teacher_out = teacher(**inputs, output_hidden_states=True)
+                    terms = distillation_terms(kind, student_out, teacher_out, batch, settings.weights)
+                accelerator.backward(terms["loss"])
+                accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                progress["step"] += 1
+                progress["tokens"] += int(accelerator.gather(batch["attention_mask"].sum()).sum())
+                for name, value in terms.items():
+                    window.setdefault(name, []).append(float(accelerator.reduce(value.detach(), "mean")))
+                shown.update(1)
+                if progress["step"] % settings.log_every == 0 or progress["step"] == steps:
+                    point = {name: sum(values) / len(values) for name, values in window.items()}
+                    progress["curve"].append({"step": progress["step"], "tokens": progress["tokens"], **point})
+                    shown.set_postfix(loss=f"{point['loss']:.4f}", tok_s=f"{progress['tokens'] / (time.perf_counter() - started):.0f}")
+                    window = {}
+                if checkpoint is not None and (progress["step"] % settings.checkpoint_every == 0 or progress["step"] == steps):
+                    progress["seconds"] = time.perf_counter() - started
+                    save_checkpoint(accelerator, checkpoint, progress)
+                if progress["step"] >= steps:
+                    break
+    accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(model).eval()
+    if trained is not student:  # DDP/FSDP wrap a copy on some setups: hand the caller its own module back
+        student.load_state_dict(trained.state_dict())
+    final = progress["curve"][-1] if progress["curve"] else {}
+    return TrainRecord(progress["step"], progress["tokens"], time.perf_counter() - started,
+                       {k: v for k, v in final.items() if k not in ("step", "tokens")}, progress["curve"])
+
+
+def save_checkpoint(accelerator, folder: Path, progress: dict) -> None:
+    """accelerate's state (model, optimiser, schedule, RNGs), then progress.json last: a checkpoint
+    without its progress file is incomplete and is not resumed from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PROGRESS).unlink(missing_ok=True)
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / PROGRESS).write_text(json.dumps(progress))
+    accelerator.wait_for_everyone()
