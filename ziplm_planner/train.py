@@ -73,12 +73,15 @@ def make_accelerator(cpu: bool = False):
     """The accelerator every process of a run builds: seedable shuffling (epoch e shuffles with seed + e,
     so a resumed run sees the same batches), bf16 autocast on a GPU that has it."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     gpu = torch.cuda.is_available() and not cpu
     precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else ("fp16" if gpu else "no")
+    # parts a loss never reaches (BERT's pooler under embedding distillation) get no gradient: DDP must
+    # be told, or it waits for them
     return Accelerator(cpu=cpu, mixed_precision=precision,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def planned_steps(data: TokenBatches, settings: TrainSettings, processes: int) -> int:
@@ -119,7 +122,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
            accelerator, checkpoint: Path | None = None, label: str = "distil") -> TrainRecord:
     """Train `student` in place to match `teacher` on `data`; returns the record. `accelerator` is an
     `accelerate.Accelerator`; every process calls this with the same arguments."""
-    from accelerate.utils import set_seed, skip_first_batches
+    from accelerate.utils import set_seed
 
     set_seed(settings.seed)
     steps = planned_steps(data, settings, accelerator.num_processes)
@@ -147,7 +150,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
         while progress["step"] < steps:
             epoch, done = divmod(progress["step"], per_epoch)
             prepared.set_epoch(epoch)  # the shuffle of each epoch is fixed by seed and epoch: resumable
-            for tensors in skip_first_batches(prepared, done) if done else prepared:
+            for tensors in accelerator.skip_first_batches(prepared, done) if done else prepared:
                 batch = _batch(list(tensors))
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 with accelerator.autocast():

@@ -1,0 +1,118 @@
+"""Recovery training on accelerate: it distils, it resumes to the same weights, two processes agree."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ziplm_planner.adapters import model_shape
+from ziplm_planner.data import TokenBatches
+from ziplm_planner.distill import distillation_terms
+from ziplm_planner.errors import UserError
+from ziplm_planner.models import EMBEDDING
+from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
+from ziplm_planner.train import TrainSettings, distil, make_accelerator, planned_steps
+from tiny_models import tiny_model
+
+ROOT = Path(__file__).parents[1]
+
+
+def tiny_pair(seed=0):
+    """A dense tiny BERT and a copy with half its heads and neurons gone from the first layer."""
+    teacher = tiny_model("bert", seed=seed)
+    shape = model_shape(teacher.config)
+    plan = PruningPlan.dense(shape)
+    plan.layers[0] = LayerPlan([0, 1], list(range(0, shape.intermediate_size, 2)))
+    return apply_plan(copy.deepcopy(teacher), plan), teacher
+
+
+def tiny_data(samples=48, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (samples, seq), generator=g)
+    mask = torch.ones(samples, seq, dtype=torch.long)
+    mask[::3, 8:] = 0  # some right padding
+    return TokenBatches(ids, mask, None)
+
+
+def loss_on(student, teacher, data):
+    batch = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
+    with torch.no_grad():
+        return float(distillation_terms(EMBEDDING, student(**batch, output_hidden_states=True),
+                                        teacher(**batch, output_hidden_states=True), batch,
+                                        TrainSettings().weights)["loss"])
+
+
+def settings(**kw):
+    return TrainSettings(**{"tokens": 2500, "batch_size": 8, "learning_rate": 3e-3, "log_every": 1, **kw})
+
+
+def test_distillation_brings_a_pruned_student_closer_to_its_teacher():
+    student, teacher = tiny_pair()
+    data = tiny_data()
+    before = loss_on(student, teacher, data)
+    record = distil(student, teacher, EMBEDDING, data, settings(), make_accelerator(cpu=True))
+    assert record.steps == planned_steps(data, settings(), 1) and record.tokens > 0
+    assert loss_on(student, teacher, data) < 0.7 * before
+    assert len(record.curve) == record.steps and set(record.final) >= {"loss", "squarehead", "kl"}
+    assert not student.training and all(p.requires_grad for p in student.parameters())
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import ziplm_planner.train as train_module
+
+    whole, teacher = tiny_pair()
+    distil(whole, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+           tmp_path / "whole")
+    real_save, saves = train_module.save_checkpoint, []
+
+    def interrupt_after_second_checkpoint(accelerator, folder, progress):
+        real_save(accelerator, folder, progress)
+        saves.append(progress["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    resumed, _ = tiny_pair()
+    monkeypatch.setattr(train_module, "save_checkpoint", interrupt_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        distil(resumed, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+               tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed, _ = tiny_pair()  # a new process: the weights come from the checkpoint
+    record = distil(resumed, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+                    tmp_path / "resumed")
+    assert record.steps == planned_steps(tiny_data(), settings(), 1)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    student, teacher = tiny_pair()
+    distil(student, teacher, EMBEDDING, tiny_data(), settings(), make_accelerator(cpu=True), tmp_path / "c")
+    with pytest.raises(UserError, match="other training settings"):
+        distil(student, teacher, EMBEDDING, tiny_data(), settings(learning_rate=1e-3), make_accelerator(cpu=True),
+               tmp_path / "c")
+
+
+@pytest.mark.parametrize("bad", [dict(tokens=0), dict(batch_size=0), dict(learning_rate=0.0), dict(warmup=1.0)])
+def test_bad_training_settings_are_refused(bad):
+    with pytest.raises(UserError):
+        settings(**bad)
+
+
+def test_too_little_training_data_is_refused():
+    student, teacher = tiny_pair()
+    with pytest.raises(UserError, match="fewer than one batch"):
+        distil(student, teacher, EMBEDDING, tiny_data(samples=4), settings(), make_accelerator(cpu=True))
+
+
+def test_two_processes_end_with_identical_weights(tmp_path):
+    """torchrun gives two CPU ranks over gloo; accelerate's DDP keeps their students identical."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "tests" / "distributed_distil.py"), str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = sorted(tmp_path.glob("rank*.sha256"))
+    assert len(digests) == 2 and digests[0].read_text() == digests[1].read_text()
