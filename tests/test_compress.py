@@ -449,3 +449,43 @@ def test_baselines_make_families_in_the_same_format(setup, tmp_path, method):
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(UserError, match="unknown method 'obs'"):
         fast_settings(tmp_path, method="obs")
+
+
+def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path):
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    train = TrainSettings(tokens=3000, batch_size=8, learning_rate=1e-3, log_every=2)
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0, recovery=RecoverySettings("oneshot", None, train))
+    out = tmp_path / "family"
+    report = compress_model(loaded, table, [within(table, 1.8)], str(calib), out, settings)
+    row = report.rows[1]
+    assert row["recovery"] == "oneshot" and row["train_steps"] > 0 and row["train_tokens"] >= 3000
+    assert row["calibration_loss"] < row["calibration_loss_before_recovery"]
+    assert report.rows[0]["recovery"] == "none"
+    measurement = json.loads((out / row["folder"] / "measurement.json").read_text())
+    assert measurement["training_curve"][-1]["step"] == row["train_steps"]
+    assert not list(out.glob(".train-*"))  # checkpoints go once the member is saved
+    member = load_pruned(out / row["folder"])
+    assert member is not None
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"recovery": "gradually"}, "unknown recovery"),
+    ({"train": {"tokens": 0}}, "at least 1 token"),
+])
+def test_bad_recovery_settings_are_refused(bad, message):
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    with pytest.raises(UserError, match=message):
+        RecoverySettings(bad.get("recovery", "oneshot"), None, TrainSettings(**bad.get("train", {})))
+
+
+def test_missing_training_data_is_refused(setup, tmp_path):
+    from ziplm_planner.settings import RecoverySettings
+
+    loaded, table, calib = setup
+    settings = fast_settings(tmp_path, onnx=False, recovery=RecoverySettings("oneshot", str(tmp_path / "none.txt")))
+    with pytest.raises(UserError, match="none.txt"):
+        compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
+    assert not (tmp_path / "f").exists()  # refused before the family folder is made

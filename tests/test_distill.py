@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ziplm_planner.distill import (LossWeights, causal_lm_loss, distillation_terms, embedding_distance, kl_divergence,
+from ziplm_planner.settings import LossWeights
+from ziplm_planner.distill import (causal_lm_loss, distillation_terms, embedding_distance, kl_divergence,
                                    squarehead)
 from ziplm_planner.models import CAUSAL_LM, EMBEDDING
 from tiny_models import random_batch, tiny_model

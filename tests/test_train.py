@@ -14,7 +14,8 @@ from ziplm_planner.distill import distillation_terms
 from ziplm_planner.errors import UserError
 from ziplm_planner.models import EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
-from ziplm_planner.train import TrainSettings, distil, make_accelerator, planned_steps
+from ziplm_planner.settings import TrainSettings
+from ziplm_planner.train import distil, make_accelerator, planned_steps
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).parents[1]

@@ -9,6 +9,7 @@ from .atomic import check_creatable_dir, check_writable
 from .models import LoadedModel, load_model
 from .profiler import ProfileSettings, profile_model
 from .spec import InferenceSpec
+from .settings import RecoverySettings, TrainSettings
 from .table import LatencyTable
 
 
@@ -35,11 +36,13 @@ def profile(model: str | LoadedModel = "minilm", output: str | Path | None = Non
 def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets: str | list[float],
              calibration: str | Path, output: str | Path, *, method: str = "ziplm", num_samples: int = 512, seed: int = 0,
              calibration_inputs: str = "dense", search_evaluations: int = 30, score_samples: int = 128,
-             onnx: bool = True, overwrite: bool = False, cache_dir: str | Path | None = None):
+             onnx: bool = True, overwrite: bool = False, cache_dir: str | Path | None = None,
+             recovery: str = "none", train_data: str | Path | None = None, train: TrainSettings | None = None):
     """Compress `model` to each speedup target on the machine `table` was profiled on.
 
     Writes the family to `output` (one folder per target plus the dense reference, report.csv,
-    report.json) and returns the FamilyReport."""
+    report.json) and returns the FamilyReport. `recovery="oneshot"` distils every member from the
+    dense model on `train_data` (default: the calibration file) with the `train` settings."""
     from .oneshot import CompressSettings, check_reachable, compress_model, parse_targets
 
     targets = parse_targets(targets)
@@ -48,5 +51,7 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
     check_creatable_dir(Path(output))
     settings = CompressSettings(method=method, num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
                                 search_evaluations=search_evaluations, score_samples=score_samples, onnx=onnx,
+                                recovery=RecoverySettings(recovery, None if train_data is None else str(train_data),
+                                                          train or TrainSettings()),
                                 **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
     return compress_model(_loaded(model), table, targets, str(calibration), Path(output), settings, overwrite)

@@ -13,6 +13,7 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
+from .settings import LOSS_TERMS, RECOVERY_MODES, LossWeights, RecoverySettings, TrainSettings, default
 
 MODEL_HELP = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
               f"{', '.join(ALIASES)}. Default: {DEFAULT_MODEL}.")
@@ -118,15 +119,34 @@ def profile_show(table_path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].")
+@click.option("--recovery", type=click.Choice(RECOVERY_MODES), default=default(RecoverySettings, "mode"),
+              show_default=True, help="none: members as pruned; oneshot: each member distilled from the dense model.")
+@click.option("--train-data", default=None, help="Recovery training text, STS-B or GLUE file [default: --calib].")
+@click.option("--train-tokens", type=int, default=default(TrainSettings, "tokens"), show_default=True,
+              help="Recovery: real tokens each member is trained on.")
+@click.option("--train-batch-size", type=int, default=default(TrainSettings, "batch_size"), show_default=True,
+              help="Recovery: samples per step on each process.")
+@click.option("--learning-rate", type=float, default=default(TrainSettings, "learning_rate"), show_default=True,
+              help="Recovery: AdamW peak learning rate (linear warm-up, then linear decay).")
+@click.option("--warmup", type=float, default=default(TrainSettings, "warmup"), show_default=True,
+              help="Recovery: share of the steps spent warming up.")
+@click.option("--loss-weights", default=",".join(f"{default(LossWeights, n):g}" for n in LOSS_TERMS),
+              show_default=True, help=f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms.")
+@click.option("--temperature", type=float, default=default(LossWeights, "temperature"), show_default=True,
+              help="Recovery: distillation temperature of the KL term.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, search_evaluations,
-             score_samples, no_onnx, overwrite, cache_dir, output) -> None:
+             score_samples, no_onnx, overwrite, cache_dir, recovery, train_data, train_tokens, train_batch_size,
+             learning_rate, warmup, loss_weights, temperature, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 
+    train = TrainSettings(tokens=train_tokens, batch_size=train_batch_size, learning_rate=learning_rate, warmup=warmup,
+                          weights=LossWeights.parse(loss_weights, temperature), seed=seed)
     report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
                           calibration_inputs=calibration_inputs, search_evaluations=search_evaluations,
-                          score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir)
+                          score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
+                          recovery=recovery, train_data=train_data, train=train)
     click.echo(format_report(report.rows))
     click.echo(f"wrote {output}/ (report.csv, report.json, one folder per member)")
 

@@ -263,11 +263,12 @@ def tokenize_sentences(tokenizer, texts: Sequence[str], seq_len: int, labels=Non
     return TokenBatches(enc["input_ids"].long(), enc["attention_mask"].long(), y)
 
 
-def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: int, seed: int) -> TokenBatches:
+def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: int | None, seed: int) -> TokenBatches:
     """Causal-LM inputs: texts joined by blank lines, cut into non-overlapping `seq_len` windows,
-    `num_samples` of them chosen at random (deterministic in `seed`); no special tokens added."""
+    `num_samples` of them chosen at random (deterministic in `seed`), or all of them for None; no
+    special tokens added."""
     _check(texts, seq_len)
-    if num_samples < 1:
+    if num_samples is not None and num_samples < 1:
         raise UserError(f"number of samples must be >= 1, got {num_samples}")
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
     n_windows = len(ids) // seq_len
@@ -276,7 +277,9 @@ def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: 
             f"calibration text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
             "give more text or a shorter sequence length"
         )
-    if n_windows < num_samples:
+    if num_samples is None:
+        num_samples = n_windows
+    elif n_windows < num_samples:
         log.warning("only %d windows of %d tokens available, fewer than %d asked for", n_windows, seq_len, num_samples)
     chosen = random.Random(seed).sample(range(n_windows), min(num_samples, n_windows))
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)

@@ -12,21 +12,13 @@ their mean-pooled embeddings. Padding never enters any term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .calibrate import mean_pool
 from .models import CAUSAL_LM, CLASSIFICATION
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    task: float = 1.0  # LM cross-entropy on the training text (causal LMs), the task loss with labels
-    kl: float = 1.0  # T^2 KL(teacher || student) on logits; pooled-embedding distance for embedding models
-    squarehead: float = 1.0  # per-layer normalised hidden-state error, summed over layers
-    temperature: float = 2.0
+from .settings import LossWeights
 
 
 def squarehead(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

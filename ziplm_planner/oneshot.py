@@ -29,6 +29,8 @@ from .models import LoadedModel
 from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
+from .recovery import Recovery
+from .settings import NONE, RecoverySettings
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
 
@@ -51,6 +53,7 @@ class CompressSettings:
     max_replans: int = 3
     onnx: bool = True
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    recovery: RecoverySettings = field(default_factory=RecoverySettings)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -204,8 +207,9 @@ def saved_dense(folder: Path, loaded: LoadedModel, shape: ModelShape, table: Lat
 
 
 def measurement_record(result: MemberResult, table: LatencyTable) -> dict:
-    """measurement.json: the member's report row and the timings it came from."""
-    return {**result.row(table.dense_ms), "timing": result.measurement.to_dict()}
+    """measurement.json: the member's report row, the timings it came from, and its training curve."""
+    curve = {"training_curve": result.recovery["curve"]} if result.recovery else {}
+    return {**result.row(table.dense_ms), "timing": result.measurement.to_dict(), **curve}
 
 
 def dense_member(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, verifier: Verifier,
@@ -262,6 +266,10 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                               f"from {calibration_path}"):
         calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
                                        settings.seed)
+    recovery = None  # its training data is read now: a bad file fails before any pruning
+    if settings.recovery.mode != NONE:
+        recovery = Recovery(loaded, settings.recovery, calibration_path, calibration_length(table), output,
+                            settings.seed)
     fingerprint = model_fingerprint(loaded)
     manifest = {"format": FAMILY_FORMAT, "source": {"model": fingerprint["location"], "method": settings.method,
                                                     "table": table.spec.to_dict(), "shape": asdict(shape)}}
@@ -295,14 +303,18 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                 member_started = time.perf_counter()
                 result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
                 planning_seconds += time.perf_counter() - member_started
+                if recovery is not None:
+                    result = recovery.recover(result, model, verifier, score_loss)
                 save_result(output, model, loaded, result, settings, table)
+                if recovery is not None:
+                    recovery.finished(result)
                 step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
             results.append(result)
     report = FamilyReport([r.row(table.dense_ms) for r in results], {
         "model": loaded.source.reference, "model_kind": loaded.kind, "method": settings.method,
         "table": table.metadata.get("model"), "spec": table.spec.to_dict(), "estimator": table.estimator,
         "calibration": calibration_path,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+        "settings": json.loads(json.dumps(asdict(settings), default=str)),
         **planning, "members_seconds": round(planning_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1), "created": now(), "machine": machine_info(),
         "versions": library_versions(),

@@ -22,33 +22,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import TokenBatches
-from .distill import LossWeights, distillation_terms
+from .distill import distillation_terms
 from .errors import UserError
 from .progress import bar
+from .settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    tokens: int = 500_000  # real tokens the student sees per member
-    batch_size: int = 16  # samples per step on each process
-    learning_rate: float = 1e-4
-    warmup: float = 0.1  # share of the steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    weights: LossWeights = field(default_factory=LossWeights)
-    seed: int = 0
-    log_every: int = 10  # steps between points of the loss curve
-    checkpoint_every: int = 200
-
-    def __post_init__(self):
-        if self.tokens < 1:
-            raise UserError(f"the training budget must be at least 1 token, got {self.tokens}")
-        if self.batch_size < 1 or self.learning_rate <= 0 or not 0 <= self.warmup < 1:
-            raise UserError("training needs batch size >= 1, learning rate > 0 and warm-up in [0, 1)")
 
 
 @dataclass

@@ -119,6 +119,7 @@ class MemberResult:
     parameters: int
     replans: int = 0
     history: list[float] = field(default_factory=list)  # measured speedup of every plan tried
+    recovery: dict | None = None  # distillation after pruning (recovery.py): steps, tokens, loss terms, curve
 
     @property
     def speedup(self) -> float:
@@ -153,7 +154,18 @@ class MemberResult:
             "parameters": self.parameters, "calibration_loss": self.calibration_loss, "replans": self.replans,
             "speedups_tried": [round(s, 4) for s in self.history],
             "kept_attention": [a for a, _ in counts], "kept_ffn": [f for _, f in counts],
+            **self.recovery_columns(),
         }
+
+    def recovery_columns(self) -> dict:
+        """The report's recovery columns (the loss curve stays in the member's measurement.json)."""
+        if self.recovery is None:
+            return {"recovery": "none"}
+        r = self.recovery
+        return {"recovery": r["mode"], "train_steps": r["steps"], "train_tokens": r["tokens"],
+                "train_seconds": round(r["seconds"], 1), "train_tokens_per_second": r["tokens_per_second"],
+                "calibration_loss_before_recovery": r["calibration_loss_before"],
+                **{f"train_final_{name}": round(value, 6) for name, value in r["final"].items()}}
 
 
 def next_budget(budget: float, speedup: float, target: float, fast: list[float], slow: list[float],

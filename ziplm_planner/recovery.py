@@ -1,0 +1,64 @@
+"""Recovering accuracy after pruning: distil each member from the dense model (DESIGN.md, "Recovery").
+
+Modes: `none` (one-shot, as pruned) and `oneshot` (each member pruned from the dense model, then
+distilled with the same budget: the cheap mode, and the control for gradual pruning). Distillation
+changes weights, never shapes, so a member keeps the speed it was verified at; it is measured once
+more all the same, because the file that ships is the trained model's export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+from .calibrate import CalibrationLoss
+from .data import TokenBatches, read_dataset, tokenize_sentences, tokenize_stream
+from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
+from .progress import stage
+from .settings import RecoverySettings
+from .train import distil, make_accelerator
+from .verify import MemberResult, Verifier
+
+log = logging.getLogger(__name__)
+
+def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int) -> TokenBatches:
+    """Every sample of a training file, tokenised as calibration data is (windows of running text for
+    causal LMs, one sentence per sample otherwise; both sentences of a pair)."""
+    dataset = read_dataset(path)
+    if loaded.kind == CAUSAL_LM:
+        texts = dataset.texts + [s for pair in dataset.pairs or [] for s in pair[1:]]
+        return tokenize_stream(loaded.tokenizer, texts, seq_len, None, seed)
+    texts = dataset.texts if dataset.pairs is None else [s for pair in dataset.pairs for s in pair]
+    labels = dataset.labels if loaded.kind == CLASSIFICATION and dataset.pairs is None else None
+    return tokenize_sentences(loaded.tokenizer, texts, seq_len, labels)
+
+
+class Recovery:
+    """Distils members from the dense model; one accelerator for the whole run."""
+
+    def __init__(self, loaded: LoadedModel, settings: RecoverySettings, calibration_path: str, seq_len: int,
+                 workdir: Path, seed: int):
+        self.loaded, self.settings, self.workdir = loaded, settings, workdir
+        path = settings.train_data or calibration_path
+        with stage("training data", f"from {path}"):
+            self.data = load_training_data(loaded, path, seq_len, seed)
+        self.accelerator = make_accelerator()
+
+    def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss) -> MemberResult:
+        """Distil `model` (in place), then time its export again; returns the member's new result."""
+        checkpoint = self.workdir / f".train-{result.folder}"  # a rerun resumes from it
+        with stage(f"distil {result.folder}", f"{self.settings.train.tokens:,} tokens"):
+            record = distil(model, self.loaded.model, self.loaded.kind, self.data, self.settings.train,
+                            self.accelerator, checkpoint, label=f"distil {result.folder}")
+        measurement = verifier.measure(model, result.target)
+        if result.measurement.onnx_file is not None:
+            result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
+        recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
+        return dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
+                                   recovery=recovery)
+
+    def finished(self, result: MemberResult) -> None:
+        """The member is saved: its checkpoint is no longer needed."""
+        shutil.rmtree(self.workdir / f".train-{result.folder}", ignore_errors=True)
