@@ -8,7 +8,8 @@ import torch
 from ziplm_planner.adapters import ATTENTION, FFN, model_layers, model_shape
 from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.oneshot import CompressSettings, compress_model, parse_targets
-from ziplm_planner.database import build_database, stitch, stitch_sequential
+from ziplm_planner.database import build_database
+from ziplm_planner.stitch import stitch, stitch_sequential
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned
 from ziplm_planner.profiler import ProfileSettings, profile_model
@@ -489,3 +490,51 @@ def test_missing_training_data_is_refused(setup, tmp_path):
     with pytest.raises(UserError, match="none.txt"):
         compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
     assert not (tmp_path / "f").exists()  # refused before the family folder is made
+
+
+def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tmp_path):
+    from ziplm_planner.export import read_record
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    train = TrainSettings(tokens=2000, batch_size=8, learning_rate=1e-3)
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0, recovery=RecoverySettings("gradual", None, train))
+    out = tmp_path / "family"
+    targets = [1.2, within(table, 1.8)]
+    report = compress_model(loaded, table, targets, str(calib), out, settings)
+    first, second = (read_record(out / row["folder"])["plan"]["layers"] for row in report.rows[1:])
+    for a, b in zip(first, second):  # nested: the second keeps a subset of what the first kept
+        assert set(b["attention"]) <= set(a["attention"]) and set(b["ffn"]) <= set(a["ffn"])
+    assert [row["recovery"] for row in report.rows] == ["none", "gradual", "gradual"]
+    assert report.rows[2]["parameters"] < report.rows[1]["parameters"]
+    for row in report.rows[1:]:
+        member = load_pruned(out / row["folder"])
+        assert sum(p.numel() for p in member.parameters()) == row["parameters"]
+
+
+@pytest.mark.parametrize("bad", [{"method": "magnitude"}, {"calibration_inputs": "sequential"}])
+def test_gradual_recovery_needs_ziplm_on_dense_inputs(tmp_path, bad):
+    from ziplm_planner.settings import RecoverySettings
+
+    with pytest.raises(UserError, match="--recovery gradual"):
+        fast_settings(tmp_path, recovery=RecoverySettings("gradual"), **bad)
+
+
+def test_gradual_family_on_two_processes_is_complete_and_both_end_with_the_same_weights(setup, tmp_path):
+    """torchrun, two CPU ranks over gloo: the main rank prunes, measures and writes; both train."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    loaded, table, calib = setup
+    table.save(tmp_path / "table.json")
+    (tmp_path / "calib.txt").write_text(calib.read_text())
+    targets = f"1.2,{within(table, 1.8)}"
+    root = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(root / "tests" / "distributed_compress.py"), str(tmp_path), targets],
+                            cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "family" / "report.json").read_text())
+    assert [row["recovery"] for row in report["members"]] == ["none", "gradual", "gradual"]
+    assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()

@@ -120,7 +120,8 @@ def profile_show(table_path) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].")
 @click.option("--recovery", type=click.Choice(RECOVERY_MODES), default=default(RecoverySettings, "mode"),
-              show_default=True, help="none: members as pruned; oneshot: each member distilled from the dense model.")
+              show_default=True, help="none: members as pruned; oneshot: each member pruned from the dense model, then distilled; "
+                   "gradual: each member pruned from the last one (re-planned on it), then distilled.")
 @click.option("--train-data", default=None, help="Recovery training text, STS-B or GLUE file [default: --calib].")
 @click.option("--train-tokens", type=int, default=default(TrainSettings, "tokens"), show_default=True,
               help="Recovery: real tokens each member is trained on.")
@@ -147,6 +148,8 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
                           calibration_inputs=calibration_inputs, search_evaluations=search_evaluations,
                           score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
                           recovery=recovery, train_data=train_data, train=train)
+    if report is None:  # another process of a distributed run: the main process reports
+        return
     click.echo(format_report(report.rows))
     click.echo(f"wrote {output}/ (report.csv, report.json, one folder per member)")
 

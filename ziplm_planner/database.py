@@ -9,7 +9,6 @@ order rebuild any level's weights on demand.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -22,14 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import ATTENTION, BLOCKS, FFN, ModelShape, architecture_for, model_layers, model_shape
+from .adapters import ATTENTION, BLOCKS, FFN, ModelShape, model_layers, model_shape
 from .calibrate import Calibration
 from .errors import UserError
-from .layers import LayerInput, block_hessians, capture_inputs, output_projection, propagate, weight_out_in
-from .obs import kept_columns, obs_prune, reconstruct_weights
+from .layers import block_hessians, capture_inputs, output_projection, propagate, weight_out_in
+from .obs import obs_prune, reconstruct_weights
 from .progress import bar
 from .search import BlockLevels
-from .surgery import LayerPlan, PruningPlan, prune_attention, prune_ffn
+from .surgery import LayerPlan, PruningPlan
 from .table import LatencyTable
 
 log = logging.getLogger(__name__)
@@ -81,10 +80,15 @@ def obs_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor, level
 
 @dataclass
 class LevelDatabase:
+    """Per layer and block, the OBS trace of the model it was built on. That model is the dense one,
+    or for gradual pruning a pruned one: `base` says which structures of the dense model it keeps,
+    and a trace's structure ids index into those."""
+
     shape: ModelShape
     blocks: list[dict[str, BlockTrace]]  # per layer, per block
     dampening: float
     metadata: dict = field(default_factory=dict)
+    base: PruningPlan | None = None  # None: the dense model
     _weights: dict = field(default_factory=dict, repr=False, compare=False)
 
     def search_blocks(self, table: LatencyTable) -> list[BlockLevels]:
@@ -106,8 +110,15 @@ class LevelDatabase:
         return list(zip(counts[0::2], counts[1::2]))
 
     def plan(self, counts: list[tuple[int, int]]) -> PruningPlan:
-        return PruningPlan(self.shape, [LayerPlan(layer[ATTENTION].kept(a), layer[FFN].kept(f))
-                                        for layer, (a, f) in zip(self.blocks, counts)])
+        """The plan of a choice, in the dense model's indices (through `base`)."""
+        base = self.base or PruningPlan.dense(self.shape)
+        return PruningPlan(self.shape, [
+            LayerPlan([kept.attention[i] for i in layer[ATTENTION].kept(a)], [kept.ffn[i] for i in layer[FFN].kept(f)])
+            for layer, kept, (a, f) in zip(self.blocks, base.layers, counts)])
+
+    def current_ids(self, counts: list[tuple[int, int]]) -> list[dict[str, list[int]]]:
+        """Per layer and block, the structures a choice keeps, as ids into the model the database was built on."""
+        return [{ATTENTION: layer[ATTENTION].kept(a), FFN: layer[FFN].kept(f)} for layer, (a, f) in zip(self.blocks, counts)]
 
     def reconstructed(self, layer: int, block: str, weight: torch.Tensor, level: int) -> torch.Tensor:
         """OBS weights of the kept columns at `level`; the dense `weight` is (d_out, d_in).
@@ -164,20 +175,32 @@ def _trace(layer: dict, shape: ModelShape, block: str) -> BlockTrace:
     return BlockTrace(list(levels), list(errors), list(order), hessian.double())
 
 
-def build_database(model: nn.Module, calibration: Calibration, table: LatencyTable, dampening: float = 0.01) -> LevelDatabase:
-    """Hessians from dense-model inputs, then greedy OBS per block down to 0, errors at every table level."""
+def build_database(model: nn.Module, calibration: Calibration, table: LatencyTable, dampening: float = 0.01,
+                   base: PruningPlan | None = None) -> LevelDatabase:
+    """Hessians from the inputs of `model` (dense, or pruned as `base` says), then greedy OBS per block
+    down to 0, errors at every table level up to the block's current size."""
     started = time.perf_counter()
     config, shape = model.config, model_shape(model.config)
+    current = (base or PruningPlan.dense(shape)).kept_counts()
     inputs = capture_inputs(model, calibration.batches())
     blocks = []
     for idx, layer in enumerate(bar(model_layers(model), desc="level database", leave=False)):
         hessians = block_hessians(layer, config, inputs)
-        blocks.append({block: obs_trace(layer, config, block, hessians[block], table_levels(table, block), dampening,
-                                        f"layer {idx} {block}") for block in BLOCKS})
+        blocks.append({block: block_trace(layer, config, block, hessians.get(block), count, table, dampening,
+                                          f"layer {idx} {block}") for block, count in zip(BLOCKS, current[idx])})
         inputs = propagate(layer, inputs)
     return LevelDatabase(shape, blocks, dampening, {"seconds": round(time.perf_counter() - started, 2),
                                                    "samples": calibration.num_samples,
-                                                   "tokens": calibration.tokens.num_tokens})
+                                                   "tokens": calibration.tokens.num_tokens}, base)
+
+
+def block_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor | None, count: int, table: LatencyTable,
+                dampening: float, where: str) -> BlockTrace:
+    """The block's trace from its `count` structures down to 0; a block already removed has one level, 0."""
+    if count == 0:
+        return BlockTrace([0], [0.0], [], torch.zeros(0, 0, dtype=torch.float64))
+    levels = [level for level in table_levels(table, block) if level <= count]
+    return obs_trace(layer, config, block, hessian, levels, dampening, where)
 
 
 def database_key(model_fingerprint: dict, calibration: Calibration, table: LatencyTable, dampening: float,
@@ -225,62 +248,3 @@ def store_cached(db: LevelDatabase, path: Path) -> None:
         db.save(path)
     except OSError as err:
         log.warning("cannot store the level database in %s (%s); the next run rebuilds it", path, err.strerror or err)
-
-
-# --- stitching -----------------------------------------------------------------------------------
-
-
-def prune_block(layer: nn.Module, config, idx: int, block: str, kept: list[int], weight: torch.Tensor | None) -> None:
-    """Write the block's updated output-projection columns, then cut the block to `kept`."""
-    arch, shape = architecture_for(config), model_shape(config)
-    if weight is not None:
-        cols = kept_columns(kept, group_size(shape, block))
-        weight_out_in(output_projection(layer, config, block))[:, cols] = weight
-    if block == ATTENTION:
-        prune_attention(layer, arch, shape, kept, idx)
-    else:
-        prune_ffn(layer, arch, kept, idx)
-
-
-def stitch(dense: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]]) -> tuple[nn.Module, PruningPlan]:
-    """A pruned copy of the dense model: each block at its level, with OBS-updated weights."""
-    model, config = copy.deepcopy(dense), dense.config
-    plan = db.plan(counts)
-    for idx, (layer, kept) in enumerate(zip(model_layers(model), plan.layers)):
-        for block, level, kept_ids in ((ATTENTION, counts[idx][0], kept.attention), (FFN, counts[idx][1], kept.ffn)):
-            if level == total_structures(db.shape, block):
-                continue
-            weight = None
-            if level:
-                dense_weight = weight_out_in(output_projection(model_layers(dense)[idx], config, block))
-                weight = db.reconstructed(idx, block, dense_weight, level)
-            prune_block(layer, config, idx, block, kept_ids, weight)
-    return model, plan
-
-
-def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
-                      calibration: Calibration) -> tuple[nn.Module, PruningPlan]:
-    """Like `stitch`, but each block is re-pruned with a Hessian of inputs from the model compressed
-    so far (attention before FFN within a layer), so later layers correct earlier errors."""
-    model, config, shape = copy.deepcopy(dense), dense.config, db.shape
-    inputs: list[LayerInput] = capture_inputs(model, calibration.batches())
-    plan_layers = []
-    for idx, layer in enumerate(bar(model_layers(model), desc="sequential stitch", leave=False)):
-        kept_by_block = {}
-        for block, level in zip(BLOCKS, counts[idx]):
-            total = total_structures(shape, block)
-            kept, weight = list(range(total)), None
-            if level < total:
-                kept = []
-                if level:
-                    hessian = block_hessians(layer, config, inputs, [block])[block]
-                    trace = obs_trace(layer, config, block, hessian, [total, level], db.dampening, f"layer {idx} {block}")
-                    kept = trace.kept(level)
-                    current = weight_out_in(output_projection(layer, config, block))
-                    weight = reconstruct_weights(current.double(), hessian, kept, group_size(shape, block),
-                                                 db.dampening).to(current.dtype)
-                prune_block(layer, config, idx, block, kept, weight)
-            kept_by_block[block] = kept
-        plan_layers.append(LayerPlan(kept_by_block[ATTENTION], kept_by_block[FFN]))
-        inputs = propagate(layer, inputs)
-    return model, PruningPlan(shape, plan_layers)

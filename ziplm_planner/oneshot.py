@@ -6,6 +6,7 @@ calibrate -> level database (cached) -> per target: SPDY search over the DP -> s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,8 @@ import torch
 from .adapters import ModelShape, model_shape
 from .atomic import atomic_write_text
 from .calibrate import Calibration, CalibrationLoss, load_calibration
-from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_database, database_key, stitch, stitch_sequential
+from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_database, database_key
+from .stitch import stitch, stitch_sequential
 from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .export import MEASUREMENT, ONNX, WEIGHTS, read_record, save_member
@@ -30,7 +32,7 @@ from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .recovery import Recovery
-from .settings import NONE, RecoverySettings
+from .settings import GRADUAL, NONE, RecoverySettings
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
 
@@ -62,6 +64,9 @@ class CompressSettings:
             raise UserError(f"calibration inputs must be {DENSE} or {SEQUENTIAL}, got {self.calibration_inputs!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
             raise UserError("number of samples, search evaluations and score samples must be at least 1")
+        if self.recovery.mode == GRADUAL and (self.method != ZIPLM or self.calibration_inputs != DENSE):
+            raise UserError("--recovery gradual re-plans the pruned model with --method ziplm and dense calibration "
+                            "inputs; for the baselines use --recovery oneshot")
 
 
 def default_cache_dir() -> Path:
@@ -180,6 +185,15 @@ class Planner:
         return (*stitch(self.loaded.model, self.db, counts), counts)
 
 
+def gradual_planner(loaded: LoadedModel, current, plan: PruningPlan, table: LatencyTable, calibration: Calibration,
+                    settings: CompressSettings, score_loss: CalibrationLoss) -> Planner:
+    """ZipLM on the model pruned and distilled so far: Hessians, OBS and the level database recomputed
+    on it, so the next member is cut from this one (members are nested)."""
+    with stage("level database", f"of the current model ({count_parameters(current):,} parameters)"):
+        db = build_database(current, calibration, table, settings.dampening, base=plan)
+    return Planner(dataclasses.replace(loaded, model=current), table, db, calibration, settings, score_loss)
+
+
 # --- the dense reference -------------------------------------------------------------------------------
 
 
@@ -253,7 +267,11 @@ def save_result(output: Path, model, loaded: LoadedModel, result: MemberResult, 
 
 
 def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float], calibration_path: str,
-                   output: Path, settings: CompressSettings = CompressSettings(), overwrite: bool = False) -> FamilyReport:
+                   output: Path, settings: CompressSettings = CompressSettings(),
+                   overwrite: bool = False) -> FamilyReport | None:
+    """The family for `targets`, written to `output`. With recovery under several processes
+    (`accelerate launch`, `torchrun`) every process calls this; the main one prunes, measures, writes
+    and returns the report, the others train with it and return None."""
     started = time.perf_counter()
     shape = model_shape(loaded.model.config)
     table.check_compatible(shape, source="latency table")
@@ -270,6 +288,9 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     if settings.recovery.mode != NONE:
         recovery = Recovery(loaded, settings.recovery, calibration_path, calibration_length(table), output,
                             settings.seed)
+        if not recovery.accelerator.is_main_process:  # several processes: only the main one prunes and writes
+            recovery.follow(len(targets))
+            return None
     fingerprint = model_fingerprint(loaded)
     manifest = {"format": FAMILY_FORMAT, "source": {"model": fingerprint["location"], "method": settings.method,
                                                     "table": table.spec.to_dict(), "shape": asdict(shape)}}
@@ -298,9 +319,12 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
             verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
             results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
                                         resumed))
+        previous = None  # gradual: the last member and its plan
         for number, target in enumerate(targets, 1):
             with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
                 member_started = time.perf_counter()
+                if previous is not None:  # gradual: on from the last member, recovered
+                    planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
                 result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
                 planning_seconds += time.perf_counter() - member_started
                 if recovery is not None:
@@ -308,6 +332,8 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                 save_result(output, model, loaded, result, settings, table)
                 if recovery is not None:
                     recovery.finished(result)
+                if settings.recovery.mode == GRADUAL:
+                    previous = (model, result.plan)
                 step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
             results.append(result)
     report = FamilyReport([r.row(table.dense_ms) for r in results], {

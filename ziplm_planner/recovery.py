@@ -18,6 +18,7 @@ from .data import TokenBatches, read_dataset, tokenize_sentences, tokenize_strea
 from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
 from .progress import stage
 from .settings import RecoverySettings
+from .surgery import PruningPlan, build_pruned
 from .train import distil, make_accelerator
 from .verify import MemberResult, Verifier
 
@@ -47,17 +48,42 @@ class Recovery:
         self.accelerator = make_accelerator()
 
     def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss) -> MemberResult:
-        """Distil `model` (in place), then time its export again; returns the member's new result."""
-        checkpoint = self.workdir / f".train-{result.folder}"  # a rerun resumes from it
-        with stage(f"distil {result.folder}", f"{self.settings.train.tokens:,} tokens"):
-            record = distil(model, self.loaded.model, self.loaded.kind, self.data, self.settings.train,
-                            self.accelerator, checkpoint, label=f"distil {result.folder}")
+        """Distil `model` (in place) with every process, then time its export again; returns the member's
+        new result. The main process calls this; the others are in `follow`."""
+        self._share((result.plan.to_dict(), model.state_dict(), result.folder))
+        record = self._distil(model, result.folder)
         measurement = verifier.measure(model, result.target)
         if result.measurement.onnx_file is not None:
             result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
         recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
         return dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
                                    recovery=recovery)
+
+    def follow(self, members: int):
+        """The other processes' part of a run: take each pruned member from the main process and distil
+        it together with the main process; write nothing. Returns the last member trained."""
+        model = None
+        for _ in range(members):
+            plan, state, folder = self._share(None)
+            model = build_pruned(type(self.loaded.model), self.loaded.model.config, PruningPlan.from_dict(plan), state)
+            self._distil(model, folder)
+        return model
+
+    def _share(self, payload):
+        """The main process's (plan, weights, folder) for every process: only it prunes and measures."""
+        if self.accelerator.num_processes == 1:
+            return payload
+        from accelerate.utils import broadcast_object_list
+
+        box = [payload]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _distil(self, model, folder: str):
+        checkpoint = self.workdir / f".train-{folder}"  # a rerun resumes from it
+        with stage(f"distil {folder}", f"{self.settings.train.tokens:,} tokens"):
+            return distil(model, self.loaded.model, self.loaded.kind, self.data, self.settings.train,
+                          self.accelerator, checkpoint, label=f"distil {folder}")
 
     def finished(self, result: MemberResult) -> None:
         """The member is saved: its checkpoint is no longer needed."""

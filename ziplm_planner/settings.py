@@ -8,9 +8,9 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import UserError
 
-NONE, ONESHOT = "none", "oneshot"
+NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
-RECOVERY_MODES = (NONE, ONESHOT)
+RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
 
 
 @dataclass(frozen=True)

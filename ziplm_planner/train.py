@@ -53,16 +53,21 @@ class TrainRecord:
 def make_accelerator(cpu: bool = False):
     """The accelerator every process of a run builds: seedable shuffling (epoch e shuffles with seed + e,
     so a resumed run sees the same batches), bf16 autocast on a GPU that has it."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+    from datetime import timedelta
 
-    gpu = torch.cuda.is_available() and not cpu
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cpu = cpu or not torch.cuda.is_available()  # accelerate runs several CPU processes only when told cpu=True
+    gpu = not cpu
     precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else ("fp16" if gpu else "no")
     # parts a loss never reaches (BERT's pooler under embedding distillation) get no gradient: DDP must
     # be told, or it waits for them
     return Accelerator(cpu=cpu, mixed_precision=precision,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                                        # the other processes wait while the main one prunes and measures
+                                        InitProcessGroupKwargs(timeout=timedelta(hours=12))])
 
 
 def planned_steps(data: TokenBatches, settings: TrainSettings, processes: int) -> int:

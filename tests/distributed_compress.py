@@ -1,0 +1,33 @@
+"""Run by test_compress under torchrun: a gradual family of a tiny model with two processes. Every
+rank writes a digest of the last member's weights as it ended training (rank 0: as saved)."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import tiny_loaded_with_tokenizer  # noqa: E402
+from ziplm_planner import recovery as recovery_module  # noqa: E402
+from ziplm_planner.export import load_pruned  # noqa: E402
+from ziplm_planner.oneshot import CompressSettings, compress_model  # noqa: E402
+from ziplm_planner.settings import RecoverySettings, TrainSettings  # noqa: E402
+from ziplm_planner.table import LatencyTable  # noqa: E402
+
+folder = Path(sys.argv[1])
+targets = [float(t) for t in sys.argv[2].split(",")]
+followed = []
+real_follow = recovery_module.Recovery.follow
+recovery_module.Recovery.follow = lambda self, members: followed.append(real_follow(self, members))
+
+train = TrainSettings(tokens=1500, batch_size=4, learning_rate=1e-3)
+settings = CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify_rounds=3, max_replans=0,
+                            onnx=False, cache_dir=folder / "cache", recovery=RecoverySettings("gradual", None, train))
+report = compress_model(tiny_loaded_with_tokenizer("bert"), LatencyTable.load(folder / "table.json"), targets,
+                        str(folder / "calib.txt"), folder / "family", settings)
+if report is not None:
+    rank, model = 0, load_pruned(folder / "family" / report.rows[-1]["folder"])
+else:
+    rank, model = 1, followed[-1]
+digest = hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes() for t in model.state_dict().values()))
+(folder / f"rank{rank}.sha256").write_text(digest.hexdigest())

@@ -1,0 +1,73 @@
+"""Stitching: a pruned copy of a model with each block at its chosen level and its OBS-updated weights,
+then the surgery that physically removes what the level drops."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .adapters import ATTENTION, BLOCKS, FFN, architecture_for, model_layers, model_shape
+from .calibrate import Calibration
+from .database import LevelDatabase, group_size, obs_trace, total_structures
+from .layers import LayerInput, block_hessians, capture_inputs, output_projection, propagate, weight_out_in
+from .obs import kept_columns, reconstruct_weights
+from .progress import bar
+from .surgery import LayerPlan, PruningPlan, prune_attention, prune_ffn
+
+
+def prune_block(layer: nn.Module, config, idx: int, block: str, kept: list[int], weight: torch.Tensor | None) -> None:
+    """Write the block's updated output-projection columns, then cut the block to `kept`."""
+    arch, shape = architecture_for(config), model_shape(config)
+    if weight is not None:
+        cols = kept_columns(kept, group_size(shape, block))
+        weight_out_in(output_projection(layer, config, block))[:, cols] = weight
+    if block == ATTENTION:
+        prune_attention(layer, arch, shape, kept, idx)
+    else:
+        prune_ffn(layer, arch, kept, idx)
+
+
+def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]]) -> tuple[nn.Module, PruningPlan]:
+    """A pruned copy of `base`, the model `db` was built on: each block at its level, with OBS-updated
+    weights. Returns the model and its plan in the dense model's indices."""
+    model, config = copy.deepcopy(base), base.config
+    for idx, (layer, kept) in enumerate(zip(model_layers(model), db.current_ids(counts))):
+        for block, level in zip(BLOCKS, counts[idx]):
+            if level == db.blocks[idx][block].levels[0]:  # the block as it is
+                continue
+            weight = None
+            if level:
+                current = weight_out_in(output_projection(model_layers(base)[idx], config, block))
+                weight = db.reconstructed(idx, block, current, level)
+            prune_block(layer, config, idx, block, kept[block], weight)
+    return model, db.plan(counts)
+
+
+def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
+                      calibration: Calibration) -> tuple[nn.Module, PruningPlan]:
+    """Like `stitch`, but each block is re-pruned with a Hessian of inputs from the model compressed
+    so far (attention before FFN within a layer), so later layers correct earlier errors."""
+    model, config, shape = copy.deepcopy(dense), dense.config, db.shape
+    inputs: list[LayerInput] = capture_inputs(model, calibration.batches())
+    plan_layers = []
+    for idx, layer in enumerate(bar(model_layers(model), desc="sequential stitch", leave=False)):
+        kept_by_block = {}
+        for block, level in zip(BLOCKS, counts[idx]):
+            total = total_structures(shape, block)
+            kept, weight = list(range(total)), None
+            if level < total:
+                kept = []
+                if level:
+                    hessian = block_hessians(layer, config, inputs, [block])[block]
+                    trace = obs_trace(layer, config, block, hessian, [total, level], db.dampening, f"layer {idx} {block}")
+                    kept = trace.kept(level)
+                    current = weight_out_in(output_projection(layer, config, block))
+                    weight = reconstruct_weights(current.double(), hessian, kept, group_size(shape, block),
+                                                 db.dampening).to(current.dtype)
+                prune_block(layer, config, idx, block, kept, weight)
+            kept_by_block[block] = kept
+        plan_layers.append(LayerPlan(kept_by_block[ATTENTION], kept_by_block[FFN]))
+        inputs = propagate(layer, inputs)
+    return model, PruningPlan(shape, plan_layers)
