@@ -50,7 +50,14 @@ def read_family(folder: str | Path) -> FamilyData:
         check_row(row, report)
     if len({len(row[key]) for row in rows for key in ("kept_attention", "kept_ffn")}) != 1:
         raise UserError(f"{report}: members differ in their number of layers: rerun `ziplm-planner compress`")
-    return FamilyData(str(metadata.get("method") or "ziplm"), rows, metadata, folder)
+    return FamilyData(family_label(metadata), rows, metadata, folder)
+
+
+def family_label(metadata: dict) -> str:
+    """The method, and how its members were recovered when they were: 'ziplm + gradual recovery'."""
+    method = str(metadata.get("method") or "ziplm")
+    recovery = ((metadata.get("settings") or {}).get("recovery") or {}).get("mode", "none")
+    return method if recovery == "none" else f"{method} + {recovery} recovery"
 
 
 def check_row(row, report: Path) -> None:

@@ -1,0 +1,89 @@
+"""Benchmark recovery: one-shot against oneshot + distillation against gradual, at the same budget.
+
+Every mode compresses the same model on the same table, calibration data and targets (the level
+database is shared through one cache); the recovered modes train each member on the same number
+of tokens. Each family is scored on the evaluation data, and the frontiers are plotted together.
+
+    python scripts/bench_recovery.py --profile profiles/minilm-cpu2-onnxruntime-b8s128.json \
+        --targets 2,3,5,8 --calib ../shared/data/stsb/sts-train.csv --eval ../shared/data/stsb/sts-dev.csv \
+        --train-tokens 100000 --out runs/recovery
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import ziplm_planner as zp
+from ziplm_planner.environment import machine_info
+from ziplm_planner.evaluate import evaluate_family
+from ziplm_planner.models import CAUSAL_LM
+from ziplm_planner.oneshot import parse_targets
+from ziplm_planner.plot import plot_frontier, read_families
+from ziplm_planner.settings import TrainSettings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--targets", default="2,3,5,8")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--train-data", default=None, help="default: the calibration file")
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--modes", default="none,oneshot,gradual")
+    parser.add_argument("--train-tokens", type=int, default=100_000)
+    parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
+    parser.add_argument("--num-samples", type=int, default=512)
+    parser.add_argument("--search-evaluations", type=int, default=30)
+    parser.add_argument("--score-samples", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    loaded = zp.load_model(args.model)
+    task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
+    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate)
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}; "
+          f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}")
+    scores, rows = {}, {}
+    for mode in args.modes.split(","):
+        started = time.perf_counter()
+        report = zp.compress(loaded, args.profile, parse_targets(args.targets), args.calib, args.out / mode,
+                             num_samples=args.num_samples, search_evaluations=args.search_evaluations,
+                             score_samples=args.score_samples, cache_dir=cache, overwrite=True, recovery=mode,
+                             train_data=args.train_data, train=train)
+        seconds = time.perf_counter() - started
+        scores[mode] = evaluate_family(args.out / mode, task, args.eval, max_tokens=args.eval_tokens)
+        rows[mode] = {row["folder"]: row for row in report.rows}
+        trained = [row for row in report.rows if row.get("train_tokens")]
+        speed = sum(r["train_tokens"] for r in trained) / max(sum(r["train_seconds"] for r in trained), 1e-9)
+        print(f"{mode}: whole run {seconds:.0f} s" + (f"; training {sum(r['train_seconds'] for r in trained):.0f} s, "
+                                                        f"{speed:.0f} tokens/s" if trained else ""))
+    members = list(next(iter(rows.values())))
+    print(f"\n{task} ({'lower' if task == 'perplexity' else 'higher'} is better); measured speedup in brackets")
+    print("| member | " + " | ".join(scores) + " |")
+    print("|---|" + "---|" * len(scores))
+    for member in members:
+        cells = []
+        for mode in scores:
+            value, dense = scores[mode][member], scores[mode]["dense"]
+            retained = dense / value if task == "perplexity" else value / dense
+            cells.append(f"{value:.2f} ({rows[mode][member]['measured_speedup']:.2f}x, {retained:.1%})")
+        print(f"| {member} | " + " | ".join(cells) + " |")
+    written = plot_frontier(read_families([args.out / mode for mode in scores]), args.out / "frontier.png", task=task)
+    print("curves:", json.dumps({mode: [(p["tokens"], round(p["loss"], 4)) for p in
+                                        json.loads((args.out / mode / members[-1] / "measurement.json").read_text())
+                                        .get("training_curve", [])[::10]] for mode in scores}))
+    print("wrote", ", ".join(map(str, written)),
+          f"; peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
