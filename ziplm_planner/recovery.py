@@ -9,6 +9,8 @@ more all the same, because the file that ships is the trained model's export.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -51,7 +53,7 @@ class Recovery:
         """Distil `model` (in place) with every process, then time its export again; returns the member's
         new result. The main process calls this; the others are in `follow`."""
         self._share((result.plan.to_dict(), model.state_dict(), result.folder))
-        record = self._distil(model, result.folder)
+        record = self._distil(model, result.folder, result.plan.to_dict())
         measurement = verifier.measure(model, result.target)
         if result.measurement.onnx_file is not None:
             result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
@@ -66,7 +68,7 @@ class Recovery:
         for _ in range(members):
             plan, state, folder = self._share(None)
             model = build_pruned(type(self.loaded.model), self.loaded.model.config, PruningPlan.from_dict(plan), state)
-            self._distil(model, folder)
+            self._distil(model, folder, plan)
         return model
 
     def _share(self, payload):
@@ -79,12 +81,15 @@ class Recovery:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
-    def _distil(self, model, folder: str):
-        checkpoint = self.workdir / f".train-{folder}"  # a rerun resumes from it
+    def _distil(self, model, folder: str, plan: dict):
+        # a rerun resumes from the checkpoint of the same member; a member re-planned otherwise starts afresh
+        digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+        checkpoint = self.workdir / f".train-{folder}-{digest}"
         with stage(f"distil {folder}", f"{self.settings.train.tokens:,} tokens"):
             return distil(model, self.loaded.model, self.loaded.kind, self.data, self.settings.train,
                           self.accelerator, checkpoint, label=f"distil {folder}")
 
     def finished(self, result: MemberResult) -> None:
         """The member is saved: its checkpoint is no longer needed."""
-        shutil.rmtree(self.workdir / f".train-{result.folder}", ignore_errors=True)
+        for checkpoint in self.workdir.glob(f".train-{result.folder}-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)

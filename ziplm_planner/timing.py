@@ -46,16 +46,9 @@ class TimingStats:
         return asdict(self)
 
 
-def time_interleaved(
-    candidates: Mapping[str, Callable[[], object]],
-    rounds: int,
-    warmup: int = 3,
-    seed: int = 0,
-    synchronize: Callable[[], None] | None = None,
-    description: str | None = None,
-) -> dict[str, TimingStats]:
-    """Time every candidate once per round, in a new random order each round."""
-    samples = interleaved_samples(candidates, rounds, warmup, seed, synchronize, description)
+def time_interleaved(candidates: Mapping[str, Callable[[], object]], rounds: int, *args, **kwargs) -> dict[str, TimingStats]:
+    """`interleaved_samples` (same arguments), summarised per candidate."""
+    samples = interleaved_samples(candidates, rounds, *args, **kwargs)
     return {name: TimingStats.from_samples(values) for name, values in samples.items()}
 
 
@@ -85,7 +78,8 @@ def interleaved_samples(
     synchronize: Callable[[], None] | None = None,
     description: str | None = None,
 ) -> dict[str, list[float]]:
-    """Milliseconds of every candidate in every round (`time_interleaved` without the summary)."""
+    """Milliseconds of every candidate in every round: each candidate runs once per round, in a new
+    random order each round, after `warmup` runs."""
     sync = synchronize or (lambda: None)
     names = list(candidates)
     for name in names:

@@ -121,9 +121,10 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
     if len(loader) == 0:
         raise UserError(f"training data has {len(data.input_ids)} samples, fewer than one batch of "
                         f"{settings.batch_size}: give more data or a smaller --train-batch-size")
+    student.requires_grad_(True)  # every weight of the student trains, whatever it was copied from
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, settings.warmup))
-    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    teacher = teacher.to(accelerator.device).eval()  # run under no_grad; its flags stay the caller's
     model, optimizer, prepared, scheduler = accelerator.prepare(student.train(), optimizer, loader, scheduler)
     if progress["step"]:
         accelerator.load_state(str(checkpoint))
@@ -168,6 +169,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
     trained = accelerator.unwrap_model(model).eval()
     if trained is not student:  # DDP/FSDP wrap a copy on some setups: hand the caller its own module back
         student.load_state_dict(trained.state_dict())
+    accelerator.free_memory()  # the accelerator serves the next member: let go of this one's model and optimiser
     final = progress["curve"][-1] if progress["curve"] else {}
     return TrainRecord(progress["step"], progress["tokens"], time.perf_counter() - started,
                        {k: v for k, v in final.items() if k not in ("step", "tokens")}, progress["curve"])
@@ -176,9 +178,12 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
 def save_checkpoint(accelerator, folder: Path, progress: dict) -> None:
     """accelerate's state (model, optimiser, schedule, RNGs), then progress.json last: a checkpoint
     without its progress file is incomplete and is not resumed from."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PROGRESS).unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PROGRESS).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (folder / PROGRESS).write_text(json.dumps(progress))
     accelerator.wait_for_everyone()

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends import onnx_runner, synchronizer
 from .calibrate import CalibrationLoss
-from .backends import synchronizer
-from .models import LoadedModel
+from .errors import UserError
+from .export import ONNX, load_pruned, load_pruned_tokenizer, read_record
+from .family import read_report
+from .models import LoadedModel, ModelSource
 from .profiler import workload
+from .spec import InferenceSpec
 from .surgery import PruningPlan, count_parameters
 from .table import LatencyTable
 from .timing import TimingStats, interleaved_samples, speedup_interval
@@ -219,15 +224,6 @@ def verify_family(folder: str | Path, rounds: int = 40, seed: int = 0) -> list[d
     """Time every member of a family as it ships, against its dense reference, on this machine with
     the family's spec: each member's model.onnx (ONNX Runtime) or its reloaded torch model. All
     members and the dense model are interleaved in the same rounds. Returns one row per member."""
-    import tempfile
-
-    from .errors import UserError
-    from .export import ONNX, load_pruned, load_pruned_tokenizer, read_record
-    from .family import read_report
-    from .models import ModelSource
-    from .spec import InferenceSpec
-    from .backends import onnx_runner
-
     if rounds < 2:
         raise UserError(f"rounds must be at least 2, got {rounds}")
     folder = Path(folder)
