@@ -194,3 +194,25 @@ def test_family_without_values_is_left_out(families, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         text = svg_text(plot_frontier([*families, unscored], tmp_path / "f.png"))
     assert "family uniform has no stsb values" in caplog.text and "magnitude" in text
+
+
+def test_training_curves_are_drawn_for_recovered_families_only(families, tmp_path):
+    from ziplm_planner.plot import family_label, plot_training, slug
+
+    folder = write_family(tmp_path / "fam-gradual", ziplm_rows())
+    report = json.loads((folder / "report.json").read_text())
+    report["metadata"]["settings"] = {"recovery": {"mode": "gradual"}}
+    (folder / "report.json").write_text(json.dumps(report))
+    for target, start in ((1.5, 3.0), (2.0, 5.0)):
+        (folder / f"x{target:g}").mkdir()
+        curve = [{"step": s, "tokens": 100 * s, "loss": start / s, "kl": 0.1 / s, "squarehead": start / s - 0.1 / s}
+                 for s in range(1, 11)]
+        (folder / f"x{target:g}" / "measurement.json").write_text(json.dumps({"training_curve": curve}))
+    family = read_family(folder)
+    assert family.name == family_label(report["metadata"]) == "ziplm + gradual recovery"
+    assert slug(family.name) == "ziplm-gradual-recovery"
+    paths = plot_training(family, tmp_path / "training.png")
+    text = svg_text(paths)
+    for label in ("x1.5", "x2", "tokens seen", "squarehead", "total loss", "ziplm + gradual recovery"):
+        assert label in text, label
+    assert plot_training(families[0], tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()

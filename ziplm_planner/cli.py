@@ -195,13 +195,14 @@ def verify(family, rounds) -> None:
 @click.option("--task", default=None, help="Which score to plot when a report has several.")
 def plot(families, output, task) -> None:
     """Plot score against measured speedup and latency for every family in FAMILIES (folders written by compress),
-    and what each member kept."""
-    from .plot import plot_frontier, plot_layers, read_family
+    what each member kept, and for recovered families the distillation loss curves."""
+    from .plot import plot_frontier, plot_layers, plot_training, read_families, slug
 
-    data = [read_family(folder) for folder in families]
+    data = read_families(families)
     written = plot_frontier(data, output, task=task)
     for family in data:
-        written += plot_layers(family, output.with_name(f"{output.stem}-layers-{family.name}{output.suffix or '.png'}"))
+        for kind, draw in (("layers", plot_layers), ("training", plot_training)):
+            written += draw(family, output.with_name(f"{output.stem}-{kind}-{slug(family.name)}{output.suffix or '.png'}"))
     click.echo("wrote " + ", ".join(map(str, written)))
 
 

@@ -8,8 +8,10 @@ by side, each to a temporary name renamed when complete.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -215,6 +217,46 @@ def plot_layers(family: FamilyData, output: Path) -> list[Path]:
                loc="outside lower center", ncol=3, frameon=False)
     fig.suptitle(f"{family.name}: kept structures per layer\n{spec_title([family])}", fontsize=11)
     return save_figure(fig, paths)
+
+
+def training_curves(family: FamilyData) -> dict[str, list[dict]]:
+    """Per recovered member, its loss curve from measurement.json ({"tokens", "loss", <term>, ...})."""
+    curves = {}
+    for row in family.rows:
+        path = family.folder / row["folder"] / "measurement.json"
+        try:
+            curve = json.loads(path.read_text()).get("training_curve") if path.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path} is corrupt: rerun `ziplm-planner compress`") from None
+        if curve:
+            curves[row["folder"]] = curve
+    return curves
+
+
+def plot_training(family: FamilyData, output: Path) -> list[Path]:
+    """The recovery loss curves of a family: every loss term against tokens seen, one line per member.
+    Nothing is written for a family that was not recovered."""
+    curves = training_curves(family)
+    if not curves:
+        return []
+    terms = [t for t in ("loss", "task", "kl", "squarehead") if any(t in point for c in curves.values() for point in c)]
+    fig = Figure(figsize=(3.6 * len(terms) + 1, 3.8), layout="constrained")
+    for ax, term in zip(fig.subplots(1, len(terms), squeeze=False)[0], terms):
+        for color, (member, curve) in enumerate(curves.items()):
+            points = [(p["tokens"], p[term]) for p in curve if term in p]
+            ax.plot(*zip(*points), color=f"C{color}", label=member)
+        ax.set_title("total loss" if term == "loss" else term, fontsize=10)
+        ax.set_xlabel("tokens seen")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right center", frameon=False)
+    fig.suptitle(f"{family.name}: distillation loss per member\n{spec_title([family])}", fontsize=11)
+    return save_figure(fig, output_paths(output))
+
+
+def slug(name: str) -> str:
+    """A family name as part of a file name: 'ziplm + gradual recovery' -> 'ziplm-gradual-recovery'."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
 
 
 # --- writing --------------------------------------------------------------------------------------
