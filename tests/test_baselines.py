@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, get_module, model_layers, model_shape
-from ziplm_planner.baselines import (METHODS, BaselinePlanner, block_sums, fisher_targets,
+from ziplm_planner.baselines import (BASELINES, baseline_planner, block_sums, fisher_targets,
                                      magnitude_importance, mask_normal_equations, per_sample_losses, rearrange,
                                      solve_mask, top_k, tune_masks)
 from ziplm_planner.calibrate import Calibration, load_calibration
@@ -70,11 +70,11 @@ def check_member(loaded, table, planner, budget, batch):
     return model, plan, counts
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", BASELINES)
 def test_every_method_fits_the_measured_budget(profiled, method):
     loaded, table, calibration = profiled
     speedup = min(1.5, 1 + 0.8 * (table.max_speedup - 1))
-    planner = BaselinePlanner(method, loaded, table, calibration)
+    planner = baseline_planner(method, loaded, table, calibration)
     model, plan, counts = check_member(loaded, table, planner, table.dense_ms / speedup, calibration.batches(4)[0])
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in loaded.model.parameters())
     if method == "uniform":
@@ -82,22 +82,22 @@ def test_every_method_fits_the_measured_budget(profiled, method):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", BASELINES)
 def test_every_method_builds_decoders(model_type, method):
     loaded = tiny_loaded(model_type, causal_lm=True)
     table, calibration = linear_table(loaded), random_calibration(loaded)
-    check_member(loaded, table, BaselinePlanner(method, loaded, table, calibration), 9.5, calibration.batches(4)[0])
+    check_member(loaded, table, baseline_planner(method, loaded, table, calibration), 9.5, calibration.batches(4)[0])
 
 
 def test_unknown_method_is_refused():
     loaded = tiny_loaded("bert")
     with pytest.raises(UserError, match="supported are magnitude, uniform, layerdrop, kwon"):
-        BaselinePlanner("obs", loaded, linear_table(loaded), random_calibration(loaded))
+        baseline_planner("obs", loaded, linear_table(loaded), random_calibration(loaded))
 
 
 def test_budget_below_the_fixed_part_is_refused():
     loaded = tiny_loaded("bert")
-    planner = BaselinePlanner("magnitude", loaded, linear_table(loaded), random_calibration(loaded))
+    planner = baseline_planner("magnitude", loaded, linear_table(loaded), random_calibration(loaded))
     with pytest.raises(UserError, match="fixed part"):
         planner.build(0.5)
 
@@ -120,7 +120,7 @@ def test_magnitude_removes_the_smallest_head_first():
         for proj in (attention.self.query, attention.self.key, attention.self.value):
             proj.weight[16:24] *= 1e-3
         attention.output.dense.weight[:, 16:24] *= 1e-3
-    planner = BaselinePlanner("magnitude", loaded, linear_table(loaded), random_calibration(loaded))
+    planner = baseline_planner("magnitude", loaded, linear_table(loaded), random_calibration(loaded))
     _, plan, counts = planner.build(14.1)  # dense 15 ms: one head or 16 neurons must go
     assert counts == [(3, 48), (4, 48)]
     assert plan.layers[0].attention == [0, 1, 3]
@@ -129,7 +129,7 @@ def test_magnitude_removes_the_smallest_head_first():
 def test_uniform_keeps_the_same_ratio_everywhere_and_the_largest_that_fits():
     loaded = tiny_loaded("bert")
     table = linear_table(loaded)
-    planner = BaselinePlanner("uniform", loaded, table, random_calibration(loaded))
+    planner = baseline_planner("uniform", loaded, table, random_calibration(loaded))
     _, plan, counts = planner.build(10.0)  # 4.5 ms per layer
     assert counts == [(2, 32), (2, 32)]
     assert table.predict([(3, 32)] * 2) > 10.0 and table.predict([(2, 48)] * 2) > 10.0
@@ -147,7 +147,7 @@ def test_layerdrop_removes_the_layer_that_changes_nothing_first():
     with torch.no_grad():  # pre-norm: with both output projections zero, the layer is the identity
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    planner = BaselinePlanner("layerdrop", loaded, linear_table(loaded), random_calibration(loaded))
+    planner = baseline_planner("layerdrop", loaded, linear_table(loaded), random_calibration(loaded))
     assert planner.influence[1] == pytest.approx(0, abs=1e-6) and planner.influence[0] > 1e-3
     _, plan, counts = planner.build(10.0)  # dense 11 ms: one layer (2 KV groups, 48 neurons: 5 ms) must go
     assert counts == [(2, 48), (0, 0)]
@@ -177,7 +177,7 @@ def test_kwon_fisher_is_the_sum_of_squared_per_sample_gradients(model_type, caus
     loaded = tiny_loaded(model_type, causal_lm=causal)
     loaded.model.double()
     calibration = random_calibration(loaded, samples=4)
-    planner = BaselinePlanner("kwon", loaded, linear_table(loaded), calibration, seed=3)
+    planner = baseline_planner("kwon", loaded, linear_table(loaded), calibration, seed=3)
 
     batch = calibration.batches()[0]
     target = fisher_targets(loaded.model, loaded.kind, [batch], seed=3)[0]
@@ -196,7 +196,7 @@ def test_kwon_fisher_is_the_sum_of_squared_per_sample_gradients(model_type, caus
 
 def test_kwon_keeps_the_rearranged_structures_of_each_searched_count():
     loaded = tiny_loaded("bert")
-    planner = BaselinePlanner("kwon", loaded, linear_table(loaded), random_calibration(loaded))
+    planner = baseline_planner("kwon", loaded, linear_table(loaded), random_calibration(loaded))
     _, plan, counts = planner.build(9.0)
     partial = [(i, block, kept) for i, layer in enumerate(plan.layers)
                for block, kept, total in ((ATTENTION, layer.attention, 4), (FFN, layer.ffn, 48))

@@ -7,7 +7,8 @@ import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, model_layers, model_shape
 from ziplm_planner.calibrate import load_calibration
-from ziplm_planner.oneshot import CompressSettings, compress_model, parse_targets
+from ziplm_planner.oneshot import compress_model, parse_targets
+from ziplm_planner.settings import CompressSettings
 from ziplm_planner.database import build_database
 from ziplm_planner.stitch import stitch, stitch_sequential
 from ziplm_planner.errors import UserError
@@ -201,13 +202,13 @@ class BudgetRecorder:
 def test_members_are_replanned_until_measured_inside_the_band(setup, tmp_path, factors, expected_replans, status):
     from ziplm_planner.calibrate import CalibrationLoss
     from ziplm_planner.database import build_database
-    from ziplm_planner.oneshot import Planner
+    from ziplm_planner.oneshot import ZipLMPlanner
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path)
     calibration = load_calibration(loaded, str(calib), 16, 32)
     loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(16))
-    planner = BudgetRecorder(Planner(loaded, table, build_database(loaded.model, calibration, table), calibration,
+    planner = BudgetRecorder(ZipLMPlanner(loaded, table, build_database(loaded.model, calibration, table), calibration,
                                      settings, loss))
     target = within(table, 1.5)
     result, _ = verified_member(planner, target, table, StubVerifier(table, factors), loss, settings.max_replans)

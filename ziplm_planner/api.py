@@ -7,9 +7,9 @@ from pathlib import Path
 
 from .atomic import check_creatable_dir, check_writable
 from .models import LoadedModel, load_model
-from .profiler import ProfileSettings, profile_model
+from .profiler import profile_model
 from .spec import InferenceSpec
-from .settings import RecoverySettings, TrainSettings
+from .settings import CompressSettings, ProfileSettings, RecoverySettings, TrainSettings, default
 from .table import LatencyTable
 
 
@@ -19,8 +19,10 @@ def _loaded(model: str | LoadedModel) -> LoadedModel:
 
 def profile(model: str | LoadedModel = "minilm", output: str | Path | None = None, *, backend: str = "torch",
             batch_size: int = 8, seq_len: int = 128, mode: str = "prefill", context: int = 0,
-            threads: int | None = None, device: str = "cpu", dtype: str = "float32", ffn_step: int = 64,
-            rounds: int = 40, estimator: str = "p10", seed: int = 0) -> LatencyTable:
+            threads: int | None = None, device: str = "cpu", dtype: str = "float32",
+            ffn_step: int = default(ProfileSettings, "ffn_step"), rounds: int = default(ProfileSettings, "rounds"),
+            estimator: str = default(ProfileSettings, "estimator"), seed: int = default(ProfileSettings, "seed"),
+            ) -> LatencyTable:
     """Profile `model` on this machine for one inference spec; save the table to `output` if given."""
     spec = InferenceSpec(backend=backend, device=device, dtype=dtype, threads=threads or os.cpu_count(),
                          batch_size=batch_size, seq_len=1 if mode == "decode" else seq_len, mode=mode, context=context)
@@ -34,16 +36,19 @@ def profile(model: str | LoadedModel = "minilm", output: str | Path | None = Non
 
 
 def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets: str | list[float],
-             calibration: str | Path, output: str | Path, *, method: str = "ziplm", num_samples: int = 512, seed: int = 0,
-             calibration_inputs: str = "dense", search_evaluations: int = 30, score_samples: int = 128,
-             onnx: bool = True, overwrite: bool = False, cache_dir: str | Path | None = None,
-             recovery: str = "none", train_data: str | Path | None = None, train: TrainSettings | None = None):
+             calibration: str | Path, output: str | Path, *, method: str = default(CompressSettings, "method"),
+             num_samples: int = default(CompressSettings, "num_samples"), seed: int = default(CompressSettings, "seed"),
+             calibration_inputs: str = default(CompressSettings, "calibration_inputs"),
+             search_evaluations: int = default(CompressSettings, "search_evaluations"),
+             score_samples: int = default(CompressSettings, "score_samples"), onnx: bool = True, overwrite: bool = False,
+             cache_dir: str | Path | None = None, recovery: str = default(RecoverySettings, "mode"),
+             train_data: str | Path | None = None, train: TrainSettings | None = None):
     """Compress `model` to each speedup target on the machine `table` was profiled on.
 
     Writes the family to `output` (one folder per target plus the dense reference, report.csv,
     report.json) and returns the FamilyReport. `recovery="oneshot"` distils every member from the
     dense model on `train_data` (default: the calibration file) with the `train` settings."""
-    from .oneshot import CompressSettings, check_reachable, compress_model, parse_targets
+    from .oneshot import check_reachable, compress_model, parse_targets
 
     targets = parse_targets(targets)
     table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)

@@ -40,7 +40,6 @@ from .table import LatencyTable
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "uniform", "layerdrop", "kwon")
 TARGET_NOISE = 0.1  # embedding Fisher: std of the sampled target around the dense embedding, x its norm
 MASK_DAMPENING = 0.1  # mask tuning: ridge towards the untuned mask, x mean(diag G); guards overfitting
 MAX_MASK = 10.0  # Kwon's guard: tuned mask values beyond ±10 mean an ill-posed solve; keep 1
@@ -299,68 +298,84 @@ def tune_masks(dense: nn.Module, pruned: nn.Module, inputs: list[LayerInput]) ->
 # --- the planner ------------------------------------------------------------------------------------
 
 
-class BaselinePlanner:
-    """Plans and builds baseline members on a latency table; importances are computed once."""
+class StructurePlanner:
+    """A baseline on ZipLM's table and budgets: kept counts per block by the method's rule, the method's
+    choice of structures, then surgery on a copy of the dense model (which is never modified). Each
+    method is a subclass; its importances are computed once, when it is made."""
 
-    def __init__(self, method: str, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
-        if method not in METHODS:
-            raise UserError(f"unknown baseline method {method!r}: supported are {', '.join(METHODS)}")
-        started = time.perf_counter()
-        self.method, self.loaded, self.table = method, loaded, table
+    method = ""
+
+    def __init__(self, loaded: LoadedModel, table: LatencyTable):
+        self.loaded, self.table = loaded, table
         self.shape = model_shape(loaded.model.config)
         table.check_compatible(self.shape, source="latency table")
-        layers, config = model_layers(loaded.model), loaded.model.config
-        self.scores: list[dict[str, torch.Tensor]] = []  # per layer and block: importance of each structure
-        self.fisher: list[dict[str, torch.Tensor]] = []  # kwon: per layer and block, Σ_s g gᵀ
-        self.influence: list[float] = []  # layerdrop: BI per layer
-        if method in ("magnitude", "uniform"):
-            self.scores = [{b: magnitude_importance(layer, config, b) for b in BLOCKS} for layer in layers]
-        elif method == "layerdrop":
-            self.influence = block_influence(loaded.model, calibration.batches())
-        else:
-            batches = calibration.batches()
-            targets = fisher_targets(loaded.model, loaded.kind, batches, seed)
-            grads = mask_gradients(loaded.model, loaded.kind, batches, targets)  # (samples, layers, units)
-            self.fisher = [{b: grads[b][:, i].T @ grads[b][:, i] for b in BLOCKS} for i in range(len(layers))]
-            self.scores = [{b: f.diagonal().clone() for b, f in layer.items()} for layer in self.fisher]
-            self.inputs = capture_inputs(loaded.model, batches)
-        log.info("%s baseline: importances in %.1f s", method, time.perf_counter() - started)
 
     def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[int, int]]]:
-        """A pruned copy of loaded.model (the dense model is never modified) whose predicted time fits
-        budget_ms; returns (model, plan, kept counts per layer)."""
+        """A pruned model whose predicted time fits budget_ms: (model, plan, kept counts per layer)."""
         block_budget = self.table.block_budget(budget_ms)
         if block_budget < 0:
             raise UserError(f"budget {budget_ms:g} ms is below the table's fixed part "
                             f"{self.table.predict([(0, 0)] * self.shape.num_layers):g} ms")
-        counts = {"magnitude": self._searched, "kwon": self._searched, "uniform": self._uniform,
-                  "layerdrop": self._layers_dropped}[self.method](block_budget)
-        plan = PruningPlan(self.shape, [LayerPlan(self._kept(i, ATTENTION, a), self._kept(i, FFN, f))
+        counts = self.counts(block_budget)
+        plan = PruningPlan(self.shape, [LayerPlan(self.kept(i, ATTENTION, a), self.kept(i, FFN, f))
                                         for i, (a, f) in enumerate(counts)])
-        model = apply_plan(copy.deepcopy(self.loaded.model), plan)
-        if self.method == "kwon":
-            tune_masks(self.loaded.model, model, self.inputs)
+        model = self.finish(apply_plan(copy.deepcopy(self.loaded.model), plan))
         log.info("%s: budget %.2f ms, predicted %.2f ms, kept %s", self.method, budget_ms,
                  self.table.predict(counts), counts)
         return model, plan, counts
 
-    # --- kept counts per method ----------------------------------------------------------------
+    def counts(self, block_budget: float) -> list[tuple[int, int]]:
+        """(attention units, FFN neurons) kept per layer, within `block_budget` of block time."""
+        raise NotImplementedError
 
-    def _searched(self, block_budget: float) -> list[tuple[int, int]]:
-        """magnitude: min Σ share of squared norm removed; kwon: min Σ Fisher diagonal removed (the
-        diagonal estimate of the loss increase, comparable across blocks, so no normalising)."""
+    def kept(self, idx: int, block: str, k: int) -> list[int]:
+        return list(range(k)) if k in (0, total_structures(self.shape, block)) else self.choose(idx, block, k)
+
+    def choose(self, idx: int, block: str, k: int) -> list[int]:
+        """Which k structures of a block stay: the most important."""
+        return top_k(self.scores[idx][block], k)
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The pruned model's last step (weights unchanged by default)."""
+        return model
+
+    def searched(self, block_budget: float, relative: bool) -> list[tuple[int, int]]:
+        """Levels by the DP, each block's error the share (`relative`) or the sum of importance removed."""
         problem = []
         for idx, layer in enumerate(self.scores):
             for block in BLOCKS:
                 levels = table_levels(self.table, block)
                 problem.append(BlockLevels(
                     f"layer{idx}.{block}", tuple(levels), tuple(self.table.time(block, k) for k in levels),
-                    tuple(removed_share(layer[block], levels, relative=self.method == "magnitude"))))
+                    tuple(removed_share(layer[block], levels, relative=relative))))
         choice = solve_dp(problem, block_budget)
         counts = [b.levels[i] for b, i in zip(problem, choice)]
         return list(zip(counts[0::2], counts[1::2]))
 
-    def _uniform(self, block_budget: float) -> list[tuple[int, int]]:
+    def block_time(self, counts: list[tuple[int, int]]) -> float:
+        return sum(self.table.time(ATTENTION, a) + self.table.time(FFN, f) for a, f in counts)
+
+
+class MagnitudePlanner(StructurePlanner):
+    """Structured weight-norm pruning: levels by the DP with the share of squared norm removed."""
+
+    method = "magnitude"
+
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
+        super().__init__(loaded, table)
+        config = loaded.model.config
+        self.scores = [{b: magnitude_importance(layer, config, b) for b in BLOCKS} for layer in model_layers(loaded.model)]
+
+    def counts(self, block_budget: float) -> list[tuple[int, int]]:
+        return self.searched(block_budget, relative=True)
+
+
+class UniformPlanner(MagnitudePlanner):
+    """One keep ratio for every block, the largest that fits; structures by weight norm."""
+
+    method = "uniform"
+
+    def counts(self, block_budget: float) -> list[tuple[int, int]]:
         """The largest ratio r (scanned downwards) with each block at the table level nearest r x its size."""
         grids = [(np.asarray(table_levels(self.table, b)), total_structures(self.shape, b)) for b in BLOCKS]
         ratios = {float(r) for r in np.linspace(0.0, 1.0, UNIFORM_GRID + 1)}
@@ -368,27 +383,64 @@ class BaselinePlanner:
         # argmin takes the first minimum: ties go to the smaller level; r = 0 removes every block
         configs = dict.fromkeys(tuple(int(levels[np.argmin(np.abs(levels - r * total))]) for levels, total in grids)
                                 for r in sorted(ratios, reverse=True))
-        return next(counts for a, f in configs if self._block_time(counts := [(a, f)] * self.shape.num_layers)
+        return next(counts for a, f in configs if self.block_time(counts := [(a, f)] * self.shape.num_layers)
                     <= block_budget)
 
-    def _layers_dropped(self, block_budget: float) -> list[tuple[int, int]]:
-        """ShortGPT: whole layers (both blocks) in increasing block influence until the model fits."""
+
+class LayerDropPlanner(StructurePlanner):
+    """ShortGPT: whole layers dropped by increasing block influence until the model fits."""
+
+    method = "layerdrop"
+
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
+        super().__init__(loaded, table)
+        self.influence = block_influence(loaded.model, calibration.batches())
+
+    def counts(self, block_budget: float) -> list[tuple[int, int]]:
         counts = [(self.shape.attention_units, self.shape.intermediate_size)] * self.shape.num_layers
         for idx in np.argsort(self.influence, kind="stable"):
-            if self._block_time(counts) <= block_budget:
+            if self.block_time(counts) <= block_budget:
                 break
             counts[idx] = (0, 0)
         return counts
 
-    def _block_time(self, counts: list[tuple[int, int]]) -> float:
-        return sum(self.table.time(ATTENTION, a) + self.table.time(FFN, f) for a, f in counts)
 
-    # --- which structures ----------------------------------------------------------------------
+class KwonPlanner(StructurePlanner):
+    """Kwon et al. 2022: Fisher of the masks, the DP on its diagonal (the estimate of the loss increase,
+    comparable across blocks, so not normalised), mask rearrangement, least-squares mask tuning."""
 
-    def _kept(self, idx: int, block: str, k: int) -> list[int]:
-        total = total_structures(self.shape, block)
-        if k in (0, total):
-            return list(range(k))
-        if self.method == "kwon":
-            return rearrange(self.fisher[idx][block], k)
-        return top_k(self.scores[idx][block], k)
+    method = "kwon"
+
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
+        super().__init__(loaded, table)
+        batches = calibration.batches()
+        targets = fisher_targets(loaded.model, loaded.kind, batches, seed)
+        grads = mask_gradients(loaded.model, loaded.kind, batches, targets)  # (samples, layers, units)
+        layers = range(self.shape.num_layers)
+        self.fisher = [{b: grads[b][:, i].T @ grads[b][:, i] for b in BLOCKS} for i in layers]  # Σ_s g gᵀ
+        self.scores = [{b: f.diagonal().clone() for b, f in layer.items()} for layer in self.fisher]
+        self.inputs = capture_inputs(loaded.model, batches)
+
+    def counts(self, block_budget: float) -> list[tuple[int, int]]:
+        return self.searched(block_budget, relative=False)
+
+    def choose(self, idx: int, block: str, k: int) -> list[int]:
+        return rearrange(self.fisher[idx][block], k)
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        tune_masks(self.loaded.model, model, self.inputs)
+        return model
+
+
+BASELINES = {planner.method: planner for planner in (MagnitudePlanner, UniformPlanner, LayerDropPlanner, KwonPlanner)}
+
+
+def baseline_planner(method: str, loaded: LoadedModel, table: LatencyTable, calibration: Calibration,
+                     seed: int = 0) -> StructurePlanner:
+    """The planner of a baseline method, its importances computed."""
+    if method not in BASELINES:
+        raise UserError(f"unknown baseline method {method!r}: supported are {', '.join(BASELINES)}")
+    started = time.perf_counter()
+    planner = BASELINES[method](loaded, table, calibration, seed)
+    log.info("%s baseline: importances in %.1f s", method, time.perf_counter() - started)
+    return planner

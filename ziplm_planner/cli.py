@@ -13,7 +13,9 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import LOSS_TERMS, RECOVERY_MODES, LossWeights, RecoverySettings, TrainSettings, default
+from .settings import (DENSE, LOSS_TERMS, METHODS, RECOVERY_MODES, SEQUENTIAL, CompressSettings, LossWeights,
+                       ProfileSettings, RecoverySettings, TrainSettings, default)
+from .timing import ESTIMATORS
 
 MODEL_HELP = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
               f"{', '.join(ALIASES)}. Default: {DEFAULT_MODEL}.")
@@ -72,9 +74,11 @@ def profile() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device to time on.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Weight and activation type (float16 on cuda only).")
-@click.option("--ffn-step", type=int, default=64, show_default=True, help="FFN sizes timed: multiples of this.")
-@click.option("--rounds", type=int, default=40, show_default=True, help="Interleaved repetitions per block.")
-@click.option("--estimator", type=click.Choice(["min", "p10", "median"]), default="p10", show_default=True,
+@click.option("--ffn-step", type=int, default=default(ProfileSettings, "ffn_step"), show_default=True, help="FFN sizes timed: multiples of this.")
+@click.option("--rounds", type=int, default=default(ProfileSettings, "rounds"), show_default=True,
+              help="Interleaved repetitions per block.")
+@click.option("--estimator", type=click.Choice(ESTIMATORS), default=default(ProfileSettings, "estimator"),
+              show_default=True,
               help="Statistic of each block's timings taken as its cost (p10 stays stable on a busy machine).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Latency table to write (JSON).")
@@ -106,14 +110,17 @@ def profile_show(table_path) -> None:
 @click.option("--profile", "table", type=click.Path(path_type=Path), required=True, help="Latency table (profile -o).")
 @click.option("--targets", required=True, help=TARGETS_HELP)
 @click.option("--calib", "calibration", required=True, help="Calibration data: text, STS-B or GLUE TSV file.")
-@click.option("--method", type=click.Choice(["ziplm", "magnitude", "uniform", "layerdrop", "kwon"]), default="ziplm",
+@click.option("--method", type=click.Choice(METHODS), default=default(CompressSettings, "method"),
               show_default=True, help="ziplm, or a baseline planned on the same table and budgets.")
-@click.option("--num-samples", type=int, default=512, show_default=True, help="Calibration samples for the Hessians.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample and the search.")
-@click.option("--calibration-inputs", type=click.Choice(["dense", "sequential"]), default="dense", show_default=True,
+@click.option("--num-samples", type=int, default=default(CompressSettings, "num_samples"), show_default=True, help="Calibration samples for the Hessians.")
+@click.option("--seed", type=int, default=default(CompressSettings, "seed"), show_default=True,
+              help="Seed of the calibration sample and the search.")
+@click.option("--calibration-inputs", type=click.Choice([DENSE, SEQUENTIAL]),
+              default=default(CompressSettings, "calibration_inputs"), show_default=True,
               help="Hessians of the final members from dense inputs, or from the model compressed so far.")
-@click.option("--search-evaluations", type=int, default=30, show_default=True, help="SPDY: models scored per target.")
-@click.option("--score-samples", type=int, default=128, show_default=True,
+@click.option("--search-evaluations", type=int, default=default(CompressSettings, "search_evaluations"),
+              show_default=True, help="SPDY: models scored per target.")
+@click.option("--score-samples", type=int, default=default(CompressSettings, "score_samples"), show_default=True,
               help="Calibration samples each SPDY candidate is scored on.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")

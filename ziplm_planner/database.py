@@ -34,7 +34,6 @@ from .table import LatencyTable
 log = logging.getLogger(__name__)
 
 FORMAT = "ziplm-planner/level-database/v2"  # v2: Hessians of correctly masked layer inputs
-DENSE, SEQUENTIAL = "dense", "sequential"
 
 
 def group_size(shape: ModelShape, block: str) -> int:

@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ import torch
 from .adapters import ModelShape, model_shape
 from .atomic import atomic_write_text
 from .calibrate import Calibration, CalibrationLoss, load_calibration
-from .database import DENSE, SEQUENTIAL, LevelDatabase, build_database, cached_database, database_key
+from .database import LevelDatabase, build_database, cached_database, database_key
 from .stitch import stitch, stitch_sequential
 from .environment import library_versions, machine_info, now
 from .errors import UserError
@@ -32,47 +32,12 @@ from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .recovery import Recovery
-from .settings import GRADUAL, NONE, RecoverySettings
+from .settings import GRADUAL, NONE, SEQUENTIAL, ZIPLM, CompressSettings
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
 
 log = logging.getLogger(__name__)
 
-ZIPLM = "ziplm"
-METHODS = (ZIPLM, "magnitude", "uniform", "layerdrop", "kwon")  # the others: baselines.py, same table and budgets
-
-
-@dataclass(frozen=True)
-class CompressSettings:
-    method: str = ZIPLM
-    num_samples: int = 512
-    seed: int = 0
-    dampening: float = 0.01
-    calibration_inputs: str = DENSE  # or SEQUENTIAL: members re-pruned on inputs of the compressed model
-    search_evaluations: int = 30  # SPDY: stitched models scored per target
-    score_samples: int = 128  # calibration samples the SPDY score uses
-    verify_rounds: int = 20
-    max_replans: int = 3
-    onnx: bool = True
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
-    recovery: RecoverySettings = field(default_factory=RecoverySettings)
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.calibration_inputs not in (DENSE, SEQUENTIAL):
-            raise UserError(f"calibration inputs must be {DENSE} or {SEQUENTIAL}, got {self.calibration_inputs!r}")
-        if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
-            raise UserError("number of samples, search evaluations and score samples must be at least 1")
-        if self.recovery.mode == GRADUAL and (self.method != ZIPLM or self.calibration_inputs != DENSE):
-            raise UserError("--recovery gradual re-plans the pruned model with --method ziplm and dense calibration "
-                            "inputs; for the baselines use --recovery oneshot")
-
-
-def default_cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ziplm-planner"
 
 
 def parse_targets(text: str | list) -> list[float]:
@@ -153,7 +118,7 @@ def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> bool:
 # --- planning one member ---------------------------------------------------------------------------
 
 
-class Planner:
+class ZipLMPlanner:
     """ZipLM: the SPDY-searched DP over the level database, stitched with OBS-updated weights."""
 
     def __init__(self, loaded: LoadedModel, table: LatencyTable, db: LevelDatabase, calibration: Calibration,
@@ -186,12 +151,12 @@ class Planner:
 
 
 def gradual_planner(loaded: LoadedModel, current, plan: PruningPlan, table: LatencyTable, calibration: Calibration,
-                    settings: CompressSettings, score_loss: CalibrationLoss) -> Planner:
+                    settings: CompressSettings, score_loss: CalibrationLoss) -> ZipLMPlanner:
     """ZipLM on the model pruned and distilled so far: Hessians, OBS and the level database recomputed
     on it, so the next member is cut from this one (members are nested)."""
     with stage("level database", f"of the current model ({count_parameters(current):,} parameters)"):
         db = build_database(current, calibration, table, settings.dampening, base=plan)
-    return Planner(dataclasses.replace(loaded, model=current), table, db, calibration, settings, score_loss)
+    return ZipLMPlanner(dataclasses.replace(loaded, model=current), table, db, calibration, settings, score_loss)
 
 
 # --- the dense reference -------------------------------------------------------------------------------
@@ -306,12 +271,12 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                                  lambda: build_database(loaded.model, calibration, table, settings.dampening))
             step.outcome = "from the cache" if db.metadata.get("cached") else f"cached in {settings.cache_dir}"
         planning["level_database"] = {**db.metadata, "seconds_this_run": round(time.perf_counter() - started, 2)}
-        planner = Planner(loaded, table, db, calibration, settings, score_loss)
+        planner = ZipLMPlanner(loaded, table, db, calibration, settings, score_loss)
     else:
-        from .baselines import BaselinePlanner
+        from .baselines import baseline_planner
 
         with stage(f"{settings.method} baseline"):
-            planner = BaselinePlanner(settings.method, loaded, table, calibration, settings.seed)
+            planner = baseline_planner(settings.method, loaded, table, calibration, settings.seed)
         planning["baseline_setup_seconds"] = round(time.perf_counter() - started, 2)
     results, planning_seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:

@@ -35,27 +35,11 @@ from .progress import bar, stage
 from .spec import InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
 from .layers import capture_first_layer_call
+from .settings import ProfileSettings
 from .table import ATTENTION, FFN, FIXED, TRUST_ADVICE, LatencyTable
-from .timing import DEFAULT_ESTIMATOR, ESTIMATORS, TimingStats, time_interleaved
+from .timing import TimingStats, time_interleaved
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProfileSettings:
-    ffn_step: int = 64  # FFN sizes timed: every multiple of this, plus the full size
-    rounds: int = 40  # interleaved repetitions of every block candidate
-    warmup: int = 3
-    estimator: str = DEFAULT_ESTIMATOR
-    additivity_models: int = 8  # random whole models, small to large, checked against the prediction (plus dense)
-    additivity_rounds: int = 15
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.estimator not in ESTIMATORS:
-            raise UserError(f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}")
-        if self.ffn_step < 1 or self.rounds < 2 or self.additivity_rounds < 2:
-            raise UserError("ffn step must be >= 1 and rounds >= 2")
 
 
 def ffn_levels(intermediate_size: int, step: int) -> list[int]:

@@ -1,13 +1,20 @@
-"""Settings of recovery training, light to import: the CLI reads its defaults from here, so each
-default is defined once (DESIGN.md, "Recovery")."""
+"""Choices and settings the CLI shares with the library, light to import (no torch): the CLI reads
+its choices and defaults from here, so each is defined once."""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
-from .errors import UserError
+from pathlib import Path
 
+from .errors import UserError
+from .timing import DEFAULT_ESTIMATOR, ESTIMATORS
+
+ZIPLM = "ziplm"
+METHODS = (ZIPLM, "magnitude", "uniform", "layerdrop", "kwon")  # the baselines: baselines.py, same table and budgets
+DENSE, SEQUENTIAL = "dense", "sequential"  # calibration inputs: of the dense model, or of the one compressed so far
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
@@ -63,6 +70,54 @@ class RecoverySettings:
     def __post_init__(self):
         if self.mode not in RECOVERY_MODES:
             raise UserError(f"unknown recovery {self.mode!r}: choose one of {', '.join(RECOVERY_MODES)}")
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    method: str = ZIPLM
+    num_samples: int = 512
+    seed: int = 0
+    dampening: float = 0.01
+    calibration_inputs: str = DENSE  # or SEQUENTIAL: members re-pruned on inputs of the compressed model
+    search_evaluations: int = 30  # SPDY: stitched models scored per target
+    score_samples: int = 128  # calibration samples the SPDY score uses
+    verify_rounds: int = 20
+    max_replans: int = 3
+    onnx: bool = True
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    recovery: RecoverySettings = field(default_factory=RecoverySettings)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.calibration_inputs not in (DENSE, SEQUENTIAL):
+            raise UserError(f"calibration inputs must be {DENSE} or {SEQUENTIAL}, got {self.calibration_inputs!r}")
+        if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
+            raise UserError("number of samples, search evaluations and score samples must be at least 1")
+        if self.recovery.mode == GRADUAL and (self.method != ZIPLM or self.calibration_inputs != DENSE):
+            raise UserError("--recovery gradual re-plans the pruned model with --method ziplm and dense calibration "
+                            "inputs; for the baselines use --recovery oneshot")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ziplm-planner"
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    ffn_step: int = 64  # FFN sizes timed: every multiple of this, plus the full size
+    rounds: int = 40  # interleaved repetitions of every block candidate
+    warmup: int = 3
+    estimator: str = DEFAULT_ESTIMATOR
+    additivity_models: int = 8  # random whole models, small to large, checked against the prediction (plus dense)
+    additivity_rounds: int = 15
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        if self.ffn_step < 1 or self.rounds < 2 or self.additivity_rounds < 2:
+            raise UserError("ffn step must be >= 1 and rounds >= 2")
 
 
 def default(cls, name: str):

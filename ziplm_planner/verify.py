@@ -14,6 +14,9 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from torch import nn
 
 from .backends import onnx_runner, synchronizer
 from .calibrate import CalibrationLoss
@@ -185,9 +188,17 @@ def next_budget(budget: float, speedup: float, target: float, fast: list[float],
     return max(floor, guess)
 
 
-def verified_member(planner, target: float, table: LatencyTable, verifier: Verifier, score_loss: CalibrationLoss,
+class Planner(Protocol):
+    """What every method is to the verify loop: a pruned model for a latency budget. ZipLM
+    (oneshot.ZipLMPlanner) and each baseline (baselines.py) implement it."""
+
+    def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[int, int]]]:
+        """(pruned model, its plan, kept (attention, FFN) per layer) predicted to run in `budget_ms`."""
+
+
+def verified_member(planner: Planner, target: float, table: LatencyTable, verifier: Verifier, score_loss: CalibrationLoss,
                     max_replans: int) -> tuple[MemberResult, object]:
-    """Plan with any planner (`build(budget_ms) -> (model, plan, counts)`), build and measure, re-plan
+    """Plan with any planner, build and measure, re-plan
     until the measured speedup is inside [0.97, 1.10] x target or `max_replans` are spent. Keeps the
     member closest above 0.97 x target; if none got there, the fastest one, reported as missed."""
     budget = table.dense_ms / target
