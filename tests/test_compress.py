@@ -397,7 +397,7 @@ def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cach
     again = compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()
     assert "dense" not in saved  # the complete dense/ is reused, not re-timed
-    assert again.rows[0] == {k: v for k, v in dense_row.items() if k != "timing"}
+    assert again.rows[0] == {k: v for k, v in dense_row.items() if k not in ("timing", "training")}
 
 
 def record_saves(monkeypatch, compress_module) -> list[str]:
@@ -433,7 +433,7 @@ def test_incomplete_or_stale_dense_is_rebuilt(setup, tmp_path, monkeypatch, dama
     again = compress_model(loaded, table, [1.2], str(calib), out, settings)
     assert saved[0] == "dense"
     rewritten = json.loads(path.read_text())
-    assert again.rows[0] == {k: v for k, v in rewritten.items() if k != "timing"} and "timing" in rewritten
+    assert again.rows[0] == {k: v for k, v in rewritten.items() if k not in ("timing", "training")} and "timing" in rewritten
 
 
 @pytest.mark.parametrize("method", ["magnitude", "uniform", "layerdrop", "kwon"])
@@ -466,7 +466,7 @@ def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path):
     assert row["calibration_loss"] < row["calibration_loss_before_recovery"]
     assert report.rows[0]["recovery"] == "none"
     measurement = json.loads((out / row["folder"] / "measurement.json").read_text())
-    assert measurement["training_curve"][-1]["step"] == row["train_steps"]
+    assert measurement["training"]["curve"][-1]["step"] == row["train_steps"]
     assert not list(out.glob(".train-*"))  # checkpoints go once the member is saved
     member = load_pruned(out / row["folder"])
     assert member is not None
@@ -539,3 +539,46 @@ def test_gradual_family_on_two_processes_is_complete_and_both_end_with_the_same_
     report = json.loads((tmp_path / "family" / "report.json").read_text())
     assert [row["recovery"] for row in report["members"]] == ["none", "gradual", "gradual"]
     assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()
+
+
+def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, monkeypatch):
+    """On a quiet machine (a verifier that measures what the table predicts), stopping after the first
+    member and running again reuses that member and ends with the family an uninterrupted run makes."""
+    import ziplm_planner.oneshot as compress_module
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    monkeypatch.setattr(compress_module, "Verifier", lambda loaded, table, *args: StubVerifier(table, [1.0]))
+    train = TrainSettings(tokens=1500, batch_size=8, learning_rate=1e-3)
+    targets = [1.2, within(table, 1.8)]
+
+    def run(name):
+        settings = fast_settings(tmp_path, onnx=False, max_replans=0, cache_dir=tmp_path / f"cache-{name}",
+                                 recovery=RecoverySettings("gradual", None, train))
+        return compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
+
+    run("whole")
+    real_save = compress_module.save_member
+
+    def stop_at_the_second_member(folder, *args, **kwargs):
+        if folder.name == f"x{targets[1]:g}":
+            raise KeyboardInterrupt
+        return real_save(folder, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_member", stop_at_the_second_member)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    monkeypatch.setattr(compress_module, "save_member", real_save)
+    saved = record_saves(monkeypatch, compress_module)
+    run("resumed")
+    assert saved == [f"x{targets[1]:g}"]  # dense and the first member were reused
+    for member in ("dense", "x1.2", f"x{targets[1]:g}"):
+        for name in ("pruning.json", "model.safetensors"):
+            assert (tmp_path / "whole" / member / name).read_bytes() == (tmp_path / "resumed" / member / name).read_bytes()
+
+
+def test_a_rerun_with_other_settings_is_another_family(setup, tmp_path):
+    loaded, table, calib = setup
+    compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", fast_settings(tmp_path, onnx=False))
+    with pytest.raises(UserError, match="different family"):
+        compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", fast_settings(tmp_path, onnx=False, seed=1))

@@ -207,7 +207,7 @@ def test_training_curves_are_drawn_for_recovered_families_only(families, tmp_pat
         (folder / f"x{target:g}").mkdir()
         curve = [{"step": s, "tokens": 100 * s, "loss": start / s, "kl": 0.1 / s, "squarehead": start / s - 0.1 / s}
                  for s in range(1, 11)]
-        (folder / f"x{target:g}" / "measurement.json").write_text(json.dumps({"training_curve": curve}))
+        (folder / f"x{target:g}" / "measurement.json").write_text(json.dumps({"training": {"curve": curve}}))
     family = read_family(folder)
     assert family.name == family_label(report["metadata"]) == "ziplm + gradual recovery"
     assert slug(family.name) == "ziplm-gradual-recovery"

@@ -202,12 +202,17 @@ def block_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor | No
     return obs_trace(layer, config, block, hessian, levels, dampening, where)
 
 
+def data_identity(source: str) -> dict:
+    """A data file by path, size and modification time (a dataset name as it is)."""
+    path = Path(source)
+    if not path.exists():
+        return {"name": source}
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "mtime": path.stat().st_mtime}
+
+
 def database_key(model_fingerprint: dict, calibration: Calibration, table: LatencyTable, dampening: float,
                  num_samples: int, seed: int) -> str:
-    source = Path(calibration.source)
-    data_id = {"path": str(source.resolve()), "size": source.stat().st_size, "mtime": source.stat().st_mtime} \
-        if source.exists() else {"name": calibration.source}
-    key = {"format": FORMAT, "model": model_fingerprint, "data": data_id, "seq_len": calibration.seq_len,
+    key = {"format": FORMAT, "model": model_fingerprint, "data": data_identity(calibration.source), "seq_len": calibration.seq_len,
            "samples": num_samples, "seed": seed, "dampening": dampening,
            "levels": {b: table_levels(table, b) for b in BLOCKS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

@@ -21,11 +21,11 @@ import torch
 from .adapters import ModelShape, model_shape
 from .atomic import atomic_write_text
 from .calibrate import Calibration, CalibrationLoss, load_calibration
-from .database import LevelDatabase, build_database, cached_database, database_key
+from .database import LevelDatabase, data_identity, build_database, cached_database, database_key
 from .stitch import stitch, stitch_sequential
 from .environment import library_versions, machine_info, now
 from .errors import UserError
-from .export import MEASUREMENT, ONNX, WEIGHTS, read_record, save_member
+from .export import MEASUREMENT, ONNX, WEIGHTS, load_pruned, read_record, save_member
 from .family import FAMILY_FORMAT, report_csv
 from .models import LoadedModel
 from .progress import bar, stage
@@ -168,34 +168,36 @@ def dense_result(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, me
                         calibration_loss, count_parameters(loaded.model))
 
 
-def saved_dense(folder: Path, loaded: LoadedModel, shape: ModelShape, table: LatencyTable, calibration_loss: float,
-                onnx: bool) -> MemberResult | None:
-    """The dense reference an earlier run of this family saved, rebuilt from its recorded timings; None
-    (then it is timed and saved again) unless it is complete and its row is the one this run would write,
-    i.e. made with this table's prediction and estimator and this calibration's loss."""
+def measurement_record(result: MemberResult, table: LatencyTable) -> dict:
+    """measurement.json: the member's report row, the timings it came from, and its training."""
+    return {**result.row(table.dense_ms), "timing": result.measurement.to_dict(), "training": result.recovery}
+
+
+def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
+                 calibration_loss: float | None = None) -> MemberResult | None:
+    """A member an earlier run of this family saved (the manifest says with the same settings, data and
+    table), rebuilt from its files; None, and the member is made again, unless every file is there, it
+    was made for `target` on this table's prediction, and (where given) with this calibration loss."""
     try:
-        record = read_record(folder)
-        saved = json.loads((folder / MEASUREMENT).read_text())
-        result = dense_result(loaded, shape, table, Measurement.from_dict(saved["timing"]), calibration_loss)
+        record, saved = read_record(folder), json.loads((folder / MEASUREMENT).read_text())
+        plan = PruningPlan.from_dict(record["plan"])
+        result = MemberResult(target, member_name(target), plan, table.predict(plan.kept_counts()),
+                              Measurement.from_dict(saved["timing"]), saved["calibration_loss"], saved["parameters"],
+                              saved["replans"], saved["speedups_tried"], saved["training"])
     except (UserError, OSError, ValueError, KeyError, TypeError):  # missing, unreadable, or from an older version
         return None
     files = ["config.json", WEIGHTS, *([ONNX] if onnx else [])]
     complete = all((folder / name).is_file() for name in files) and (record.get("onnx") is not None or not onnx)
-    same = record.get("plan") == result.plan.to_dict() and saved == measurement_record(result, table)
+    same = (saved.get("target") == target and saved.get("predicted_ms") == round(result.predicted_ms, 4)
+            and (calibration_loss is None or saved["calibration_loss"] == calibration_loss))
     return result if complete and same else None
-
-
-def measurement_record(result: MemberResult, table: LatencyTable) -> dict:
-    """measurement.json: the member's report row, the timings it came from, and its training curve."""
-    curve = {"training_curve": result.recovery["curve"]} if result.recovery else {}
-    return {**result.row(table.dense_ms), "timing": result.measurement.to_dict(), **curve}
 
 
 def dense_member(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, verifier: Verifier,
                  calibration_loss: float, output: Path, settings: CompressSettings, resumed: bool) -> MemberResult:
     """The dense member: reused from a complete dense/ when this run continues the family, else timed
     with the verifier's protocol and saved."""
-    if resumed and (result := saved_dense(output / "dense", loaded, shape, table, calibration_loss, settings.onnx)):
+    if resumed and (result := saved_result(output / "dense", 1.0, table, settings.onnx, calibration_loss)):
         log.info("reusing %s from an earlier run of this family", output / "dense")
         return result
     result = dense_result(loaded, shape, table, verifier.measure_dense(), calibration_loss)
@@ -257,8 +259,11 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
             recovery.follow(len(targets))
             return None
     fingerprint = model_fingerprint(loaded)
-    manifest = {"format": FAMILY_FORMAT, "source": {"model": fingerprint["location"], "method": settings.method,
-                                                    "table": table.spec.to_dict(), "shape": asdict(shape)}}
+    # what a member depends on: a rerun with all of it the same continues the family and reuses members
+    manifest = {"format": FAMILY_FORMAT, "source": {
+        "model": fingerprint["location"], "method": settings.method, "table": table.spec.to_dict(),
+        "table_created": table.metadata.get("created"), "shape": asdict(shape), "calibration": data_identity(calibration_path),
+        "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"}, default=str))}}
     resumed = prepare_family_dir(output, manifest, overwrite)
 
     score_loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))
@@ -288,15 +293,22 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         for number, target in enumerate(targets, 1):
             with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
                 member_started = time.perf_counter()
-                if previous is not None:  # gradual: on from the last member, recovered
-                    planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
-                result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
+                folder = output / member_name(target)
+                if resumed and (result := saved_result(folder, target, table, settings.onnx)):
+                    log.info("reusing %s from an earlier run of this family", folder)  # never made twice
+                    model = load_pruned(folder)
+                    if recovery is not None:
+                        recovery.skip(result)
+                else:
+                    if previous is not None:  # gradual: on from the last member, recovered
+                        planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
+                    result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
+                    if recovery is not None:
+                        result = recovery.recover(result, model, verifier, score_loss)
+                    save_result(output, model, loaded, result, settings, table)
+                    if recovery is not None:
+                        recovery.finished(result)
                 planning_seconds += time.perf_counter() - member_started
-                if recovery is not None:
-                    result = recovery.recover(result, model, verifier, score_loss)
-                save_result(output, model, loaded, result, settings, table)
-                if recovery is not None:
-                    recovery.finished(result)
                 if settings.recovery.mode == GRADUAL:
                     previous = (model, result.plan)
                 step.outcome = f"measured {result.speedup:.2f}x, {result.status}"

@@ -225,7 +225,7 @@ def training_curves(family: FamilyData) -> dict[str, list[dict]]:
     for row in family.rows:
         path = family.folder / row["folder"] / "measurement.json"
         try:
-            curve = json.loads(path.read_text()).get("training_curve") if path.is_file() else None
+            curve = (json.loads(path.read_text()).get("training") or {}).get("curve") if path.is_file() else None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise UserError(f"{path} is corrupt: rerun `ziplm-planner compress`") from None
         if curve:

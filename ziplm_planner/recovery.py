@@ -61,12 +61,19 @@ class Recovery:
         return dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
                                    recovery=recovery)
 
+    def skip(self, result: MemberResult) -> None:
+        """A member an earlier run finished is reused, not trained: the other processes reuse it too."""
+        self._share(None)
+
     def follow(self, members: int):
         """The other processes' part of a run: take each pruned member from the main process and distil
         it together with the main process; write nothing. Returns the last member trained."""
         model = None
         for _ in range(members):
-            plan, state, folder = self._share(None)
+            shared = self._share(None)
+            if shared is None:  # a member reused from an earlier run
+                continue
+            plan, state, folder = shared
             model = build_pruned(type(self.loaded.model), self.loaded.model.config, PruningPlan.from_dict(plan), state)
             self._distil(model, folder, plan)
         return model
