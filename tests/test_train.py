@@ -117,3 +117,12 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     digests = sorted(tmp_path.glob("rank*.sha256"))
     assert len(digests) == 2 and digests[0].read_text() == digests[1].read_text()
+
+
+def test_gpu_processes_asked_for_on_a_machine_without_one_are_refused(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # what `accelerate launch --multi_gpu` sets
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="no GPU"):
+        make_accelerator()

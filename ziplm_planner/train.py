@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +59,10 @@ def make_accelerator(cpu: bool = False):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    asked_for_gpus = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("false", "0", "no")  # `accelerate launch`
+    if asked_for_gpus and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        raise UserError("accelerate launch asked for several GPU processes, but this machine has no GPU: add --cpu "
+                        "(one process), or run `torchrun --nproc_per_node N -m ziplm_planner ...` for several CPU ones")
     cpu = cpu or not torch.cuda.is_available()  # accelerate runs several CPU processes only when told cpu=True
     gpu = not cpu
     precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else ("fp16" if gpu else "no")
