@@ -582,3 +582,15 @@ def test_a_rerun_with_other_settings_is_another_family(setup, tmp_path):
     compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", fast_settings(tmp_path, onnx=False))
     with pytest.raises(UserError, match="different family"):
         compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", fast_settings(tmp_path, onnx=False, seed=1))
+
+
+def test_training_data_shorter_than_a_batch_is_refused_before_pruning(setup, tmp_path):
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    short = write_sentences(tmp_path / "short.txt", count=3)
+    settings = fast_settings(tmp_path, onnx=False,
+                             recovery=RecoverySettings("oneshot", str(short), TrainSettings(batch_size=8)))
+    with pytest.raises(UserError, match="fewer than one batch"):
+        compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
+    assert not (tmp_path / "f").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .calibrate import CalibrationLoss
 from .data import TokenBatches, read_dataset, tokenize_sentences, tokenize_stream
+from .errors import UserError
 from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
 from .progress import stage
 from .settings import RecoverySettings
@@ -47,6 +48,9 @@ class Recovery:
         path = settings.train_data or calibration_path
         with stage("training data", f"from {path}"):
             self.data = load_training_data(loaded, path, seq_len, seed)
+        if len(self.data.input_ids) < settings.train.batch_size:  # now, not after the first member is pruned
+            raise UserError(f"training data {path} has {len(self.data.input_ids)} samples, fewer than one batch of "
+                            f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
         self.accelerator = make_accelerator()
 
     def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss) -> MemberResult:
