@@ -1,9 +1,12 @@
 """Recovering accuracy after pruning: distil each member from the dense model (DESIGN.md, "Recovery").
 
-Modes: `none` (one-shot, as pruned) and `oneshot` (each member pruned from the dense model, then
-distilled with the same budget: the cheap mode, and the control for gradual pruning). Distillation
-changes weights, never shapes, so a member keeps the speed it was verified at; it is measured once
-more all the same, because the file that ships is the trained model's export.
+Modes: `none` (one-shot, as pruned), `oneshot` (each member pruned from the dense model, then
+distilled: the cheap mode, and the control for gradual pruning) and `gradual` (each member pruned
+from the last one distilled: `oneshot.gradual_planner`, then distilled here). Distillation changes
+weights, never shapes, so a member keeps the speed it was verified at; it is measured once more
+all the same, because the file that ships is the trained model's export.
+
+With several processes only the main one prunes, measures and writes; `follow` is the others' part.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .train import distil, make_accelerator
 from .verify import MemberResult, Verifier
 
 log = logging.getLogger(__name__)
+
 
 def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int) -> TokenBatches:
     """Every sample of a training file, tokenised as calibration data is (windows of running text for

@@ -144,21 +144,11 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
             prepared.set_epoch(epoch)  # the shuffle of each epoch is fixed by seed and epoch: resumable
             for tensors in accelerator.skip_first_batches(prepared, done) if done else prepared:
                 batch = _batch(list(tensors))
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                with accelerator.autocast():
-                    student_out = model(**inputs, output_hidden_states=True)
-                    with torch.no_grad():
-                        teacher_out = teacher(**inputs, output_hidden_states=True)
-                    terms = distillation_terms(kind, student_out, teacher_out, batch, settings.weights)
-                accelerator.backward(terms["loss"])
-                accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                terms = train_step(model, teacher, kind, batch, settings, accelerator, optimizer, scheduler)
                 progress["step"] += 1
                 progress["tokens"] += int(accelerator.gather(batch["attention_mask"].sum()).sum())
                 for name, value in terms.items():
-                    window.setdefault(name, []).append(float(accelerator.reduce(value.detach(), "mean")))
+                    window.setdefault(name, []).append(value)
                 shown.update(1)
                 if progress["step"] % settings.log_every == 0 or progress["step"] == steps:
                     point = {name: sum(values) / len(values) for name, values in window.items()}
@@ -178,6 +168,23 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
     final = progress["curve"][-1] if progress["curve"] else {}
     return TrainRecord(progress["step"], progress["tokens"], time.perf_counter() - started,
                        {k: v for k, v in final.items() if k not in ("step", "tokens")}, progress["curve"])
+
+
+def train_step(model, teacher: nn.Module, kind: str, batch: dict[str, torch.Tensor], settings: TrainSettings,
+               accelerator, optimizer, scheduler) -> dict[str, float]:
+    """One optimiser step on one batch; the loss terms, averaged over the processes."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with accelerator.autocast():
+        student_out = model(**inputs, output_hidden_states=True)
+        with torch.no_grad():
+            teacher_out = teacher(**inputs, output_hidden_states=True)
+        terms = distillation_terms(kind, student_out, teacher_out, batch, settings.weights)
+    accelerator.backward(terms["loss"])
+    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return {name: float(accelerator.reduce(value.detach(), "mean")) for name, value in terms.items()}
 
 
 def save_checkpoint(accelerator, folder: Path, progress: dict) -> None:
