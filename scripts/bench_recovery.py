@@ -79,8 +79,8 @@ def main() -> None:
         print(f"| {member} | " + " | ".join(cells) + " |")
     written = plot_frontier(read_families([args.out / mode for mode in scores]), args.out / "frontier.png", task=task)
     print("curves:", json.dumps({mode: [(p["tokens"], round(p["loss"], 4)) for p in
-                                        json.loads((args.out / mode / members[-1] / "measurement.json").read_text())
-                                        .get("training_curve", [])[::10]] for mode in scores}))
+                                        (json.loads((args.out / mode / members[-1] / "measurement.json").read_text())
+                                         .get("training") or {}).get("curve", [])[::10]] for mode in scores}))
     print("wrote", ", ".join(map(str, written)),
           f"; peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
