@@ -98,14 +98,19 @@ def test_post_norm_bypass_skips_block_and_its_layernorm(model_type):
             torch.testing.assert_close(pruned_layer(x), expected)
 
 
+def decoder_without_attention_in_layer_0(model_type: str, second_layer: LayerPlan):
+    """A tiny decoder, and a plan that removes its first attention block and most of its first FFN."""
+    dense = tiny_model(model_type, causal_lm=True)
+    plan = PruningPlan.dense(model_shape(dense.config))
+    plan.layers[0] = LayerPlan([], [0, 5, 7])
+    plan.layers[1] = second_layer
+    return dense, plan
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_pruned_decoder_generates_with_kv_cache(model_type):
     """A removed attention block keeps the KV cache's length right for later steps."""
-    dense = tiny_model(model_type, causal_lm=True)
-    shape = model_shape(dense.config)
-    plan = PruningPlan.dense(shape)
-    plan.layers[0] = LayerPlan([], [0, 5, 7])
-    plan.layers[1] = LayerPlan([1], [])
+    dense, plan = decoder_without_attention_in_layer_0(model_type, LayerPlan([1], []))
     pruned = apply_plan(dense, plan)
     ids = random_batch(pruned, batch=1, pad_last=0)["input_ids"]
     cache = DynamicCache(config=pruned.config)
@@ -121,11 +126,7 @@ def test_pruned_decoder_generates_with_kv_cache(model_type):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_pruned_decoder_greedy_generation_matches_masked_dense(model_type):
     """generate() with its own cache: a pruned decoder emits the tokens of the masked dense model."""
-    dense = tiny_model(model_type, causal_lm=True)
-    shape = model_shape(dense.config)
-    plan = PruningPlan.dense(shape)
-    plan.layers[0] = LayerPlan([], [0, 5, 7])
-    plan.layers[1] = LayerPlan([1], list(range(10)))
+    dense, plan = decoder_without_attention_in_layer_0(model_type, LayerPlan([1], list(range(10))))
     pruned = apply_plan(copy.deepcopy(dense), plan)
     masked = zero_removed(copy.deepcopy(dense), plan)
     ids = random_batch(dense, batch=2, pad_last=0)["input_ids"]
