@@ -87,7 +87,7 @@ def model_dynamic_axes(kind: str, names: list[str]) -> dict[str, dict[int, str]]
 def export_model_onnx(model: nn.Module, kind: str, names: list[str], path: Path) -> Path:
     """The ONNX file a family member ships with: inputs as the tokenizer names them, dynamic batch and
     sequence axes. The verifier and the profiler time files made here, so what they measure is what
-    a user deploys (a static-shape export of the same model ran ~10% slower in ONNX Runtime)."""
+    a user deploys (a static-shape export of dense MiniLM ran 6-12% slower in ONNX Runtime)."""
     example = padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
     return export_onnx(model_call(model, kind, names), example, path, model_output(kind)[0],
                        model_dynamic_axes(kind, names))

@@ -296,7 +296,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                 folder = output / member_name(target)
                 if resumed and (result := saved_result(folder, target, table, settings.onnx)):
                     log.info("reusing %s from an earlier run of this family", folder)  # never made twice
-                    model = load_pruned(folder)
+                    model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None  # the next is cut from it
                     if recovery is not None:
                         recovery.skip(result)
                 else:
