@@ -1,8 +1,10 @@
-"""Benchmark recovery: one-shot against oneshot + distillation against gradual, at the same budget.
+"""Benchmark recovery: one-shot against oneshot + distillation against gradual, and GMP*, at the same budget.
 
-Every mode compresses the same model on the same table, calibration data and targets (the level
-database is shared through one cache); the recovered modes train each member on the same number
-of tokens. Each family is scored on the evaluation data, and the frontiers are plotted together.
+Every family (a method and a recovery mode) compresses the same model on the same table,
+calibration data and targets (the level database is shared through one cache); the recovered
+ones train each member on the same number of tokens. Each family is scored on the evaluation
+data, and the frontiers are plotted together. A family already in --out with the same settings
+is continued, its finished members reused (so targets can be added to an earlier run).
 
     python scripts/bench_recovery.py --profile profiles/minilm-cpu2-onnxruntime-b8s128.json \
         --targets 2,3,5,8 --calib ../shared/data/stsb/sts-train.csv --eval ../shared/data/stsb/sts-dev.csv \
@@ -35,7 +37,8 @@ def main() -> None:
     parser.add_argument("--calib", required=True)
     parser.add_argument("--train-data", default=None, help="default: the calibration file")
     parser.add_argument("--eval", required=True)
-    parser.add_argument("--modes", default="none,oneshot,gradual")
+    parser.add_argument("--families", default="ziplm:none,ziplm:oneshot,ziplm:gradual,magnitude:gradual",
+                        help="method:recovery pairs; magnitude:gradual is GMP*")
     parser.add_argument("--train-tokens", type=int, default=100_000)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--num-samples", type=int, default=512)
@@ -53,34 +56,37 @@ def main() -> None:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}; "
           f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}")
     scores, rows = {}, {}
-    for mode in args.modes.split(","):
+    for family in args.families.split(","):
+        method, mode = family.split(":")
+        folder = args.out / f"{method}-{mode}"
         started = time.perf_counter()
-        report = zp.compress(loaded, args.profile, parse_targets(args.targets), args.calib, args.out / mode,
+        report = zp.compress(loaded, args.profile, parse_targets(args.targets), args.calib, folder, method=method,
                              num_samples=args.num_samples, search_evaluations=args.search_evaluations,
                              score_samples=args.score_samples, cache_dir=cache, overwrite=True, recovery=mode,
                              train_data=args.train_data, train=train)
         seconds = time.perf_counter() - started
-        scores[mode] = evaluate_family(args.out / mode, task, args.eval, max_tokens=args.eval_tokens)
-        rows[mode] = {row["folder"]: row for row in report.rows}
+        scores[family] = evaluate_family(folder, task, args.eval, max_tokens=args.eval_tokens)
+        rows[family] = {row["folder"]: row for row in report.rows}
         trained = [row for row in report.rows if row.get("train_tokens")]
         speed = sum(r["train_tokens"] for r in trained) / max(sum(r["train_seconds"] for r in trained), 1e-9)
-        print(f"{mode}: whole run {seconds:.0f} s" + (f"; training {sum(r['train_seconds'] for r in trained):.0f} s, "
-                                                        f"{speed:.0f} tokens/s" if trained else ""))
+        print(f"{family}: this run {seconds:.0f} s (members reused from an earlier run cost nothing here)"
+              + (f"; training {sum(r['train_seconds'] for r in trained):.0f} s, {speed:.0f} tokens/s" if trained else ""))
     members = list(next(iter(rows.values())))
     print(f"\n{task} ({'lower' if task == 'perplexity' else 'higher'} is better); measured speedup in brackets")
     print("| member | " + " | ".join(scores) + " |")
     print("|---|" + "---|" * len(scores))
     for member in members:
         cells = []
-        for mode in scores:
-            value, dense = scores[mode][member], scores[mode]["dense"]
+        for family in scores:
+            value, dense = scores[family][member], scores[family]["dense"]
             retained = dense / value if task == "perplexity" else value / dense
-            cells.append(f"{value:.2f} ({rows[mode][member]['measured_speedup']:.2f}x, {retained:.1%})")
+            cells.append(f"{value:.2f} ({rows[family][member]['measured_speedup']:.2f}x, {retained:.1%})")
         print(f"| {member} | " + " | ".join(cells) + " |")
-    written = plot_frontier(read_families([args.out / mode for mode in scores]), args.out / "frontier.png", task=task)
-    print("curves:", json.dumps({mode: [(p["tokens"], round(p["loss"], 4)) for p in
-                                        (json.loads((args.out / mode / members[-1] / "measurement.json").read_text())
-                                         .get("training") or {}).get("curve", [])[::10]] for mode in scores}))
+    folders = [args.out / family.replace(":", "-") for family in scores]
+    written = plot_frontier(read_families(folders), args.out / "frontier.png", task=task)
+    print("curves:", json.dumps({folder.name: [(p["tokens"], round(p["loss"], 4)) for p in
+                                               (json.loads((folder / members[-1] / "measurement.json").read_text())
+                                                .get("training") or {}).get("curve", [])[::10]] for folder in folders}))
     print("wrote", ", ".join(map(str, written)),
           f"; peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -1,6 +1,7 @@
 """Baselines on the latency table: each fits its budget, by surgery, and removes what its paper says."""
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -87,6 +88,28 @@ def test_every_method_builds_decoders(model_type, method):
     loaded = tiny_loaded(model_type, causal_lm=True)
     table, calibration = linear_table(loaded), random_calibration(loaded)
     check_member(loaded, table, baseline_planner(method, loaded, table, calibration), 9.5, calibration.batches(4)[0])
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_method_cuts_an_already_pruned_model_further(model_type, method):
+    """Gradual pruning (GMP* for magnitude): the planner works on the current, pruned model, keeps a
+    subset of what it has, and its plan in dense indices rebuilds the same model from the dense one."""
+    loaded = tiny_loaded(model_type, causal_lm=model_type == "llama")
+    table, calibration = linear_table(loaded), random_calibration(loaded)
+    _, base, _ = baseline_planner("magnitude", loaded, table, calibration).build(12.0)
+    current = dataclasses.replace(loaded, model=apply_plan(copy.deepcopy(loaded.model), base))
+    batch, budget = calibration.batches(4)[0], 8.0
+    assert table.predict(base.kept_counts()) > budget  # so every method must cut something more
+    model, plan, counts = check_member(current, table, baseline_planner(method, current, table, calibration, base=base),
+                                       budget, batch)
+    for before, after in zip(base.layers, plan.layers):
+        assert set(after.attention) <= set(before.attention) and set(after.ffn) <= set(before.ffn)
+    rebuilt = apply_plan(copy.deepcopy(loaded.model), plan)
+    if method == "kwon":  # mask tuning rescales output-projection columns: same structures, other values
+        assert {k: v.shape for k, v in state(rebuilt).items()} == {k: v.shape for k, v in state(model).items()}
+    else:
+        torch.testing.assert_close(output(model, batch), output(rebuilt, batch), rtol=0, atol=0)
 
 
 def test_unknown_method_is_refused():

@@ -493,13 +493,15 @@ def test_missing_training_data_is_refused(setup, tmp_path):
     assert not (tmp_path / "f").exists()  # refused before the family folder is made
 
 
-def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tmp_path):
+@pytest.mark.parametrize("method", ["ziplm", "magnitude"])  # magnitude: GMP*
+def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tmp_path, method):
     from ziplm_planner.export import read_record
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
     loaded, table, calib = setup
     train = TrainSettings(tokens=2000, batch_size=8, learning_rate=1e-3)
-    settings = fast_settings(tmp_path, onnx=False, max_replans=0, recovery=RecoverySettings("gradual", None, train))
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0, method=method,
+                             recovery=RecoverySettings("gradual", None, train))
     out = tmp_path / "family"
     targets = [1.2, within(table, 1.8)]
     report = compress_model(loaded, table, targets, str(calib), out, settings)
@@ -513,12 +515,11 @@ def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tm
         assert sum(p.numel() for p in member.parameters()) == row["parameters"]
 
 
-@pytest.mark.parametrize("bad", [{"method": "magnitude"}, {"calibration_inputs": "sequential"}])
-def test_gradual_recovery_needs_ziplm_on_dense_inputs(tmp_path, bad):
+def test_gradual_recovery_needs_dense_calibration_inputs(tmp_path):
     from ziplm_planner.settings import RecoverySettings
 
-    with pytest.raises(UserError, match="--recovery gradual"):
-        fast_settings(tmp_path, recovery=RecoverySettings("gradual"), **bad)
+    with pytest.raises(UserError, match="--recovery gradual .* drop --calibration-inputs sequential"):
+        fast_settings(tmp_path, recovery=RecoverySettings("gradual"), calibration_inputs="sequential")
 
 
 def test_gradual_family_on_two_processes_is_complete_and_both_end_with_the_same_weights(setup, tmp_path):

@@ -35,7 +35,8 @@ from .errors import UserError
 from .layers import LayerInput, capture_inputs, output_projection, propagate, run_layer, weight_out_in
 from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
 from .search import BlockLevels, solve_dp
-from .surgery import LayerPlan, PruningPlan, apply_plan
+from .stitch import prune_block
+from .surgery import PruningPlan
 from .table import LatencyTable
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,20 @@ UNIFORM_GRID = 4096  # keep ratios scanned by `uniform`, besides every table lev
 # --- weight magnitude -----------------------------------------------------------------------------
 
 
+def present_structures(layer: nn.Module, config, block: str) -> int:
+    """How many structures a block of a (possibly pruned) layer still has; 0 once removed."""
+    projection = output_projection(layer, config, block)
+    return 0 if projection is None else weight_out_in(projection).shape[1] // group_size(model_shape(config), block)
+
+
 def magnitude_importance(layer: nn.Module, config, block: str) -> torch.Tensor:
     """Squared L2 norm of each structure's weights: its rows of Q, K, V (a KV group: every query
     head of the group, its K and V head) or of the FFN input projections, and its output-projection
-    columns. (units,) float64."""
+    columns. (units,) float64, for the structures the layer still has."""
     arch, shape = architecture_for(config), model_shape(config)
-    units = total_structures(shape, block)
+    units = present_structures(layer, config, block)
+    if not units:
+        return torch.zeros(0, dtype=torch.float64)
 
     def row_norms(weight: torch.Tensor) -> torch.Tensor:  # (rows, d_in) -> (units,)
         return weight.double().square().sum(1).view(units, -1).sum(1)
@@ -165,22 +174,22 @@ def per_sample_losses(model: nn.Module, kind: str, batch: dict, target) -> torch
     return 1.0 - F.cosine_similarity(mean_pool(out.last_hidden_state, batch["attention_mask"]), target, dim=-1)
 
 
-def mask_gradients(model: nn.Module, kind: str, batches: list[dict], targets: list) -> dict[str, torch.Tensor]:
-    """Per-sample gradients g = dL_s/dm at m = 1, per block: (samples, layers, units) float64.
-    Each sample has its own mask, so one backward of Σ_s L_s gives every per-sample gradient."""
-    shape = model_shape(model.config)
-    grads: dict[str, list[torch.Tensor]] = {block: [] for block in BLOCKS}
+def mask_gradients(model: nn.Module, kind: str, batches: list[dict],
+                   targets: list) -> dict[tuple[int, str], torch.Tensor]:
+    """Per-sample gradients g = dL_s/dm at m = 1, per (layer, block) still present: (samples, units)
+    float64. Each sample has its own mask, so one backward of Σ_s L_s gives every per-sample gradient."""
+    units = {(idx, block): n for idx, layer in enumerate(model_layers(model)) for block in BLOCKS
+             if (n := present_structures(layer, model.config, block))}
+    grads: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in units}
     dtype = next(model.parameters()).dtype
     for batch, target in zip(batches, targets):
         n = len(batch["input_ids"])
-        masks = {(idx, block): torch.ones(n, total_structures(shape, block), dtype=dtype, requires_grad=True)
-                 for idx in range(shape.num_layers) for block in BLOCKS}
+        masks = {key: torch.ones(n, width, dtype=dtype, requires_grad=True) for key, width in units.items()}
         with torch.enable_grad(), structure_masks(model, masks):
             losses = per_sample_losses(model, kind, batch, target)
-            found = dict(zip(masks, torch.autograd.grad(losses.sum(), list(masks.values()))))
-        for block in BLOCKS:
-            grads[block].append(torch.stack([found[(idx, block)] for idx in range(shape.num_layers)], dim=1))
-    return {block: torch.cat(g).double() for block, g in grads.items()}
+            for key, grad in zip(masks, torch.autograd.grad(losses.sum(), list(masks.values()))):
+                grads[key].append(grad)
+    return {key: torch.cat(g).double() for key, g in grads.items()}
 
 
 def rearrange(fisher: torch.Tensor, kept: int) -> list[int]:
@@ -300,15 +309,20 @@ def tune_masks(dense: nn.Module, pruned: nn.Module, inputs: list[LayerInput]) ->
 
 class StructurePlanner:
     """A baseline on ZipLM's table and budgets: kept counts per block by the method's rule, the method's
-    choice of structures, then surgery on a copy of the dense model (which is never modified). Each
-    method is a subclass; its importances are computed once, when it is made."""
+    choice of structures, then surgery on a copy of the model (which is never modified). The model is
+    the dense one, or for gradual pruning (GMP* with --method magnitude) a pruned one that keeps `base`
+    of the dense model: importances are then those of the current weights, every block keeps at most
+    what it has, and plans are composed into the dense model's indices. Each method is a subclass;
+    its importances are computed once, when it is made."""
 
     method = ""
 
-    def __init__(self, loaded: LoadedModel, table: LatencyTable):
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, base: PruningPlan | None = None):
         self.loaded, self.table = loaded, table
         self.shape = model_shape(loaded.model.config)
         table.check_compatible(self.shape, source="latency table")
+        self.base = base or PruningPlan.dense(self.shape)
+        self.present = [dict(zip(BLOCKS, counts)) for counts in self.base.kept_counts()]  # per layer and block
 
     def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[int, int]]]:
         """A pruned model whose predicted time fits budget_ms: (model, plan, kept counts per layer)."""
@@ -317,34 +331,42 @@ class StructurePlanner:
             raise UserError(f"budget {budget_ms:g} ms is below the table's fixed part "
                             f"{self.table.predict([(0, 0)] * self.shape.num_layers):g} ms")
         counts = self.counts(block_budget)
-        plan = PruningPlan(self.shape, [LayerPlan(self.kept(i, ATTENTION, a), self.kept(i, FFN, f))
-                                        for i, (a, f) in enumerate(counts)])
-        model = self.finish(apply_plan(copy.deepcopy(self.loaded.model), plan))
+        kept = [{block: self.kept(i, block, k) for block, k in zip(BLOCKS, layer)} for i, layer in enumerate(counts)]
+        model = copy.deepcopy(self.loaded.model)
+        for idx, layer in enumerate(model_layers(model)):
+            for block in BLOCKS:
+                if len(kept[idx][block]) < self.present[idx][block]:
+                    prune_block(layer, model.config, idx, block, kept[idx][block], weight=None)
         log.info("%s: budget %.2f ms, predicted %.2f ms, kept %s", self.method, budget_ms,
                  self.table.predict(counts), counts)
-        return model, plan, counts
+        return self.finish(model), self.base.compose(kept), counts
 
     def counts(self, block_budget: float) -> list[tuple[int, int]]:
         """(attention units, FFN neurons) kept per layer, within `block_budget` of block time."""
         raise NotImplementedError
 
     def kept(self, idx: int, block: str, k: int) -> list[int]:
-        return list(range(k)) if k in (0, total_structures(self.shape, block)) else self.choose(idx, block, k)
+        """Which k structures of a block stay, as ids into the current model."""
+        return list(range(k)) if k in (0, self.present[idx][block]) else self.choose(idx, block, k)
 
     def choose(self, idx: int, block: str, k: int) -> list[int]:
-        """Which k structures of a block stay: the most important."""
+        """The k most important structures."""
         return top_k(self.scores[idx][block], k)
 
     def finish(self, model: nn.Module) -> nn.Module:
         """The pruned model's last step (weights unchanged by default)."""
         return model
 
+    def levels(self, idx: int, block: str) -> list[int]:
+        """The table's levels a block may take: no more structures than it has."""
+        return [k for k in table_levels(self.table, block) if k <= self.present[idx][block]]
+
     def searched(self, block_budget: float, relative: bool) -> list[tuple[int, int]]:
         """Levels by the DP, each block's error the share (`relative`) or the sum of importance removed."""
         problem = []
         for idx, layer in enumerate(self.scores):
             for block in BLOCKS:
-                levels = table_levels(self.table, block)
+                levels = self.levels(idx, block)
                 problem.append(BlockLevels(
                     f"layer{idx}.{block}", tuple(levels), tuple(self.table.time(block, k) for k in levels),
                     tuple(removed_share(layer[block], levels, relative=relative))))
@@ -361,8 +383,9 @@ class MagnitudePlanner(StructurePlanner):
 
     method = "magnitude"
 
-    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
-        super().__init__(loaded, table)
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0,
+                 base: PruningPlan | None = None):
+        super().__init__(loaded, table, base)
         config = loaded.model.config
         self.scores = [{b: magnitude_importance(layer, config, b) for b in BLOCKS} for layer in model_layers(loaded.model)]
 
@@ -376,15 +399,19 @@ class UniformPlanner(MagnitudePlanner):
     method = "uniform"
 
     def counts(self, block_budget: float) -> list[tuple[int, int]]:
-        """The largest ratio r (scanned downwards) with each block at the table level nearest r x its size."""
+        """The largest ratio r (scanned downwards) with each block at the table level nearest r x its
+        dense size (never above what it has)."""
         grids = [(np.asarray(table_levels(self.table, b)), total_structures(self.shape, b)) for b in BLOCKS]
         ratios = {float(r) for r in np.linspace(0.0, 1.0, UNIFORM_GRID + 1)}
         ratios |= {level / total for levels, total in grids for level in levels.tolist()}
         # argmin takes the first minimum: ties go to the smaller level; r = 0 removes every block
         configs = dict.fromkeys(tuple(int(levels[np.argmin(np.abs(levels - r * total))]) for levels, total in grids)
                                 for r in sorted(ratios, reverse=True))
-        return next(counts for a, f in configs if self.block_time(counts := [(a, f)] * self.shape.num_layers)
-                    <= block_budget)
+        for a, f in configs:
+            counts = [(min(a, has[ATTENTION]), min(f, has[FFN])) for has in self.present]
+            if self.block_time(counts) <= block_budget:
+                return counts
+        raise AssertionError("removing every block always fits a non-negative block budget")
 
 
 class LayerDropPlanner(StructurePlanner):
@@ -392,12 +419,13 @@ class LayerDropPlanner(StructurePlanner):
 
     method = "layerdrop"
 
-    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
-        super().__init__(loaded, table)
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0,
+                 base: PruningPlan | None = None):
+        super().__init__(loaded, table, base)
         self.influence = block_influence(loaded.model, calibration.batches())
 
     def counts(self, block_budget: float) -> list[tuple[int, int]]:
-        counts = [(self.shape.attention_units, self.shape.intermediate_size)] * self.shape.num_layers
+        counts = self.base.kept_counts()
         for idx in np.argsort(self.influence, kind="stable"):
             if self.block_time(counts) <= block_budget:
                 break
@@ -407,17 +435,20 @@ class LayerDropPlanner(StructurePlanner):
 
 class KwonPlanner(StructurePlanner):
     """Kwon et al. 2022: Fisher of the masks, the DP on its diagonal (the estimate of the loss increase,
-    comparable across blocks, so not normalised), mask rearrangement, least-squares mask tuning."""
+    comparable across blocks, so not normalised), mask rearrangement, least-squares mask tuning (toward
+    the model being pruned: the dense one, or in gradual pruning the current one)."""
 
     method = "kwon"
 
-    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0):
-        super().__init__(loaded, table)
+    def __init__(self, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, seed: int = 0,
+                 base: PruningPlan | None = None):
+        super().__init__(loaded, table, base)
         batches = calibration.batches()
         targets = fisher_targets(loaded.model, loaded.kind, batches, seed)
-        grads = mask_gradients(loaded.model, loaded.kind, batches, targets)  # (samples, layers, units)
-        layers = range(self.shape.num_layers)
-        self.fisher = [{b: grads[b][:, i].T @ grads[b][:, i] for b in BLOCKS} for i in layers]  # Σ_s g gᵀ
+        grads = mask_gradients(loaded.model, loaded.kind, batches, targets)  # (samples, units) per (layer, block)
+        empty = torch.zeros(0, 0, dtype=torch.float64)  # a removed block
+        self.fisher = [{b: (g.T @ g if (g := grads.get((i, b))) is not None else empty) for b in BLOCKS}
+                       for i in range(self.shape.num_layers)]  # Σ_s g gᵀ
         self.scores = [{b: f.diagonal().clone() for b, f in layer.items()} for layer in self.fisher]
         self.inputs = capture_inputs(loaded.model, batches)
 
@@ -436,11 +467,12 @@ BASELINES = {planner.method: planner for planner in (MagnitudePlanner, UniformPl
 
 
 def baseline_planner(method: str, loaded: LoadedModel, table: LatencyTable, calibration: Calibration,
-                     seed: int = 0) -> StructurePlanner:
-    """The planner of a baseline method, its importances computed."""
+                     seed: int = 0, base: PruningPlan | None = None) -> StructurePlanner:
+    """The planner of a baseline method, its importances computed; `base`: what `loaded.model` keeps of
+    the dense model, when it is already pruned."""
     if method not in BASELINES:
         raise UserError(f"unknown baseline method {method!r}: supported are {', '.join(BASELINES)}")
     started = time.perf_counter()
-    planner = BASELINES[method](loaded, table, calibration, seed)
+    planner = BASELINES[method](loaded, table, calibration, seed, base)
     log.info("%s baseline: importances in %.1f s", method, time.perf_counter() - started)
     return planner

@@ -28,7 +28,7 @@ from .layers import block_hessians, capture_inputs, output_projection, propagate
 from .obs import obs_prune, reconstruct_weights
 from .progress import bar
 from .search import BlockLevels
-from .surgery import LayerPlan, PruningPlan
+from .surgery import PruningPlan
 from .table import LatencyTable
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,7 @@ class LevelDatabase:
 
     def plan(self, counts: list[tuple[int, int]]) -> PruningPlan:
         """The plan of a choice, in the dense model's indices (through `base`)."""
-        base = self.base or PruningPlan.dense(self.shape)
-        return PruningPlan(self.shape, [
-            LayerPlan([kept.attention[i] for i in layer[ATTENTION].kept(a)], [kept.ffn[i] for i in layer[FFN].kept(f)])
-            for layer, kept, (a, f) in zip(self.blocks, base.layers, counts)])
+        return (self.base or PruningPlan.dense(self.shape)).compose(self.current_ids(counts))
 
     def current_ids(self, counts: list[tuple[int, int]]) -> list[dict[str, list[int]]]:
         """Per layer and block, the structures a choice keeps, as ids into the model the database was built on."""

@@ -151,12 +151,19 @@ class ZipLMPlanner:
 
 
 def gradual_planner(loaded: LoadedModel, current, plan: PruningPlan, table: LatencyTable, calibration: Calibration,
-                    settings: CompressSettings, score_loss: CalibrationLoss) -> ZipLMPlanner:
-    """ZipLM on the model pruned and distilled so far: Hessians, OBS and the level database recomputed
-    on it, so the next member is cut from this one (members are nested)."""
+                    settings: CompressSettings, score_loss: CalibrationLoss):
+    """The method's planner on the model pruned and distilled so far, so the next member is cut from this
+    one (members are nested): for ZipLM, Hessians, OBS and the level database recomputed on it; for a
+    baseline, its importances (with magnitude, this is GMP*)."""
+    loaded = dataclasses.replace(loaded, model=current)
+    if settings.method != ZIPLM:
+        from .baselines import baseline_planner
+
+        with stage(f"{settings.method} baseline", f"on the current model ({count_parameters(current):,} parameters)"):
+            return baseline_planner(settings.method, loaded, table, calibration, settings.seed, base=plan)
     with stage("level database", f"of the current model ({count_parameters(current):,} parameters)"):
         db = build_database(current, calibration, table, settings.dampening, base=plan)
-    return ZipLMPlanner(dataclasses.replace(loaded, model=current), table, db, calibration, settings, score_loss)
+    return ZipLMPlanner(loaded, table, db, calibration, settings, score_loss)
 
 
 # --- the dense reference -------------------------------------------------------------------------------

@@ -94,9 +94,9 @@ class CompressSettings:
             raise UserError(f"calibration inputs must be {DENSE} or {SEQUENTIAL}, got {self.calibration_inputs!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
             raise UserError("number of samples, search evaluations and score samples must be at least 1")
-        if self.recovery.mode == GRADUAL and (self.method != ZIPLM or self.calibration_inputs != DENSE):
-            raise UserError("--recovery gradual re-plans the pruned model with --method ziplm and dense calibration "
-                            "inputs; for the baselines use --recovery oneshot")
+        if self.recovery.mode == GRADUAL and self.calibration_inputs != DENSE:
+            raise UserError("--recovery gradual re-plans each member on the last one's own inputs: "
+                            "drop --calibration-inputs sequential")
 
 
 def default_cache_dir() -> Path:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import Architecture, Bypass, ModelShape, architecture_for, get_module, model_layers, model_shape, set_module
+from .adapters import ATTENTION, FFN, Architecture, Bypass, ModelShape, architecture_for, get_module, model_layers, model_shape, set_module
 from .errors import UserError
 from .kvcache import find_cache
 
@@ -177,6 +177,13 @@ class PruningPlan:
     def kept_counts(self) -> list[tuple[int, int]]:
         """(attention units, FFN neurons) kept per layer."""
         return [(len(layer.attention), len(layer.ffn)) for layer in self.layers]
+
+    def compose(self, kept: list[dict[str, list[int]]]) -> PruningPlan:
+        """The plan of a model cut further from this one: `kept` holds, per layer and block, ids into
+        the structures this plan keeps."""
+        return PruningPlan(self.shape, [LayerPlan([layer.attention[i] for i in ids[ATTENTION]],
+                                                  [layer.ffn[i] for i in ids[FFN]])
+                                        for layer, ids in zip(self.layers, kept)])
 
     def to_dict(self) -> dict:
         return {"shape": asdict(self.shape), "layers": [asdict(layer) for layer in self.layers]}
