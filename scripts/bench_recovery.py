@@ -23,6 +23,7 @@ from pathlib import Path
 import ziplm_planner as zp
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import evaluate_family
+from ziplm_planner.family import read_report
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.plot import plot_frontier, read_families
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--score-samples", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="families of earlier runs, already evaluated, to put beside these in the table and plot")
     args = parser.parse_args()
 
     loaded = zp.load_model(args.model)
@@ -55,7 +58,7 @@ def main() -> None:
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}; "
           f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}")
-    scores, rows = {}, {}
+    folders = []
     for family in args.families.split(","):
         method, mode = family.split(":")
         folder = args.out / f"{method}-{mode}"
@@ -65,28 +68,33 @@ def main() -> None:
                              score_samples=args.score_samples, cache_dir=cache, overwrite=True, recovery=mode,
                              train_data=args.train_data, train=train)
         seconds = time.perf_counter() - started
-        scores[family] = evaluate_family(folder, task, args.eval, max_tokens=args.eval_tokens)
-        rows[family] = {row["folder"]: row for row in report.rows}
+        evaluate_family(folder, task, args.eval, max_tokens=args.eval_tokens)
         trained = [row for row in report.rows if row.get("train_tokens")]
         speed = sum(r["train_tokens"] for r in trained) / max(sum(r["train_seconds"] for r in trained), 1e-9)
         print(f"{family}: this run {seconds:.0f} s (members reused from an earlier run cost nothing here)"
               + (f"; training {sum(r['train_seconds'] for r in trained):.0f} s, {speed:.0f} tokens/s" if trained else ""))
-    members = list(next(iter(rows.values())))
+        folders.append(folder)
+    folders += args.compare
+    rows = {folder.name: {row["folder"]: row for row in read_report(folder)["members"]} for folder in folders}
+    members = list(rows[folders[0].name])
     print(f"\n{task} ({'lower' if task == 'perplexity' else 'higher'} is better); measured speedup in brackets")
-    print("| member | " + " | ".join(scores) + " |")
-    print("|---|" + "---|" * len(scores))
+    print("| member | " + " | ".join(rows) + " |")
+    print("|---|" + "---|" * len(rows))
     for member in members:
         cells = []
-        for family in scores:
-            value, dense = scores[family][member], scores[family]["dense"]
+        for family in rows.values():
+            if member not in family:
+                cells.append("not run")
+                continue
+            value, dense = family[member]["scores"][task], family["dense"]["scores"][task]
             retained = dense / value if task == "perplexity" else value / dense
-            cells.append(f"{value:.2f} ({rows[family][member]['measured_speedup']:.2f}x, {retained:.1%})")
+            cells.append(f"{value:.2f} ({family[member]['measured_speedup']:.2f}x, {retained:.1%})")
         print(f"| {member} | " + " | ".join(cells) + " |")
-    folders = [args.out / family.replace(":", "-") for family in scores]
     written = plot_frontier(read_families(folders), args.out / "frontier.png", task=task)
     print("curves:", json.dumps({folder.name: [(p["tokens"], round(p["loss"], 4)) for p in
                                                (json.loads((folder / members[-1] / "measurement.json").read_text())
-                                                .get("training") or {}).get("curve", [])[::10]] for folder in folders}))
+                                                .get("training") or {}).get("curve", [])[::10]] for folder in folders
+                                 if (folder / members[-1] / "measurement.json").exists()}))
     print("wrote", ", ".join(map(str, written)),
           f"; peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
