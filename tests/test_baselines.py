@@ -11,15 +11,13 @@ from ziplm_planner.adapters import ATTENTION, FFN, get_module, model_layers, mod
 from ziplm_planner.baselines import (BASELINES, baseline_planner, block_sums, fisher_targets,
                                      magnitude_importance, mask_normal_equations, per_sample_losses, rearrange,
                                      solve_mask, top_k, tune_masks)
-from ziplm_planner.calibrate import Calibration, load_calibration
-from ziplm_planner.data import TokenBatches
+from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.errors import UserError
 from ziplm_planner.layers import capture_inputs, output_projection, weight_out_in
 from ziplm_planner.profiler import ProfileSettings, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
-from ziplm_planner.table import FIXED, LatencyTable
-from tiny_models import tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
+from tiny_models import linear_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
 FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2)
 
@@ -31,23 +29,6 @@ def profiled(tmp_path_factory):
     table = profile_model(loaded, InferenceSpec(batch_size=2, seq_len=16, threads=1), FAST_PROFILE)
     calibration = load_calibration(loaded, str(write_sentences(tmp_path_factory.mktemp("data") / "c.txt")), 16, 32)
     return loaded, table, calibration
-
-
-def linear_table(loaded) -> LatencyTable:
-    """Attention k units: k ms; FFN n neurons (levels 16, 32, 48): n/16 ms; fixed part 1 ms."""
-    shape = model_shape(loaded.model.config)
-    records = [{"block": FIXED, "level": 0, "time_ms": 1.0}]
-    records += [{"block": ATTENTION, "level": k, "time_ms": float(k)} for k in range(1, shape.attention_units + 1)]
-    records += [{"block": FFN, "level": n, "time_ms": n / 16} for n in range(16, shape.intermediate_size + 1, 16)]
-    return LatencyTable(InferenceSpec(), shape, "p10", records)
-
-
-def random_calibration(loaded, samples=12, seq=10, seed=0) -> Calibration:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, loaded.model.config.vocab_size, (samples, seq), generator=g)
-    lengths = torch.randint(4, seq + 1, (samples,), generator=g)
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    return Calibration(TokenBatches(ids * mask, mask, None), "random", seq)
 
 
 def output(model, batch):

@@ -16,7 +16,7 @@ from ziplm_planner.export import load_pruned
 from ziplm_planner.profiler import ProfileSettings, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member, verify_family
-from tiny_models import tiny_loaded_with_tokenizer, write_sentences
+from tiny_models import linear_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
 FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2)
 
@@ -92,6 +92,39 @@ def test_level_database_errors_and_stitching(setup):
     assert seq_plan.kept_counts() == counts
     with torch.no_grad():
         assert torch.isfinite(sequential(**batch).last_hidden_state).all()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_corrected_stitch_keeps_the_structures_and_fits_the_dense_output(model_type):
+    """OBS toward the dense output: the database's structures, weights refit layer by layer on the
+    compressed model's inputs. Nothing pruned, it is the dense model; pruned, it is closer to the
+    dense model's output than plain stitching."""
+    loaded = tiny_loaded(model_type, causal_lm=model_type == "llama")
+    shape = model_shape(loaded.model.config)
+    calibration = random_calibration(loaded, samples=32)
+    db = build_database(loaded.model, calibration, linear_table(loaded))
+    batches = calibration.batches(8)
+
+    def output(model, batch):
+        with torch.no_grad():
+            out = model(**batch)
+        return out.logits if model_type == "llama" else out.last_hidden_state
+
+    full = [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
+    dense_copy, _ = stitch(loaded.model, db, full, correction=calibration)
+    torch.testing.assert_close(output(dense_copy, batches[0]), output(loaded.model, batches[0]), rtol=1e-4, atol=1e-5)
+
+    counts = [(1, 32), (1, 16)]
+    plain, plan = stitch(loaded.model, db, counts)
+    corrected, corrected_plan = stitch(loaded.model, db, counts, correction=calibration)
+    assert corrected_plan == plan
+    assert [p.shape for p in corrected.parameters()] == [p.shape for p in plain.parameters()]
+
+    def error(model):
+        return sum(float((output(model, b) - output(loaded.model, b))[b["attention_mask"].bool()].square().sum())
+                   for b in batches)
+
+    assert error(corrected) < error(plain)
 
 
 def stats(ms):
@@ -515,7 +548,22 @@ def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tm
         assert sum(p.numel() for p in member.parameters()) == row["parameters"]
 
 
-def test_gradual_recovery_needs_dense_calibration_inputs(tmp_path):
+def test_corrected_members_keep_the_dense_inputs_structures_with_other_weights(setup, tmp_path):
+    from ziplm_planner.export import read_record
+
+    loaded, table, calib = setup
+    plans, weights = {}, {}
+    for inputs in ("dense", "corrected"):
+        settings = fast_settings(tmp_path, onnx=False, max_replans=0, calibration_inputs=inputs)
+        report = compress_model(loaded, table, [within(table, 1.8)], str(calib), tmp_path / inputs, settings)
+        folder = tmp_path / inputs / report.rows[1]["folder"]
+        plans[inputs], weights[inputs] = read_record(folder)["plan"], load_pruned(folder).state_dict()
+    assert plans["corrected"] == plans["dense"]
+    assert weights["corrected"].keys() == weights["dense"].keys()
+    assert any(not torch.equal(weights["corrected"][k], weights["dense"][k]) for k in weights["dense"])
+
+
+def test_gradual_recovery_refuses_sequential_inputs(tmp_path):
     from ziplm_planner.settings import RecoverySettings
 
     with pytest.raises(UserError, match="--recovery gradual .* drop --calibration-inputs sequential"):

@@ -33,9 +33,11 @@ def layer(seed: int, tokens: int = 64, d_out: int = 5, d_in: int = 12):
     return x, w, 2 * x.T @ x / tokens
 
 
-def best_fit(x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """argmin_V ||X_S Vᵀ − X Wᵀ||² + ridge ||V − W_S||² by lstsq on explicit (ridge-augmented) rows."""
-    a, b = x[:, cols], x @ w.T  # (N, |S|), (N, d_out)
+def best_fit(x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, ridge: float = 0.0,
+             dense_x: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_V ||X_S Vᵀ − X' Wᵀ||² + ridge ||V − W_S||² by lstsq on explicit (ridge-augmented) rows;
+    X' = `dense_x` (the same tokens' inputs in the dense model), else X."""
+    a, b = x[:, cols], (x if dense_x is None else dense_x) @ w.T  # (N, |S|), (N, d_out)
     if ridge:
         a = torch.cat([a, math.sqrt(ridge) * torch.eye(len(cols), dtype=F64)])
         b = torch.cat([b, math.sqrt(ridge) * w[:, cols].T])
@@ -51,6 +53,35 @@ def test_accumulate_hessian_over_batches_equals_concatenation():
     assert n == 50 and h.dtype == F64
     torch.testing.assert_close(h, 2 * x64.T @ x64 / 50, rtol=1e-12, atol=1e-12)
     assert accumulate_hessian(x[:0], h, n) == (h, n)
+
+
+def test_accumulated_cross_term_is_x_transposed_y():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 4, generator=g), torch.randn(30, 6, generator=g)
+    k, n = None, 0
+    for rows in (slice(0, 11), slice(11, 30)):
+        k, n = accumulate_hessian(x[rows], k, n, y[rows])
+    torch.testing.assert_close(k, 2 * x.to(F64).T @ y.to(F64) / 30, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.01])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_reconstruction_with_the_cross_term_fits_the_dense_output(group_size, dampening):
+    """Inputs X̃ of a compressed model, X of the dense one: the kept weights minimise
+    ||X̃_S W'ᵀ − X Wᵀ||² (+ the damping's ridge toward W_S), and equal plain OBS when X̃ = X."""
+    dense_x, w, _ = layer(7)
+    g = torch.Generator().manual_seed(8)
+    x = dense_x + 0.3 * torch.randn(dense_x.shape, generator=g, dtype=F64)  # error of the layers before
+    h, cross = 2 * x.T @ x / len(x), 2 * x.T @ dense_x / len(x)
+    kept = [0, 2, 3] if group_size == 3 else [1, 4, 5, 8, 11]
+    cols = kept_columns(kept, group_size)
+    ridge = len(x) / 2 * dampening * h.diagonal().mean().item()
+    corrected = reconstruct_weights(w, h, kept, group_size, dampening, cross=cross)
+    torch.testing.assert_close(corrected, best_fit(x, w, cols, ridge, dense_x=dense_x), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(reconstruct_weights(w, h, kept, group_size, dampening, cross=h),
+                               reconstruct_weights(w, h, kept, group_size, dampening), rtol=1e-10, atol=1e-12)
+    to_dense = lambda v: (x[:, cols] @ v.T - dense_x @ w.T).square().sum()
+    assert to_dense(corrected) < to_dense(reconstruct_weights(w, h, kept, group_size, dampening))
 
 
 def test_kept_columns_sorted_groups():

@@ -16,6 +16,12 @@ from transformers import (
     XLMRobertaConfig,
 )
 
+from ziplm_planner.adapters import ATTENTION, FFN, model_shape
+from ziplm_planner.calibrate import Calibration
+from ziplm_planner.data import TokenBatches
+from ziplm_planner.spec import InferenceSpec
+from ziplm_planner.table import FIXED, LatencyTable
+
 _ENCODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=48, max_position_embeddings=80, hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0)
@@ -103,3 +109,21 @@ def write_sentences(path, count: int = 200, seed: int = 0):
              "plays sings reads writes big small old new").split()
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(count)))
     return path
+
+
+def linear_table(loaded) -> LatencyTable:
+    """Attention k units: k ms; FFN n neurons (levels 16, 32, 48): n/16 ms; fixed part 1 ms."""
+    shape = model_shape(loaded.model.config)
+    records = [{"block": FIXED, "level": 0, "time_ms": 1.0}]
+    records += [{"block": ATTENTION, "level": k, "time_ms": float(k)} for k in range(1, shape.attention_units + 1)]
+    records += [{"block": FFN, "level": n, "time_ms": n / 16} for n in range(16, shape.intermediate_size + 1, 16)]
+    return LatencyTable(InferenceSpec(), shape, "p10", records)
+
+
+def random_calibration(loaded, samples=12, seq=10, seed=0) -> Calibration:
+    """Random token ids with random lengths (padded at the end)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, loaded.model.config.vocab_size, (samples, seq), generator=g)
+    lengths = torch.randint(4, seq + 1, (samples,), generator=g)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    return Calibration(TokenBatches(ids * mask, mask, None), "random", seq)

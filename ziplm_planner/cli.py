@@ -13,7 +13,7 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import (DENSE, LOSS_TERMS, METHODS, RECOVERY_MODES, SEQUENTIAL, CompressSettings, LossWeights,
+from .settings import (CALIBRATION_INPUTS, LOSS_TERMS, METHODS, RECOVERY_MODES, CompressSettings, LossWeights,
                        ProfileSettings, RecoverySettings, TrainSettings, default)
 from .timing import ESTIMATORS
 
@@ -115,9 +115,11 @@ def profile_show(table_path) -> None:
 @click.option("--num-samples", type=int, default=default(CompressSettings, "num_samples"), show_default=True, help="Calibration samples for the Hessians.")
 @click.option("--seed", type=int, default=default(CompressSettings, "seed"), show_default=True,
               help="Seed of the calibration sample and the search.")
-@click.option("--calibration-inputs", type=click.Choice([DENSE, SEQUENTIAL]),
+@click.option("--calibration-inputs", type=click.Choice(CALIBRATION_INPUTS),
               default=default(CompressSettings, "calibration_inputs"), show_default=True,
-              help="Hessians of the final members from dense inputs, or from the model compressed so far.")
+              help="dense: members' OBS weights from the dense model's inputs; sequential: members re-pruned on "
+                   "inputs of the model compressed so far; corrected: the same structures as dense, weights fit "
+                   "layer by layer on the compressed model's inputs to the dense model's output.")
 @click.option("--search-evaluations", type=int, default=default(CompressSettings, "search_evaluations"),
               show_default=True, help="SPDY: models scored per target.")
 @click.option("--score-samples", type=int, default=default(CompressSettings, "score_samples"), show_default=True,

@@ -125,6 +125,35 @@ def block_hessians(layer: nn.Module, model_config, inputs: list[LayerInput], blo
     return {block: hessian for block, (hessian, _) in state.items()}
 
 
+def projection_inputs(layer: nn.Module, model_config, block: str, batch: LayerInput) -> torch.Tensor:
+    """(tokens, d_in) inputs of the block's output projection at the batch's real tokens."""
+    seen = {}
+
+    def hook(module, args):
+        seen["x"] = args[0][batch.tokens]
+
+    handle = output_projection(layer, model_config, block).register_forward_pre_hook(hook)
+    try:
+        run_layer(layer, batch)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def cross_hessians(layer: nn.Module, reference: nn.Module, model_config, block: str, inputs: list[LayerInput],
+                   reference_inputs: list[LayerInput]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, K) = (2 X̃ᵀX̃ / N, 2 X̃ᵀX / N): X̃ the block's projection inputs in `layer` on `inputs`, X those
+    in `reference` (the same layer of the dense model) on `reference_inputs`, the same samples."""
+    hessian = cross = None
+    count = 0
+    for batch, reference_batch in zip(inputs, reference_inputs):
+        x = projection_inputs(layer, model_config, block, batch)
+        dense_x = projection_inputs(reference, model_config, block, reference_batch)
+        hessian, _ = accumulate_hessian(x, hessian, count)
+        cross, count = accumulate_hessian(x, cross, count, dense_x)
+    return hessian, cross
+
+
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as (d_out, d_in), a view of the parameter (GPT-2's Conv1D stores (in, out))."""
     return module.weight.data.T if type(module).__name__ == "Conv1D" else module.weight.data

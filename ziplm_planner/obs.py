@@ -35,16 +35,18 @@ log = logging.getLogger(__name__)
 _RETRY_DAMPING = (1e-3, 1e-2, 1e-1)  # extra diagonal after a failed Cholesky, × mean(diag H)
 
 
-def accumulate_hessian(x: Tensor, hessian: Tensor | None, count: int) -> tuple[Tensor, int]:
-    """Running mean of H = 2 XᵀX / N in float64 over batches x (tokens, d_in); returns (H, N)."""
+def accumulate_hessian(x: Tensor, hessian: Tensor | None, count: int, y: Tensor | None = None) -> tuple[Tensor, int]:
+    """Running mean of H = 2 XᵀX / N in float64 over batches x (tokens, d_in); returns (H, N).
+    With `y` (the same tokens' inputs in another model), the cross term 2 XᵀY / N instead."""
     x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    y = x if y is None else y.reshape(-1, y.shape[-1]).to(torch.float64)
     n = x.shape[0]
     if n == 0:
         return hessian, count
     if hessian is None:
-        hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        hessian = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
     # Rescale the old mean before adding: keeps entries O(1) for any number of tokens.
-    hessian = hessian * (count / (count + n)) + (x.T @ x) * (2.0 / (count + n))
+    hessian = hessian * (count / (count + n)) + (x.T @ y) * (2.0 / (count + n))
     return hessian, count + n
 
 
@@ -215,17 +217,28 @@ def obs_prune(
 
 
 def reconstruct_weights(
-    W: Tensor, hessian: Tensor, kept_groups: Sequence[int], group_size: int, dampening: float = 0.01
+    W: Tensor, hessian: Tensor, kept_groups: Sequence[int], group_size: int, dampening: float = 0.01,
+    cross: Tensor | None = None,
 ) -> Tensor:
     """Least-squares weights of the kept columns: W'_S = W H_d[:, S] (H_d[S, S])⁻¹.
 
-    Returns (d_out, len(kept_groups) * group_size), columns in `kept_columns` order; equal
-    to obs_prune's weights for the same removed set, so a removal order is enough to store.
+    With a cross term K = 2 X̃ᵀX / N, where X̃ are the inputs of the model compressed so far (the
+    Hessian is then 2 X̃ᵀX̃ / N) and X those of the dense model on the same tokens, the kept weights
+    are fit to the dense output instead: argmin ||X̃_S W'ᵀ − X Wᵀ||² + λ||W' − W_S||², i.e.
+    W'ᵀ = (H_d[S, S])⁻¹ (K[S, :] Wᵀ + λ W_Sᵀ), which is the first form when X̃ = X.
+
+    Returns (d_out, len(kept_groups) * group_size), columns in `kept_columns` order. Without a
+    cross term it equals obs_prune's weights for the same removed set, so a removal order is
+    enough to store.
     """
     _num_groups(W, hessian, group_size)
     h, dead = prepare_hessian(hessian, dampening)
     w0 = W.to(torch.float64).masked_fill(dead, 0.0)
     cols = kept_columns(kept_groups, group_size)
-    h_s = h[cols]  # (|S|, d_in) = H_d[S, :], symmetric so H_d[:, S]ᵀ
-    w_s = spd_solve(h_s[:, cols], h_s @ w0.T).T  # (H_SS)⁻¹ H_{S,:} Wᵀ, transposed
+    if cross is None:
+        rhs = h[cols] @ w0.T  # H_d[S, :] Wᵀ: H_d is symmetric
+    else:
+        ridge = (h.diagonal() - hessian.diagonal().to(torch.float64))[cols]  # λ (and 1 where dead)
+        rhs = cross.to(torch.float64)[cols] @ w0.T + ridge[:, None] * w0[:, cols].T
+    w_s = spd_solve(h[cols][:, cols], rhs).T
     return w_s.to(W.dtype)

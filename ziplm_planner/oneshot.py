@@ -32,7 +32,7 @@ from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .recovery import Recovery
-from .settings import GRADUAL, NONE, SEQUENTIAL, ZIPLM, CompressSettings
+from .settings import CORRECTED, GRADUAL, NONE, SEQUENTIAL, ZIPLM, CompressSettings
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
 
@@ -147,7 +147,8 @@ class ZipLMPlanner:
         counts = self.search(budget_ms)
         if self.settings.calibration_inputs == SEQUENTIAL:
             return (*stitch_sequential(self.loaded.model, self.db, counts, self.calibration), counts)
-        return (*stitch(self.loaded.model, self.db, counts), counts)
+        correction = self.calibration if self.settings.calibration_inputs == CORRECTED else None
+        return (*stitch(self.loaded.model, self.db, counts, correction), counts)
 
 
 def gradual_planner(loaded: LoadedModel, current, plan: PruningPlan, table: LatencyTable, calibration: Calibration,

@@ -14,7 +14,10 @@ from .timing import DEFAULT_ESTIMATOR, ESTIMATORS
 
 ZIPLM = "ziplm"
 METHODS = (ZIPLM, "magnitude", "uniform", "layerdrop", "kwon")  # the baselines: baselines.py, same table and budgets
-DENSE, SEQUENTIAL = "dense", "sequential"  # calibration inputs: of the dense model, or of the one compressed so far
+# calibration inputs: of the dense model; of the one compressed so far, members re-pruned on them; or
+# the dense model's structures, with weights fit on the compressed model's inputs to the dense output
+DENSE, SEQUENTIAL, CORRECTED = "dense", "sequential", "corrected"
+CALIBRATION_INPUTS = (DENSE, SEQUENTIAL, CORRECTED)
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
@@ -78,7 +81,7 @@ class CompressSettings:
     num_samples: int = 512
     seed: int = 0
     dampening: float = 0.01
-    calibration_inputs: str = DENSE  # or SEQUENTIAL: members re-pruned on inputs of the compressed model
+    calibration_inputs: str = DENSE  # one of CALIBRATION_INPUTS
     search_evaluations: int = 30  # SPDY: stitched models scored per target
     score_samples: int = 128  # calibration samples the SPDY score uses
     verify_rounds: int = 20
@@ -90,11 +93,12 @@ class CompressSettings:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.calibration_inputs not in (DENSE, SEQUENTIAL):
-            raise UserError(f"calibration inputs must be {DENSE} or {SEQUENTIAL}, got {self.calibration_inputs!r}")
+        if self.calibration_inputs not in CALIBRATION_INPUTS:
+            raise UserError(f"calibration inputs must be one of {', '.join(CALIBRATION_INPUTS)}, "
+                            f"got {self.calibration_inputs!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
             raise UserError("number of samples, search evaluations and score samples must be at least 1")
-        if self.recovery.mode == GRADUAL and self.calibration_inputs != DENSE:
+        if self.recovery.mode == GRADUAL and self.calibration_inputs == SEQUENTIAL:
             raise UserError("--recovery gradual re-plans each member on the last one's own inputs: "
                             "drop --calibration-inputs sequential")
 

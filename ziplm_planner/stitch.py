@@ -11,37 +11,58 @@ from torch import nn
 from .adapters import ATTENTION, BLOCKS, FFN, architecture_for, model_layers, model_shape
 from .calibrate import Calibration
 from .database import LevelDatabase, group_size, obs_trace, total_structures
-from .layers import LayerInput, block_hessians, capture_inputs, output_projection, propagate, weight_out_in
+from .layers import (LayerInput, block_hessians, capture_inputs, cross_hessians, output_projection, propagate,
+                     weight_out_in)
 from .obs import kept_columns, reconstruct_weights
 from .progress import bar
 from .surgery import LayerPlan, PruningPlan, prune_attention, prune_ffn
 
 
-def prune_block(layer: nn.Module, config, idx: int, block: str, kept: list[int], weight: torch.Tensor | None) -> None:
-    """Write the block's updated output-projection columns, then cut the block to `kept`."""
+def prune_block(layer: nn.Module, config, idx: int, block: str, kept: list[int], weight: torch.Tensor | None,
+                present: int | None = None) -> None:
+    """Write the block's updated output-projection columns, then cut the block to `kept` (unless it
+    keeps all `present` structures)."""
     arch, shape = architecture_for(config), model_shape(config)
     if weight is not None:
         cols = kept_columns(kept, group_size(shape, block))
         weight_out_in(output_projection(layer, config, block))[:, cols] = weight
+    if len(kept) == present:
+        return
     if block == ATTENTION:
         prune_attention(layer, arch, shape, kept, idx)
     else:
         prune_ffn(layer, arch, kept, idx)
 
 
-def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]]) -> tuple[nn.Module, PruningPlan]:
+def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
+           correction: Calibration | None = None) -> tuple[nn.Module, PruningPlan]:
     """A pruned copy of `base`, the model `db` was built on: each block at its level, with OBS-updated
-    weights. Returns the model and its plan in the dense model's indices."""
+    weights. Returns the model and its plan in the dense model's indices.
+
+    With `correction` data, the weights of every block still there are instead fit layer by layer,
+    on the inputs of the model compressed so far, to `base`'s output on its own inputs (OBS with the
+    cross term X̃ᵀX), so each layer corrects the error the layers before it left (Kwon et al.'s
+    layer-wise reconstruction, in OBS form). The structures kept are the database's either way."""
     model, config = copy.deepcopy(base), base.config
-    for idx, (layer, kept) in enumerate(zip(model_layers(model), db.current_ids(counts))):
+    inputs = reference_inputs = capture_inputs(base, correction.batches()) if correction is not None else None
+    layers = zip(model_layers(model), model_layers(base), db.current_ids(counts))
+    for idx, (layer, reference, kept) in enumerate(bar(list(layers), desc="stitch", leave=False, disable=inputs is None)):
         for block, level in zip(BLOCKS, counts[idx]):
-            if level == db.blocks[idx][block].levels[0]:  # the block as it is
+            present = db.blocks[idx][block].levels[0]
+            if level == present and inputs is None:  # the block as it is
                 continue
             weight = None
             if level:
-                current = weight_out_in(output_projection(model_layers(base)[idx], config, block))
-                weight = db.reconstructed(idx, block, current, level)
-            prune_block(layer, config, idx, block, kept[block], weight)
+                dense = weight_out_in(output_projection(reference, config, block))
+                if inputs is None:
+                    weight = db.reconstructed(idx, block, dense, level)
+                else:
+                    hessian, cross = cross_hessians(layer, reference, config, block, inputs, reference_inputs)
+                    weight = reconstruct_weights(dense.double(), hessian, kept[block], group_size(db.shape, block),
+                                                 db.dampening, cross).to(dense.dtype)
+            prune_block(layer, config, idx, block, kept[block], weight, present)
+        if inputs is not None:
+            inputs, reference_inputs = propagate(layer, inputs), propagate(reference, reference_inputs)
     return model, db.plan(counts)
 
 
