@@ -244,12 +244,15 @@ def test_members_are_replanned_until_measured_inside_the_band(setup, tmp_path, f
     planner = BudgetRecorder(ZipLMPlanner(loaded, table, build_database(loaded.model, calibration, table), calibration,
                                      settings, loss))
     target = within(table, 1.5)
-    result, _ = verified_member(planner, target, table, StubVerifier(table, factors), loss, settings.max_replans)
+    result, model = verified_member(planner, target, table, StubVerifier(table, factors), loss, settings.max_replans)
     assert result.replans == expected_replans and result.status == status
     assert result.met == (status == "met") and len(result.history) == expected_replans + 1
+    assert sum(p.numel() for p in model.parameters()) == result.parameters  # the model of the result kept
     if status != "missed":
         assert result.speedup >= 0.97 * target
         assert result.speedup == min(s for s in result.history if s >= 0.97 * target)  # the closest that meets
+    else:
+        assert result.speedup == max(result.history)  # none met: the fastest
     budgets = planner.budgets
     if factors[:2] == [0.9, 1.47]:
         assert budgets[1] < budgets[2] < budgets[0]

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 from .progress import bar
 
-ESTIMATORS = ("min", "p10", "median")
+ESTIMATOR_QUANTILES = {"min": 0.0, "p10": 0.1, "median": 0.5}  # each estimator is a quantile of the samples
+ESTIMATORS = tuple(ESTIMATOR_QUANTILES)
 DEFAULT_ESTIMATOR = "p10"
 
 
@@ -63,7 +64,7 @@ def speedup_interval(reference_ms: list[float], candidate_ms: list[float], estim
     rng = np.random.default_rng(seed)
     reference, candidate = np.asarray(reference_ms), np.asarray(candidate_ms)
     picks = rng.integers(0, len(reference), size=(resamples, len(reference)))
-    quantile = {"min": 0.0, "p10": 0.1, "median": 0.5}[estimator]
+    quantile = ESTIMATOR_QUANTILES[estimator]
     ratios = np.quantile(reference[picks], quantile, axis=1) / np.quantile(candidate[picks], quantile, axis=1)
     tail = (1 - confidence) / 2
     low, high = np.quantile(ratios, [tail, 1 - tail])

@@ -196,36 +196,54 @@ class Planner(Protocol):
         """(pruned model, its plan, kept (attention, FFN) per layer) predicted to run in `budget_ms`."""
 
 
+def keeps_over(result: MemberResult, other: MemberResult | None) -> bool:
+    """Of two tries for a target, whether to keep `result` over `other`: one fast enough over one that
+    is not; of two fast enough, the slower (closest to the target: the most accuracy); of two too
+    slow, the faster. A tie keeps the earlier."""
+    if other is None:
+        return True
+    if result.fast_enough != other.fast_enough:
+        return result.fast_enough
+    return result.speedup < other.speedup if result.fast_enough else result.speedup > other.speedup
+
+
+def discard_export(result: MemberResult | None) -> None:
+    if result is not None and result.measurement.onnx_file is not None:
+        result.measurement.onnx_file.unlink(missing_ok=True)
+
+
 def verified_member(planner: Planner, target: float, table: LatencyTable, verifier: Verifier, score_loss: CalibrationLoss,
                     max_replans: int) -> tuple[MemberResult, object]:
     """Plan with any planner, build and measure, re-plan
     until the measured speedup is inside [0.97, 1.10] x target or `max_replans` are spent. Keeps the
-    member closest above 0.97 x target; if none got there, the fastest one, reported as missed."""
+    member closest above 0.97 x target; if none got there, the fastest one, reported as missed. Only
+    the member kept so far stays in memory."""
     budget = table.dense_ms / target
     floor = table.dense_ms / table.max_speedup  # tighter would leave a model with every layer removed
-    fast, slow, tried = [], [], []
+    fast, slow, speedups = [], [], []
+    best, best_model = None, None
     for attempt in range(max_replans + 1):
         model, plan, counts = planner.build(budget)
         measurement = verifier.measure(model, target)
         result = MemberResult(target, member_name(target), plan, table.predict(counts), measurement,
                               score_loss(model), count_parameters(model), attempt)
-        tried.append((result, model))
+        speedups.append(result.speedup)
         (fast if result.fast_enough else slow).append(budget)
         log.info("x%g plan %d: predicted %.3fx, measured %s", target, attempt, table.dense_ms / result.predicted_ms,
                  measurement.describe())
+        if keeps_over(result, best):
+            discard_export(best)  # a candidate's export is not kept
+            best, best_model = result, model
+        else:
+            discard_export(result)
+        del model
         if result.met:
             break
         budget = next_budget(budget, result.speedup, target, fast, slow, floor)
-    met = [pair for pair in tried if pair[0].fast_enough]
-    best = min(met, key=lambda pair: pair[0].speedup) if met else max(tried, key=lambda pair: pair[0].speedup)
-    best[0].replans, best[0].history = len(tried) - 1, [r.speedup for r, _ in tried]
-    for result, _ in tried:  # candidates' exports not kept
-        if result is not best[0] and result.measurement.onnx_file is not None:
-            result.measurement.onnx_file.unlink(missing_ok=True)
-    if not best[0].met:
-        log.warning("x%g: %s after %d re-plans: %s", target, best[0].status, best[0].replans,
-                    best[0].measurement.describe())
-    return best
+    best.replans, best.history = len(speedups) - 1, speedups
+    if not best.met:
+        log.warning("x%g: %s after %d re-plans: %s", target, best.status, best.replans, best.measurement.describe())
+    return best, best_model
 
 
 # --- re-timing a family as shipped -------------------------------------------------------------------
