@@ -1,10 +1,12 @@
 """Benchmark one-shot compression: quality, measured speedups and planner cost.
 
 MiniLM (default): STS-B dev Spearman of each member against the dense model, on a family made
-from STS-B train sentences and a latency table. Causal LMs: WikiText-2 perplexity.
+from STS-B train sentences and a latency table. Causal LMs: WikiText-2 perplexity. Several
+--calibration-inputs (comma-separated) make one family each, in turn, on one level database.
 
     python scripts/bench_compress.py --profile profiles/minilm-cpu2-onnxruntime-b8s128.json \
-        --targets 1.5,2,3,5 --calib ../shared/data/stsb/sts-train.csv --eval ../shared/data/stsb/sts-dev.csv
+        --targets 1.5,2,3,5 --calib ../shared/data/stsb/sts-train.csv --eval ../shared/data/stsb/sts-dev.csv \
+        --calibration-inputs dense,corrected
 """
 
 from __future__ import annotations
@@ -49,33 +51,43 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-family-"))
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     targets = parse_targets(args.targets)
-    common = dict(num_samples=args.num_samples, calibration_inputs=args.calibration_inputs,
-                  search_evaluations=args.search_evaluations, score_samples=args.score_samples, cache_dir=cache,
-                  overwrite=True)
-    started = time.perf_counter()
-    report = zp.compress(loaded, args.profile, targets, args.calib, out, **common)
-    seconds = time.perf_counter() - started
     dense_score = score(loaded.model, loaded, args)
     metric = "perplexity" if loaded.kind == CAUSAL_LM else "STS-B Spearman"
-    print(f"model {args.model}, {args.num_samples} calibration samples from {args.calib}, "
-          f"calibration inputs {args.calibration_inputs}, table {args.profile}")
-    print(f"| member | target | predicted | measured (p10) | measured (median) | met | params | {metric} | retained |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in report.rows:
-        value = dense_score if row["folder"] == "dense" else score(load_pruned(out / row["folder"]), loaded, args)
-        retained = dense_score / value if loaded.kind == CAUSAL_LM else value / dense_score
-        print(f"| {row['folder']} | {row['target']:g}x | {row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
-              f"{row['speedup_median']:.2f}x | {'yes' if row['met_target'] else 'NO'} | {row['parameters']:,} | "
-              f"{value:.2f} | {retained:.1%} |")
-    db = report.metadata["level_database"]
-    print(f"level database: {db['seconds']:.1f} s ({db['samples']} samples, {db['tokens']} tokens); "
-          f"whole compress of {len(targets)} targets: {seconds:.1f} s")
-    if args.extra_target:
+    summary = {}
+    for inputs in args.calibration_inputs.split(","):
+        folder = out / inputs
+        common = dict(num_samples=args.num_samples, calibration_inputs=inputs,
+                      search_evaluations=args.search_evaluations, score_samples=args.score_samples, cache_dir=cache,
+                      overwrite=True)
         started = time.perf_counter()
-        zp.compress(loaded, args.profile, [*targets, args.extra_target], args.calib, out, **common)
-        again = time.perf_counter() - started
-        print(f"adding target {args.extra_target:g}x to the cached run: {again:.1f} s "
-              f"({again / seconds - 1:+.0%} vs the first run)")
+        report = zp.compress(loaded, args.profile, targets, args.calib, folder, **common)
+        seconds = time.perf_counter() - started
+        print(f"\nmodel {args.model}, {args.num_samples} calibration samples from {args.calib}, "
+              f"calibration inputs {inputs}, table {args.profile}")
+        print(f"| member | target | predicted | measured (p10) | measured (median) | met | params | {metric} | retained |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in report.rows:
+            value = dense_score if row["folder"] == "dense" else score(load_pruned(folder / row["folder"]), loaded, args)
+            retained = dense_score / value if loaded.kind == CAUSAL_LM else value / dense_score
+            summary.setdefault(row["folder"], {})[inputs] = (value, row["measured_speedup"])
+            print(f"| {row['folder']} | {row['target']:g}x | {row['predicted_speedup']:.2f}x | "
+                  f"{row['measured_speedup']:.2f}x | {row['speedup_median']:.2f}x | {'yes' if row['met_target'] else 'NO'} | "
+                  f"{row['parameters']:,} | {value:.2f} | {retained:.1%} |")
+        db = report.metadata["level_database"]
+        print(f"level database: {db['seconds']:.1f} s ({db['samples']} samples, {db['tokens']} tokens); "
+              f"whole compress of {len(targets)} targets: {seconds:.1f} s")
+        if args.extra_target:
+            started = time.perf_counter()
+            zp.compress(loaded, args.profile, [*targets, args.extra_target], args.calib, folder, **common)
+            again = time.perf_counter() - started
+            print(f"adding target {args.extra_target:g}x to the cached run: {again:.1f} s "
+                  f"({again / seconds - 1:+.0%} vs the first run)")
+    modes = args.calibration_inputs.split(",")
+    print(f"\n{metric} by calibration inputs (measured speedup in brackets)")
+    print("| member | " + " | ".join(modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    for member, cells in summary.items():
+        print(f"| {member} | " + " | ".join(f"{cells[m][0]:.2f} ({cells[m][1]:.2f}x)" for m in modes) + " |")
     print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -125,30 +125,35 @@ def block_hessians(layer: nn.Module, model_config, inputs: list[LayerInput], blo
     return {block: hessian for block, (hessian, _) in state.items()}
 
 
-def projection_inputs(layer: nn.Module, model_config, block: str, batch: LayerInput) -> torch.Tensor:
-    """(tokens, d_in) inputs of the block's output projection at the batch's real tokens."""
+def run_capturing(layer: nn.Module, model_config, batch: LayerInput,
+                  blocks=BLOCKS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's output on `batch`, and the (tokens, d_in) inputs of each block's output projection
+    at the batch's real tokens (for the blocks the layer still has)."""
     seen = {}
 
-    def hook(module, args):
-        seen["x"] = args[0][batch.tokens]
+    def hook_for(block):
+        def hook(module, args):
+            seen[block] = args[0][batch.tokens]
+        return hook
 
-    handle = output_projection(layer, model_config, block).register_forward_pre_hook(hook)
+    handles = [module.register_forward_pre_hook(hook_for(block))
+               for block in blocks if (module := output_projection(layer, model_config, block)) is not None]
     try:
-        run_layer(layer, batch)
+        output = run_layer(layer, batch)
     finally:
-        handle.remove()
-    return seen["x"]
+        for handle in handles:
+            handle.remove()
+    return output, seen
 
 
-def cross_hessians(layer: nn.Module, reference: nn.Module, model_config, block: str, inputs: list[LayerInput],
-                   reference_inputs: list[LayerInput]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, K) = (2 X̃ᵀX̃ / N, 2 X̃ᵀX / N): X̃ the block's projection inputs in `layer` on `inputs`, X those
-    in `reference` (the same layer of the dense model) on `reference_inputs`, the same samples."""
+def cross_hessians(layer: nn.Module, model_config, block: str, inputs: list[LayerInput],
+                   dense_inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, K) = (2 X̃ᵀX̃ / N, 2 X̃ᵀX / N): X̃ the block's projection inputs in `layer` on `inputs`, X
+    (`dense_inputs`, per batch) those of the dense model's layer on the same samples."""
     hessian = cross = None
     count = 0
-    for batch, reference_batch in zip(inputs, reference_inputs):
-        x = projection_inputs(layer, model_config, block, batch)
-        dense_x = projection_inputs(reference, model_config, block, reference_batch)
+    for batch, dense_x in zip(inputs, dense_inputs):
+        x = run_capturing(layer, model_config, batch, [block])[1][block]
         hessian, _ = accumulate_hessian(x, hessian, count)
         cross, count = accumulate_hessian(x, cross, count, dense_x)
     return hessian, cross

@@ -12,7 +12,7 @@ from .adapters import ATTENTION, BLOCKS, FFN, architecture_for, model_layers, mo
 from .calibrate import Calibration
 from .database import LevelDatabase, group_size, obs_trace, total_structures
 from .layers import (LayerInput, block_hessians, capture_inputs, cross_hessians, output_projection, propagate,
-                     weight_out_in)
+                     run_capturing, weight_out_in)
 from .obs import kept_columns, reconstruct_weights
 from .progress import bar
 from .surgery import LayerPlan, PruningPlan, prune_attention, prune_ffn
@@ -47,6 +47,9 @@ def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
     inputs = reference_inputs = capture_inputs(base, correction.batches()) if correction is not None else None
     layers = zip(model_layers(model), model_layers(base), db.current_ids(counts))
     for idx, (layer, reference, kept) in enumerate(bar(list(layers), desc="stitch", leave=False, disable=inputs is None)):
+        if inputs is not None:  # one run of the reference layer: its blocks' inputs, and the next layer's
+            runs = [run_capturing(reference, config, batch) for batch in reference_inputs]
+            reference_inputs = [LayerInput(out, b.kwargs, b.tokens) for (out, _), b in zip(runs, reference_inputs)]
         for block, level in zip(BLOCKS, counts[idx]):
             present = db.blocks[idx][block].levels[0]
             if level == present and inputs is None:  # the block as it is
@@ -57,12 +60,12 @@ def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
                 if inputs is None:
                     weight = db.reconstructed(idx, block, dense, level)
                 else:
-                    hessian, cross = cross_hessians(layer, reference, config, block, inputs, reference_inputs)
+                    hessian, cross = cross_hessians(layer, config, block, inputs, [seen[block] for _, seen in runs])
                     weight = reconstruct_weights(dense.double(), hessian, kept[block], group_size(db.shape, block),
                                                  db.dampening, cross).to(dense.dtype)
             prune_block(layer, config, idx, block, kept[block], weight, present)
         if inputs is not None:
-            inputs, reference_inputs = propagate(layer, inputs), propagate(reference, reference_inputs)
+            inputs = propagate(layer, inputs)
     return model, db.plan(counts)
 
 
