@@ -21,10 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .backends import (export_model_onnx, input_names, model_dynamic_axes, model_output, ort_session, random_inputs,
-                       to_numpy_feeds)
+from .backends import (decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names, model_graph,
+                       model_output, ort_session, random_inputs)
 from .errors import UserError
-from .models import model_class
+from .models import CAUSAL_LM, model_class
 from .progress import stage
 from .spec import InferenceSpec
 from .surgery import PruningPlan, build_pruned, count_parameters
@@ -52,29 +52,49 @@ def _check_batch(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> dict:
-    """Graph input/output names and dynamic axes, and ONNX Runtime vs torch at an untraced size."""
+def _graph_dims(path: Path) -> tuple[list[str], list[str], dict[str, list]]:
+    """Input names, output names and every input's and output's dims (a name where dynamic) of a graph."""
     import onnx
 
-    output, forward = model_output(kind)
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
-    found_inputs, found_outputs = [v.name for v in graph.input], [v.name for v in graph.output]
-    expected_axes = model_dynamic_axes(kind, names)
-    axes = {name: {axis: dims[name][axis] for axis in wanted} for name, wanted in expected_axes.items() if name in dims}
-    if found_inputs != names or found_outputs != [output] or axes != expected_axes:
+    return [v.name for v in graph.input], [v.name for v in graph.output], dims
+
+
+def _cached_logits(session, model: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> np.ndarray:
+    """A causal LM's logits for `inputs` in two calls, the second fed the first's present as its past:
+    the prefill and the decode path of generation. Raises when a present's shape is not torch's cache's."""
+    split = inputs["input_ids"].shape[1] // 2
+    first, past = decoder_step(session, graph_feeds(session, {n: t[:, :split] for n, t in inputs.items()}))
+    rest = {**{n: t[:, split:] for n, t in inputs.items()}, "attention_mask": inputs["attention_mask"], **past}
+    second, present = decoder_step(session, graph_feeds(session, rest))
+    found, expected = [a.shape for a in present.values()], [tuple(t.shape) for t in filled_cache(model, inputs)]
+    if found != expected:
+        raise RuntimeError(f"ONNX export of {path}: present shapes {found}, torch's cache has {expected}")
+    return np.concatenate([first, second], axis=1)
+
+
+def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> dict:
+    """Graph input/output names and dynamic axes, and ONNX Runtime vs torch at an untraced size (a
+    causal LM's file also fed its own cache, and its cache's shapes compared with torch's)."""
+    expected = model_graph(model, kind, names)
+    found_inputs, found_outputs, dims = _graph_dims(path)
+    axes = {name: {axis: dims[name][axis] for axis in wanted} for name, wanted in expected.dynamic_axes.items() if name in dims}
+    if found_inputs != expected.inputs or found_outputs != expected.outputs or axes != expected.dynamic_axes:
         raise RuntimeError(f"ONNX export of {path}: inputs {found_inputs}, outputs {found_outputs}, axes {axes}; "
-                           f"expected {names}, [{output!r}], {expected_axes}")
+                           f"expected {expected.inputs}, {expected.outputs}, {expected.dynamic_axes}")
     inputs = _check_batch(model, names)
-    (actual,) = ort_session(path, InferenceSpec()).run(None, to_numpy_feeds(inputs))
+    session = ort_session(path, InferenceSpec())
+    actual = _cached_logits(session, model, inputs, path) if kind == CAUSAL_LM \
+        else session.run(None, graph_feeds(session, inputs))[0]
     with torch.no_grad():
-        expected = forward(model, inputs).cpu()
-    diff = _max_diff(torch.from_numpy(np.asarray(actual)), expected, inputs.get("attention_mask"))
+        reference = model_output(kind)[1](model, inputs).cpu()
+    diff = _max_diff(torch.from_numpy(np.asarray(actual)), reference, inputs.get("attention_mask"))
     # relative to the output's scale: float32 round-off over many layers grows with it (LM logits ~ 20)
-    allowed = tolerance * max(1.0, float(expected.abs().max()))
+    allowed = tolerance * max(1.0, float(reference.abs().max()))
     if not diff <= allowed:
         raise RuntimeError(f"ONNX export of {path} differs from torch by {diff:.3g} (allowed {allowed:.3g})")
-    return {"file": ONNX, "inputs": names, "outputs": [output], "dynamic_axes": expected_axes,
+    return {"file": ONNX, "inputs": expected.inputs, "outputs": expected.outputs, "dynamic_axes": expected.dynamic_axes,
             "checked_shape": list(CHECK_SHAPE), "max_abs_diff": diff, "allowed_abs_diff": allowed}
 
 
@@ -225,3 +245,4 @@ def load_pruned_tokenizer(folder: Path):
         return transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise UserError(f"member {folder} has no usable tokenizer: {str(err).splitlines()[0]}") from None
+
