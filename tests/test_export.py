@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import BertForSequenceClassification
+from transformers import AutoModelForCausalLM, BertForSequenceClassification
 
 from ziplm_planner import export
 from ziplm_planner.backends import TRACE_SHAPE
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
-from ziplm_planner.export import check_onnx, load_pruned, load_pruned_tokenizer, save_member
+from ziplm_planner.export import check_onnx, load_pruned, load_pruned_tokenizer, ort_generate, save_member
 from ziplm_planner.models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, count_parameters
 from tiny_models import DECODER_TYPES, TINY_CONFIGS, random_batch, tiny_model
@@ -330,3 +330,64 @@ def test_decoder_onnx_takes_and_returns_the_kv_cache(decoder_members, model_type
     keep = mask.bool()
     torch.testing.assert_close(torch.from_numpy(logits)[keep], expected[keep], rtol=0, atol=1e-4)
     assert [a.shape for a in cache] == [(3, heads, 9, width) for heads, width in cache_dims(plan, shape) for _ in "kv"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("plan_name", DECODER_PLANS)
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_ort_generate_gives_torch_generate_tokens(decoder_members, model_type, plan_name, side):
+    model, _, folder = decoder_members(model_type, plan_name)
+    ids, mask = padded_prompts(model, side)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
+    config = model.generation_config
+    generated = ort_generate(folder / "model.onnx", ids, mask, 32, config.eos_token_id, config.pad_token_id)
+    assert generated.shape == tuple(expected.shape)
+    np.testing.assert_array_equal(generated, expected.numpy())
+
+
+def test_ort_generate_keeps_mistral_s_sliding_window(tmp_path):
+    """The graph's cache holds every token (plain cache layers); the mask alone applies the window,
+    as the sliding layers of generate's cache and its mask do together."""
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["mistral"]()
+    config.sliding_window = 4  # shorter than the prompt
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    save_member(tmp_path / "m", model, None, PruningPlan.dense(model_shape(config)), CAUSAL_LM, {})
+    ids, mask = padded_prompts(model, "left")
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
+    np.testing.assert_array_equal(ort_generate(tmp_path / "m", ids, mask, 32, config.eos_token_id), expected.numpy())
+
+
+def test_ort_generate_ends_rows_at_eos_as_generate_does(decoder_members):
+    model, _, folder = decoder_members("llama", "pruned")
+    ids, mask = padded_prompts(model, "left")
+    free = ort_generate(folder, ids, mask, 32)
+    eos = int(free[1, 9 + 4])  # row 1 emits it within 5 tokens
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
+                                  eos_token_id=eos, pad_token_id=0)
+    generated = ort_generate(folder, ids, mask, 32, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(generated, expected.numpy())
+    first = list(generated[1, 9:]).index(eos)
+    assert (generated[1, 9 + first + 1:] == 0).all() and first <= 4
+
+
+def test_ort_generate_refuses_what_it_cannot_run(tmp_path, decoder_members):
+    model, plan, kind = pruned("bert", False)
+    save_member(tmp_path / "bert", model, None, plan, kind, {})
+    ids, mask = torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(UserError, match="takes no KV cache"):
+        ort_generate(tmp_path / "bert" / "model.onnx", ids, mask, 4)
+    with pytest.raises(UserError, match="does not exist"):
+        ort_generate(tmp_path / "absent.onnx", ids, mask, 4)
+    folder = decoder_members("llama", "dense")[2]
+    with pytest.raises(UserError, match="must both be"):
+        ort_generate(folder, ids, mask[:, :3], 4)
+    with pytest.raises(UserError, match="max_new_tokens"):
+        ort_generate(folder, ids, mask, 0)

@@ -312,6 +312,15 @@ def decoder_step(session, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dic
     return logits, {past_name(node.name): array for node, array in zip(session.get_outputs()[1:], present)}
 
 
+def next_token_feeds(feeds: dict[str, np.ndarray], tokens: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds for one new token per row after `feeds`, as HF generate makes them: the mask grows by an
+    attended token, each row's position is its last one + 1."""
+    mask = feeds["attention_mask"]
+    return {**feeds, "input_ids": tokens[:, None].astype(np.int64),
+            "attention_mask": np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1),
+            POSITION_IDS: feeds[POSITION_IDS][:, -1:] + 1, **past}
+
+
 def onnx_runner(path: Path, inputs: dict[str, torch.Tensor], spec: InferenceSpec) -> Callable[[], object]:
     """A no-argument callable running the ONNX file at `path` once on `inputs` in ONNX Runtime (a
     causal LM's file as a prefill: `graph_feeds` adds its positions and empty cache)."""

@@ -21,8 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .backends import (decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names, model_graph,
-                       model_output, ort_session, random_inputs)
+from .backends import (PAST, as_array, decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names,
+                       is_past, model_graph, model_output, next_token_feeds, ort_session, random_inputs)
 from .errors import UserError
 from .models import CAUSAL_LM, model_class
 from .progress import stage
@@ -246,3 +246,48 @@ def load_pruned_tokenizer(folder: Path):
     except (OSError, ValueError) as err:
         raise UserError(f"member {folder} has no usable tokenizer: {str(err).splitlines()[0]}") from None
 
+
+# --- generating with the shipped file -------------------------------------------------------------
+
+
+def _decoder_session(path: Path):
+    """An ONNX Runtime session of a causal LM's model.onnx (the file, or the member folder holding it)."""
+    path = Path(path)
+    path = path / ONNX if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"ONNX file {path} does not exist")
+    session = ort_session(path, InferenceSpec())
+    if not any(is_past(node.name) for node in session.get_inputs()):
+        raise UserError(f"{path} takes no KV cache ({PAST}.* inputs): generation needs a causal LM's model.onnx "
+                        f"exported by this version")
+    return session
+
+
+def ort_generate(path: Path, input_ids, attention_mask, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+    """Greedy generation in ONNX Runtime with a causal-LM member's model.onnx, its present cache fed
+    back as past: the token ids `model.generate(..., do_sample=False)` returns, prompt first,
+    (batch, prompt + new). Inputs are (batch, prompt) tensors or arrays, padded on either side; positions
+    are counted as HF generate counts them. With `eos_token_id`, a row that emitted it goes on with
+    `pad_token_id` (default: the first eos id) and generation ends once every row has."""
+    session = _decoder_session(path)
+    ids, mask = as_array(input_ids).astype(np.int64), as_array(attention_mask).astype(np.int64)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise UserError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be (batch, prompt)")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    eos = None if eos_token_id is None else np.atleast_1d(eos_token_id)
+    pad = eos[0] if pad_token_id is None and eos is not None else pad_token_id
+    finished = np.zeros(len(ids), dtype=bool)
+    feeds = graph_feeds(session, {"input_ids": ids, "attention_mask": mask})
+    for _ in range(max_new_tokens):
+        logits, past = decoder_step(session, feeds)
+        tokens = logits[:, -1].argmax(-1)
+        if eos is not None:
+            tokens = np.where(finished, pad, tokens)
+            finished |= np.isin(tokens, eos)
+        ids = np.concatenate([ids, tokens[:, None]], axis=1)
+        if finished.all():
+            break
+        feeds = next_token_feeds(feeds, tokens, past)
+    return ids
