@@ -37,7 +37,7 @@ def static_vs_shipped(loaded, table: LatencyTable, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shipped = export_model_onnx(loaded.model, loaded.kind, names, Path(tmp) / "shipped.onnx")
         static = export_onnx(model_call(loaded.model, loaded.kind, names), padded_for_tracing(inputs),
-                             Path(tmp) / "static.onnx", model_output(loaded.kind)[0])
+                             Path(tmp) / "static.onnx", [model_output(loaded.kind)[0]])
         samples = interleaved_samples({"shipped": onnx_runner(shipped, inputs, spec),
                                        "static": onnx_runner(static, inputs, spec)}, rounds)
     low, high = speedup_interval(samples["static"], samples["shipped"], table.estimator)

@@ -293,10 +293,11 @@ def test_same_seed_table_and_data_give_the_same_family_byte_for_byte(setup, tmp_
             (tmp_path / "b" / member / "model.safetensors").read_bytes()
 
 
-def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch, model_type):
     import ziplm_planner.oneshot as compress_module
 
-    loaded = tiny_loaded_with_tokenizer("bert")
+    loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=model_type == "llama")
     table = profile_model(loaded, InferenceSpec(backend="onnxruntime", batch_size=2, seq_len=16, threads=1),
                           FAST_PROFILE)
     calib = write_sentences(tmp_path / "calib.txt")

@@ -4,19 +4,20 @@ import copy
 import json
 import random
 
+import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import BertForSequenceClassification
+from transformers import AutoModelForCausalLM, BertForSequenceClassification
 
 from ziplm_planner import export
 from ziplm_planner.backends import TRACE_SHAPE
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
-from ziplm_planner.export import check_onnx, load_pruned, load_pruned_tokenizer, save_member
+from ziplm_planner.export import check_onnx, load_pruned, load_pruned_tokenizer, ort_generate, save_member
 from ziplm_planner.models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, count_parameters
-from tiny_models import TINY_CONFIGS, random_batch, tiny_model
+from tiny_models import DECODER_TYPES, TINY_CONFIGS, random_batch, tiny_model
 
 FAMILIES = [("bert", False), ("llama", True), ("gpt2", True)]
 
@@ -79,21 +80,23 @@ def test_tied_embeddings_stay_tied(tmp_path):
 def test_onnx_matches_torch_at_another_size_with_padding(tmp_path, model_type, causal_lm):
     model, plan, kind = pruned(model_type, causal_lm, whole_blocks=True)
     record = save_member(tmp_path / "m", model, None, plan, kind, {})
-    names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
-    output = "logits" if causal_lm else "last_hidden_state"
-    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, output]}
-    assert record["onnx"]["inputs"] == names and record["onnx"]["outputs"] == [output]
-    assert record["onnx"]["dynamic_axes"] == axes
     assert record["onnx"]["checked_shape"] != list(TRACE_SHAPE)
     assert 0 <= record["onnx"]["max_abs_diff"] < 1e-4
     # the graph itself, read independently of the checker
     graph = onnx.load(str(tmp_path / "m" / "model.onnx")).graph
-    assert [v.name for v in graph.input] == names and [v.name for v in graph.output] == [output]
+    names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
+    assert [v.name for v in graph.input][:len(names)] == names
+    assert record["onnx"]["inputs"] == [v.name for v in graph.input]
+    assert record["onnx"]["outputs"] == [v.name for v in graph.output]
     for value in [*graph.input, *graph.output]:
-        assert [d.dim_param for d in value.type.tensor_type.shape.dim][:2] == ["batch", "sequence"]
+        assert [d.dim_param for d in value.type.tensor_type.shape.dim][0] == "batch"
     # JSON keys are strings: what is on disk says the same
     on_disk = json.loads((tmp_path / "m" / "pruning.json").read_text())["onnx"]["dynamic_axes"]
-    assert on_disk == {name: {"0": "batch", "1": "sequence"} for name in axes}
+    assert on_disk == {name: {str(axis): dim for axis, dim in axes.items()}
+                       for name, axes in record["onnx"]["dynamic_axes"].items()}
+    if not causal_lm:
+        assert record["onnx"]["inputs"] == names and record["onnx"]["outputs"] == ["last_hidden_state"]
+        assert on_disk == {name: {"0": "batch", "1": "sequence"} for name in [*names, "last_hidden_state"]}
 
 
 def test_classification_output_is_batch_by_labels(tmp_path):
@@ -240,3 +243,151 @@ def test_unwritable_destination_is_a_user_error(tmp_path):
         save_member(tmp_path / "file", model, None, plan, kind, {}, onnx=False)
     with pytest.raises(UserError, match="cannot write member"):
         save_member(tmp_path / "file" / "m", model, None, plan, kind, {}, onnx=False)
+
+
+# --- a causal LM's model.onnx: its KV cache, and generation in ONNX Runtime ---------------------------
+
+DECODER_PLANS = ("dense", "pruned", "first_attention_removed")
+
+
+def decoder_plan(shape, name):
+    """`pruned`: layer 0 loses one attention unit (a KV group; a head for GPT-2) and its whole FFN,
+    layer 1 its whole attention and half its FFN neurons. `first_attention_removed`: layer 0's
+    attention is gone, so the cache length is read from ZeroAttention's placeholder."""
+    units, neurons = list(range(shape.attention_units)), list(range(0, shape.intermediate_size, 2))
+    return {"dense": PruningPlan.dense(shape),
+            "pruned": PruningPlan(shape, [LayerPlan(units[1:], []), LayerPlan([], neurons)]),
+            "first_attention_removed": PruningPlan(shape, [LayerPlan([], neurons), LayerPlan(units[:1], [])])}[name]
+
+
+@pytest.fixture(scope="module")
+def decoder_members(tmp_path_factory):
+    """`member(model_type, plan name) -> (pruned model, plan, member folder)`, each saved once."""
+    saved = {}
+
+    def member(model_type, plan_name):
+        if (model_type, plan_name) not in saved:
+            model = tiny_model(model_type, causal_lm=True)
+            plan = decoder_plan(model_shape(model.config), plan_name)
+            apply_plan(model, plan)
+            folder = tmp_path_factory.mktemp("decoders") / f"{model_type}-{plan_name}"
+            save_member(folder, model, None, plan, CAUSAL_LM, {})
+            saved[model_type, plan_name] = model, plan, folder
+        return saved[model_type, plan_name]
+    return member
+
+
+def padded_prompts(model, side, seed=2):
+    """Three prompts of 9, 5 and 8 tokens, padded on `side` to 9."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=g)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, length in enumerate((9, 5, 8)):
+        if side == "left":
+            mask[row, 9 - length:] = 1
+        else:
+            mask[row, :length] = 1
+    return ids, mask
+
+
+def cache_dims(plan, shape):
+    """(kv_heads, head_dim) of every layer's cache: its kept units, or ZeroAttention's (1, 1) placeholder."""
+    return [(len(layer.attention), shape.head_dim) if layer.attention else (1, 1) for layer in plan.layers]
+
+
+@pytest.mark.parametrize("plan_name", DECODER_PLANS)
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_decoder_onnx_takes_and_returns_the_kv_cache(decoder_members, model_type, plan_name):
+    model, plan, folder = decoder_members(model_type, plan_name)
+    shape = model_shape(model.config)
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    layers = range(shape.num_layers)
+    past = [f"past_key_values.{i}.{part}" for i in layers for part in ("key", "value")]
+    present = [f"present.{i}.{part}" for i in layers for part in ("key", "value")]
+    assert [v.name for v in graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
+    assert [v.name for v in graph.output] == ["logits", *present]
+    assert dims["input_ids"] == dims["position_ids"] == ["batch", "sequence"]
+    assert dims["attention_mask"] == ["batch", "past_sequence + sequence"]
+    assert dims["logits"] == ["batch", "sequence", shape.vocab_size]
+    for i, (heads, width) in enumerate(cache_dims(plan, shape)):
+        for part in ("key", "value"):
+            assert dims[f"past_key_values.{i}.{part}"] == ["batch", heads, "past_sequence", width]
+            assert dims[f"present.{i}.{part}"] == ["batch", heads, "past_sequence + sequence", width]
+
+    # a prefill: empty past, left padding, HF generate's positions fed to both
+    import onnxruntime as ort
+
+    ids, mask = padded_prompts(model, "left")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    empty = {f"past_key_values.{i}.{part}": np.zeros((3, heads, 0, width), np.float32)
+             for i, (heads, width) in enumerate(cache_dims(plan, shape)) for part in ("key", "value")}
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, *cache = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                        "position_ids": positions.numpy(), **empty})
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    keep = mask.bool()
+    torch.testing.assert_close(torch.from_numpy(logits)[keep], expected[keep], rtol=0, atol=1e-4)
+    assert [a.shape for a in cache] == [(3, heads, 9, width) for heads, width in cache_dims(plan, shape) for _ in "kv"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("plan_name", DECODER_PLANS)
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_ort_generate_gives_torch_generate_tokens(decoder_members, model_type, plan_name, side):
+    model, _, folder = decoder_members(model_type, plan_name)
+    ids, mask = padded_prompts(model, side)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
+    config = model.generation_config
+    generated = ort_generate(folder / "model.onnx", ids, mask, 32, config.eos_token_id, config.pad_token_id)
+    assert generated.shape == tuple(expected.shape)
+    np.testing.assert_array_equal(generated, expected.numpy())
+
+
+def test_ort_generate_keeps_mistral_s_sliding_window(tmp_path):
+    """The graph's cache holds every token (plain cache layers); the mask alone applies the window,
+    as the sliding layers of generate's cache and its mask do together."""
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["mistral"]()
+    config.sliding_window = 4  # shorter than the prompt
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    save_member(tmp_path / "m", model, None, PruningPlan.dense(model_shape(config)), CAUSAL_LM, {})
+    ids, mask = padded_prompts(model, "left")
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
+    np.testing.assert_array_equal(ort_generate(tmp_path / "m", ids, mask, 32, config.eos_token_id), expected.numpy())
+
+
+def test_ort_generate_ends_rows_at_eos_as_generate_does(decoder_members):
+    model, _, folder = decoder_members("llama", "pruned")
+    ids, mask = padded_prompts(model, "left")
+    free = ort_generate(folder, ids, mask, 32)
+    eos = int(free[1, 9 + 4])  # row 1 emits it within 5 tokens
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
+                                  eos_token_id=eos, pad_token_id=0)
+    generated = ort_generate(folder, ids, mask, 32, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(generated, expected.numpy())
+    first = list(generated[1, 9:]).index(eos)
+    assert (generated[1, 9 + first + 1:] == 0).all() and first <= 4
+
+
+def test_ort_generate_refuses_what_it_cannot_run(tmp_path, decoder_members):
+    model, plan, kind = pruned("bert", False)
+    save_member(tmp_path / "bert", model, None, plan, kind, {})
+    ids, mask = torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(UserError, match="takes no KV cache"):
+        ort_generate(tmp_path / "bert" / "model.onnx", ids, mask, 4)
+    with pytest.raises(UserError, match="does not exist"):
+        ort_generate(tmp_path / "absent.onnx", ids, mask, 4)
+    folder = decoder_members("llama", "dense")[2]
+    with pytest.raises(UserError, match="must both be"):
+        ort_generate(folder, ids, mask[:, :3], 4)
+    with pytest.raises(UserError, match="max_new_tokens"):
+        ort_generate(folder, ids, mask, 0)

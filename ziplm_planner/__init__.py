@@ -18,6 +18,7 @@ _PUBLIC = {
     "load_model": "models",
     "load_pruned": "export",
     "load_pruned_tokenizer": "export",
+    "ort_generate": "export",
     "profile": "api",
 }
 

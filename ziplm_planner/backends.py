@@ -1,9 +1,14 @@
 """Running a module the way it is deployed: eager PyTorch, or a real ONNX Runtime session.
 
 Every timed thing (a block at a pruned size, the fixed part, a whole model) is a `TensorCall`:
-a module that takes named tensors positionally and returns one tensor. That is what
-`torch.onnx.export` needs, and transformers 5 models cannot be exported directly (their
+a module that takes named tensors positionally and returns a tensor (or a tuple of them). That
+is what `torch.onnx.export` needs, and transformers 5 models cannot be exported directly (their
 forward receives `use_cache` twice), so the same wrapper serves both backends.
+
+A causal LM ships with its KV cache in the graph, named as Hugging Face Optimum names it:
+inputs `input_ids`, `attention_mask` (past + new tokens), `position_ids` and per layer
+`past_key_values.{i}.key/value`; outputs `logits` and `present.{i}.key/value`. One file serves
+the prefill (an empty past) and every decode step.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import copy
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .adapters import model_shape
+from .errors import UserError
+from .kvcache import cache_argument, cache_from_tensors, cache_tensors, find_cache
 from .models import CAUSAL_LM, CLASSIFICATION
 from .spec import InferenceSpec
 
@@ -28,13 +37,13 @@ OPSET = 17
 
 
 class TensorCall(nn.Module):
-    """`fn(inner, inputs_by_name) -> Tensor` as a module with positional tensor inputs."""
+    """`fn(inner, inputs_by_name) -> Tensor or tuple of Tensors` as a module with positional tensor inputs."""
 
-    def __init__(self, inner: nn.Module, names: list[str], fn: Callable[[nn.Module, dict], torch.Tensor]):
+    def __init__(self, inner: nn.Module, names: list[str], fn: Callable[[nn.Module, dict], torch.Tensor | tuple]):
         super().__init__()
         self.inner, self.names, self.fn = inner, list(names), fn
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self.fn(self.inner, dict(zip(self.names, tensors)))
 
 
@@ -77,20 +86,95 @@ def model_call(model: nn.Module, kind: str, input_names: list[str]) -> TensorCal
 # --- the deployed model's ONNX file --------------------------------------------------------------
 
 TRACE_SHAPE = (2, 7)  # (batch, sequence) of the example a model is traced with; every axis stays dynamic
+TRACE_PAST = 3  # cached tokens before a decoder's trace example: a non-empty past keeps the cache path general
+POSITION_IDS, PAST, PRESENT = "position_ids", "past_key_values", "present"
+TOKEN_AXES = {0: "batch", 1: "sequence"}
 
 
-def model_dynamic_axes(kind: str, names: list[str]) -> dict[str, dict[int, str]]:
-    output_axes = {0: "batch"} if kind == CLASSIFICATION else {0: "batch", 1: "sequence"}  # (batch, labels)
-    return {**{name: {0: "batch", 1: "sequence"} for name in names}, model_output(kind)[0]: output_axes}
+@dataclass(frozen=True)
+class ModelGraph:
+    """Input and output names, and dynamic axes, of the ONNX graph a member ships."""
+
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+
+
+def is_past(name: str) -> bool:
+    return name.startswith(f"{PAST}.")
+
+
+def past_name(present: str) -> str:
+    """The input a present output is fed back to: present.3.key -> past_key_values.3.key."""
+    return PAST + present[len(PRESENT):]
+
+
+def model_graph(model: nn.Module, kind: str, names: list[str]) -> ModelGraph:
+    """The graph of a member: the tokenizer's inputs and the model's output; a causal LM's also
+    takes positions and its KV cache (per layer, batch x kv_heads x past_sequence x head_dim, the
+    pruned layer's own head count and width) and returns the cache grown by the new tokens."""
+    if kind != CAUSAL_LM:
+        output = model_output(kind)[0]
+        output_axes = {0: "batch"} if kind == CLASSIFICATION else TOKEN_AXES  # (batch, labels)
+        return ModelGraph(names, [output], {**{name: TOKEN_AXES for name in names}, output: output_axes})
+    if "attention_mask" not in names:
+        raise UserError(f"a causal LM's model.onnx takes an attention_mask, and its tokenizer gives only {names}")
+    layers = model_shape(model.config).num_layers
+    past, present = cache_names(PAST, layers), cache_names(PRESENT, layers)
+    axes = {**{name: TOKEN_AXES for name in [*names, POSITION_IDS, "logits"]},
+            "attention_mask": {0: "batch", 1: "past_sequence + sequence"},
+            **{name: {0: "batch", 2: "past_sequence"} for name in past},
+            **{name: {0: "batch", 2: "past_sequence + sequence"} for name in present}}
+    return ModelGraph([*names, POSITION_IDS, *past], ["logits", *present], axes)
+
+
+def forward_with_cache(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A causal LM's forward from its graph's inputs: (logits, every layer's keys and values after
+    the new tokens). The cache is built here from the past inputs, so the tracer records them as
+    graph inputs, and passed by whatever name the model's forward gives it."""
+    past = [tensor for name, tensor in inputs.items() if is_past(name)]
+    tokens = {name: tensor for name, tensor in inputs.items() if not is_past(name)}
+    output = model(**tokens, **{cache_argument(model): cache_from_tensors(past)}, use_cache=True)
+    return (output.logits, *cache_tensors(find_cache(output)[1]))
+
+
+def position_ids(mask):
+    """Positions as HF generate counts them from a (batch, tokens) mask, tensor or array: the
+    attended tokens 0, 1, 2, ..., padding 0. Left padding shifts nothing."""
+    return (mask.cumsum(-1) - 1) * (mask != 0)
+
+
+def filled_cache(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every layer's keys and values after the model's forward over `inputs` from an empty cache."""
+    with torch.no_grad():
+        return forward_with_cache(model, inputs)[1:]
+
+
+def decoder_example(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """A causal LM's trace example: TRACE_SHAPE new tokens (one padded) after TRACE_PAST cached ones,
+    whose cache the model itself makes, so each layer's past has that layer's pruned shape."""
+    batch, seq = TRACE_SHAPE
+    tokens = padded_for_tracing(random_inputs(model, names, batch, TRACE_PAST + seq))
+    mask = tokens["attention_mask"]
+    past = filled_cache(model, {name: tensor[:, :TRACE_PAST] for name, tensor in tokens.items()})
+    return {**{name: tensor[:, TRACE_PAST:] for name, tensor in tokens.items()}, "attention_mask": mask,
+            POSITION_IDS: position_ids(mask)[:, TRACE_PAST:], **dict(zip(cache_names(PAST, len(past) // 2), past))}
 
 
 def export_model_onnx(model: nn.Module, kind: str, names: list[str], path: Path) -> Path:
-    """The ONNX file a family member ships with: inputs as the tokenizer names them, dynamic batch and
-    sequence axes. The verifier and the profiler time files made here, so what they measure is what
-    a user deploys (a static-shape export of dense MiniLM ran 6-12% slower in ONNX Runtime)."""
-    example = padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
-    return export_onnx(model_call(model, kind, names), example, path, model_output(kind)[0],
-                       model_dynamic_axes(kind, names))
+    """The ONNX file a family member ships with (`model_graph`), every batch and sequence axis
+    dynamic. The verifier and the profiler time files made here, so what they measure is what a
+    user deploys (a static-shape export of dense MiniLM ran 6-12% slower in ONNX Runtime)."""
+    graph = model_graph(model, kind, names)
+    if kind == CAUSAL_LM:
+        call, example = TensorCall(model, graph.inputs, forward_with_cache), decoder_example(model, names)
+    else:
+        call, example = model_call(model, kind, names), padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
+    return export_onnx(call, example, path, graph.outputs, graph.dynamic_axes)
 
 
 def symbolic_axes(inputs: dict[str, torch.Tensor], output: torch.Tensor, spec: InferenceSpec) -> dict[str, dict[int, str]]:
@@ -119,7 +203,7 @@ def eager_attention(module: nn.Module):
             config._attn_implementation = saved[key]
 
 
-def export_onnx(call: TensorCall, inputs: dict[str, torch.Tensor], path: Path, output_name: str,
+def export_onnx(call: TensorCall, inputs: dict[str, torch.Tensor], path: Path, output_names: list[str],
                 dynamic_axes: dict[str, dict[int, str]] | None = None) -> Path:
     """Export with the TorchScript exporter (dynamo=False), which handles these wrappers on torch 2.x.
 
@@ -131,7 +215,7 @@ def export_onnx(call: TensorCall, inputs: dict[str, torch.Tensor], path: Path, o
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
         torch.onnx.export(
             call.eval(), tuple(inputs[name] for name in call.names), str(path),
-            input_names=call.names, output_names=[output_name], dynamic_axes=dynamic_axes,
+            input_names=call.names, output_names=output_names, dynamic_axes=dynamic_axes,
             opset_version=OPSET, dynamo=False,
         )
     restore_unused_inputs(path, {n: inputs[n] for n in call.names}, dynamic_axes or {})
@@ -176,10 +260,6 @@ def ort_session(path: Path, spec: InferenceSpec):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def to_numpy_feeds(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {name: tensor.detach().cpu().numpy() for name, tensor in inputs.items()}
-
-
 def torch_dtype(spec: InferenceSpec) -> torch.dtype:
     return getattr(torch, spec.dtype)
 
@@ -196,10 +276,56 @@ def padded_for_tracing(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {**inputs, "attention_mask": mask}
 
 
+ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def as_array(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def derived_input(name: str) -> bool:
+    """Whether `graph_feeds` makes this input when a caller does not give it."""
+    return name in (POSITION_IDS, "token_type_ids") or is_past(name)
+
+
+def graph_feeds(session, inputs: dict) -> dict[str, np.ndarray]:
+    """Every input of the session's graph from `inputs` (tensors or arrays, by name). Those not given
+    are what torch would use: token_type_ids zeros, and for a causal LM a prefill's positions (counted
+    from the mask as HF generate counts them) and an empty KV cache."""
+    arrays = {name: as_array(value) for name, value in inputs.items()}
+
+    def made(node) -> np.ndarray:
+        ids = arrays["input_ids"]  # (batch, sequence)
+        if node.name == POSITION_IDS:
+            return position_ids(arrays["attention_mask"])[:, -ids.shape[1]:]
+        if node.name == "token_type_ids":
+            return np.zeros_like(ids)
+        if is_past(node.name):  # (batch, kv_heads, 0, head_dim): the layer's static dims from the graph
+            return np.zeros((len(ids), node.shape[1], 0, node.shape[3]), ORT_FLOATS[node.type])
+        raise KeyError(node.name)
+    return {node.name: arrays[node.name] if node.name in arrays else made(node) for node in session.get_inputs()}
+
+
+def decoder_step(session, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One call of a causal LM's graph: its logits, and its present cache named as the next call's past."""
+    logits, *present = session.run(None, feeds)
+    return logits, {past_name(node.name): array for node, array in zip(session.get_outputs()[1:], present)}
+
+
+def next_token_feeds(feeds: dict[str, np.ndarray], tokens: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds for one new token per row after `feeds`, as HF generate makes them: the mask grows by an
+    attended token, each row's position is its last one + 1."""
+    mask = feeds["attention_mask"]
+    return {**feeds, "input_ids": tokens[:, None].astype(np.int64),
+            "attention_mask": np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1),
+            POSITION_IDS: feeds[POSITION_IDS][:, -1:] + 1, **past}
+
+
 def onnx_runner(path: Path, inputs: dict[str, torch.Tensor], spec: InferenceSpec) -> Callable[[], object]:
-    """A no-argument callable running the ONNX file at `path` once on `inputs` in ONNX Runtime."""
+    """A no-argument callable running the ONNX file at `path` once on `inputs` in ONNX Runtime (a
+    causal LM's file as a prefill: `graph_feeds` adds its positions and empty cache)."""
     session = ort_session(path, spec)
-    feeds = to_numpy_feeds({v.name: inputs[v.name] for v in session.get_inputs()})
+    feeds = graph_feeds(session, inputs)
     return lambda: session.run(None, feeds)
 
 
@@ -215,7 +341,7 @@ def build_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: Infere
     if spec.backend == "onnxruntime":
         with torch.inference_mode():
             output = call(*(inputs[n] for n in call.names))
-        path = export_onnx(call, padded_for_tracing(inputs), workdir / f"{name}.onnx", "output",
+        path = export_onnx(call, padded_for_tracing(inputs), workdir / f"{name}.onnx", ["output"],
                            symbolic_axes({n: inputs[n] for n in call.names}, output, spec))
         return onnx_runner(path, inputs, spec)
     call = call.to(device=spec.device)

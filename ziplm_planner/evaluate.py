@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from .atomic import atomic_write_text
-from .backends import model_output, ort_session, to_numpy_feeds
+from .backends import derived_input, graph_feeds, model_output, ort_session
 from .calibrate import mean_pool
 from .data import TextDataset, right_padding, read_dataset
 from .errors import UserError
@@ -82,17 +82,17 @@ def torch_forward(model: nn.Module, kind: str | None = None) -> Forward:
 
 
 def onnx_forward(path: Path, spec: InferenceSpec = InferenceSpec()) -> Forward:
-    """A member's ONNX file in ONNX Runtime, fed by the graph's input names.
+    """A member's ONNX file in ONNX Runtime, fed by the graph's input names; its first output.
 
-    A `token_type_ids` input the batch lacks is fed zeros (the torch models' default)."""
+    Inputs the batch lacks are fed what torch uses (`graph_feeds`): token_type_ids zeros, and a
+    causal LM's prefill positions and empty KV cache."""
     session = ort_session(Path(path), spec)
     names = [i.name for i in session.get_inputs()]
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if missing := [n for n in names if n not in batch and n != "token_type_ids"]:
+        if missing := [n for n in names if n not in batch and not derived_input(n)]:
             raise UserError(f"{path} needs inputs {missing} that the tokenizer does not give")
-        feeds = {n: batch[n] if n in batch else torch.zeros_like(batch["input_ids"]) for n in names}
-        (out,) = session.run(None, to_numpy_feeds(feeds))
+        out = session.run(None, graph_feeds(session, batch))[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
     return forward
 

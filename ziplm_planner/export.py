@@ -21,10 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .backends import (export_model_onnx, input_names, model_dynamic_axes, model_output, ort_session, random_inputs,
-                       to_numpy_feeds)
+from .backends import (PAST, as_array, decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names,
+                       is_past, model_graph, model_output, next_token_feeds, ort_session, random_inputs)
 from .errors import UserError
-from .models import model_class
+from .models import CAUSAL_LM, model_class
 from .progress import stage
 from .spec import InferenceSpec
 from .surgery import PruningPlan, build_pruned, count_parameters
@@ -52,29 +52,49 @@ def _check_batch(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> dict:
-    """Graph input/output names and dynamic axes, and ONNX Runtime vs torch at an untraced size."""
+def _graph_dims(path: Path) -> tuple[list[str], list[str], dict[str, list]]:
+    """Input names, output names and every input's and output's dims (a name where dynamic) of a graph."""
     import onnx
 
-    output, forward = model_output(kind)
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
-    found_inputs, found_outputs = [v.name for v in graph.input], [v.name for v in graph.output]
-    expected_axes = model_dynamic_axes(kind, names)
-    axes = {name: {axis: dims[name][axis] for axis in wanted} for name, wanted in expected_axes.items() if name in dims}
-    if found_inputs != names or found_outputs != [output] or axes != expected_axes:
+    return [v.name for v in graph.input], [v.name for v in graph.output], dims
+
+
+def _cached_logits(session, model: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> np.ndarray:
+    """A causal LM's logits for `inputs` in two calls, the second fed the first's present as its past:
+    the prefill and the decode path of generation. Raises when a present's shape is not torch's cache's."""
+    split = inputs["input_ids"].shape[1] // 2
+    first, past = decoder_step(session, graph_feeds(session, {n: t[:, :split] for n, t in inputs.items()}))
+    rest = {**{n: t[:, split:] for n, t in inputs.items()}, "attention_mask": inputs["attention_mask"], **past}
+    second, present = decoder_step(session, graph_feeds(session, rest))
+    found, expected = [a.shape for a in present.values()], [tuple(t.shape) for t in filled_cache(model, inputs)]
+    if found != expected:
+        raise RuntimeError(f"ONNX export of {path}: present shapes {found}, torch's cache has {expected}")
+    return np.concatenate([first, second], axis=1)
+
+
+def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> dict:
+    """Graph input/output names and dynamic axes, and ONNX Runtime vs torch at an untraced size (a
+    causal LM's file also fed its own cache, and its cache's shapes compared with torch's)."""
+    expected = model_graph(model, kind, names)
+    found_inputs, found_outputs, dims = _graph_dims(path)
+    axes = {name: {axis: dims[name][axis] for axis in wanted} for name, wanted in expected.dynamic_axes.items() if name in dims}
+    if found_inputs != expected.inputs or found_outputs != expected.outputs or axes != expected.dynamic_axes:
         raise RuntimeError(f"ONNX export of {path}: inputs {found_inputs}, outputs {found_outputs}, axes {axes}; "
-                           f"expected {names}, [{output!r}], {expected_axes}")
+                           f"expected {expected.inputs}, {expected.outputs}, {expected.dynamic_axes}")
     inputs = _check_batch(model, names)
-    (actual,) = ort_session(path, InferenceSpec()).run(None, to_numpy_feeds(inputs))
+    session = ort_session(path, InferenceSpec())
+    actual = _cached_logits(session, model, inputs, path) if kind == CAUSAL_LM \
+        else session.run(None, graph_feeds(session, inputs))[0]
     with torch.no_grad():
-        expected = forward(model, inputs).cpu()
-    diff = _max_diff(torch.from_numpy(np.asarray(actual)), expected, inputs.get("attention_mask"))
+        reference = model_output(kind)[1](model, inputs).cpu()
+    diff = _max_diff(torch.from_numpy(np.asarray(actual)), reference, inputs.get("attention_mask"))
     # relative to the output's scale: float32 round-off over many layers grows with it (LM logits ~ 20)
-    allowed = tolerance * max(1.0, float(expected.abs().max()))
+    allowed = tolerance * max(1.0, float(reference.abs().max()))
     if not diff <= allowed:
         raise RuntimeError(f"ONNX export of {path} differs from torch by {diff:.3g} (allowed {allowed:.3g})")
-    return {"file": ONNX, "inputs": names, "outputs": [output], "dynamic_axes": expected_axes,
+    return {"file": ONNX, "inputs": expected.inputs, "outputs": expected.outputs, "dynamic_axes": expected.dynamic_axes,
             "checked_shape": list(CHECK_SHAPE), "max_abs_diff": diff, "allowed_abs_diff": allowed}
 
 
@@ -225,3 +245,49 @@ def load_pruned_tokenizer(folder: Path):
         return transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise UserError(f"member {folder} has no usable tokenizer: {str(err).splitlines()[0]}") from None
+
+
+# --- generating with the shipped file -------------------------------------------------------------
+
+
+def _decoder_session(path: Path):
+    """An ONNX Runtime session of a causal LM's model.onnx (the file, or the member folder holding it)."""
+    path = Path(path)
+    path = path / ONNX if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"ONNX file {path} does not exist")
+    session = ort_session(path, InferenceSpec())
+    if not any(is_past(node.name) for node in session.get_inputs()):
+        raise UserError(f"{path} takes no KV cache ({PAST}.* inputs): generation needs a causal LM's model.onnx "
+                        f"exported by this version")
+    return session
+
+
+def ort_generate(path: Path, input_ids, attention_mask, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+    """Greedy generation in ONNX Runtime with a causal-LM member's model.onnx, its present cache fed
+    back as past: the token ids `model.generate(..., do_sample=False)` returns, prompt first,
+    (batch, prompt + new). Inputs are (batch, prompt) tensors or arrays, padded on either side; positions
+    are counted as HF generate counts them. With `eos_token_id`, a row that emitted it goes on with
+    `pad_token_id` (default: the first eos id) and generation ends once every row has."""
+    session = _decoder_session(path)
+    ids, mask = as_array(input_ids).astype(np.int64), as_array(attention_mask).astype(np.int64)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise UserError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be (batch, prompt)")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    eos = None if eos_token_id is None else np.atleast_1d(eos_token_id)
+    pad = eos[0] if pad_token_id is None and eos is not None else pad_token_id
+    finished = np.zeros(len(ids), dtype=bool)
+    feeds = graph_feeds(session, {"input_ids": ids, "attention_mask": mask})
+    for _ in range(max_new_tokens):
+        logits, past = decoder_step(session, feeds)
+        tokens = logits[:, -1].argmax(-1)
+        if eos is not None:
+            tokens = np.where(finished, pad, tokens)
+            finished |= np.isin(tokens, eos)
+        ids = np.concatenate([ids, tokens[:, None]], axis=1)
+        if finished.all():
+            break
+        feeds = next_token_feeds(feeds, tokens, past)
+    return ids

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 
 def is_cache(value: object) -> bool:
@@ -37,3 +38,19 @@ def cache_argument(module: nn.Module) -> str:
         if "Cache" in text:
             return name
     raise TypeError(f"{type(module).__name__}.forward takes no KV cache")
+
+
+def cache_from_tensors(tensors: list[torch.Tensor]) -> DynamicCache:
+    """A DynamicCache holding `tensors`: layer 0's keys and values, then layer 1's, ...
+
+    Plain layers even where the config has a sliding window (Mistral): a sliding layer trims what it
+    keeps, plain ones hold everything, and the mask applies the window either way."""
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(zip(tensors[0::2], tensors[1::2])):
+        cache.update(keys, values, layer)
+    return cache
+
+
+def cache_tensors(cache: Cache) -> list[torch.Tensor]:
+    """Every layer's keys and values, layer 0's first: (batch, kv_heads, tokens, head_dim) each."""
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
