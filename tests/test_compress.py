@@ -293,13 +293,15 @@ def test_same_seed_table_and_data_give_the_same_family_byte_for_byte(setup, tmp_
             (tmp_path / "b" / member / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("model_type", ["bert", "llama"])
-def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch, model_type):
+@pytest.mark.parametrize("model_type,mode", [("bert", "prefill"), ("llama", "prefill"), ("llama", "decode")])
+def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch, model_type, mode):
+    """Prefill, or for a decoder one new token after a cached context: the member's model.onnx is
+    timed (fed its KV cache in decode mode), ships byte for byte, and re-times with `verify`."""
     import ziplm_planner.oneshot as compress_module
 
     loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=model_type == "llama")
-    table = profile_model(loaded, InferenceSpec(backend="onnxruntime", batch_size=2, seq_len=16, threads=1),
-                          FAST_PROFILE)
+    shape = dict(seq_len=16) if mode == "prefill" else dict(seq_len=1, mode="decode", context=12)
+    table = profile_model(loaded, InferenceSpec(backend="onnxruntime", batch_size=2, threads=1, **shape), FAST_PROFILE)
     calib = write_sentences(tmp_path / "calib.txt")
     timed = {}
     real_save = compress_module.save_member

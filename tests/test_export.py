@@ -332,6 +332,24 @@ def test_decoder_onnx_takes_and_returns_the_kv_cache(decoder_members, model_type
     assert [a.shape for a in cache] == [(3, heads, 9, width) for heads, width in cache_dims(plan, shape) for _ in "kv"]
 
 
+def test_a_decode_step_is_fed_a_cache_as_long_as_the_context_the_mask_covers(decoder_members):
+    """How the profiler and the verifier time decode on ONNX Runtime: one new token per row and a
+    mask over `context` cached tokens plus it; the cache is made `context` long per layer."""
+    from ziplm_planner.backends import graph_feeds, ort_session
+    from ziplm_planner.spec import InferenceSpec
+
+    model, plan, folder = decoder_members("llama", "pruned")
+    session = ort_session(folder / "model.onnx", InferenceSpec(threads=1))
+    feeds = graph_feeds(session, {"input_ids": torch.ones(2, 1, dtype=torch.long),
+                                  "attention_mask": torch.ones(2, 13, dtype=torch.long)})
+    shape = model_shape(model.config)
+    assert [feeds[f"past_key_values.{i}.key"].shape for i in range(shape.num_layers)] == \
+        [(2, heads, 12, width) for heads, width in cache_dims(plan, shape)]
+    assert feeds["position_ids"].tolist() == [[12], [12]]
+    logits, *present = session.run(None, feeds)
+    assert logits.shape == (2, 1, shape.vocab_size) and present[0].shape[2] == 13
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("plan_name", DECODER_PLANS)
 @pytest.mark.parametrize("model_type", DECODER_TYPES)

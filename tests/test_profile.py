@@ -43,10 +43,36 @@ def test_profile_builds_a_complete_table(model_type, causal, backend):
     assert table.metadata["machine"]["cores"] >= 1 and table.metadata["versions"]["torch"]
 
 
-def test_profile_decode_mode_on_a_decoder():
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_profile_decode_mode_on_a_decoder(backend):
     loaded = tiny_loaded("llama", causal_lm=True)
-    spec = InferenceSpec(backend="torch", batch_size=2, seq_len=1, mode="decode", context=12, threads=1)
+    spec = InferenceSpec(backend=backend, batch_size=2, seq_len=1, mode="decode", context=12, threads=1)
     check_complete(profile_model(loaded, spec, FAST), model_shape(loaded.model.config))
+
+
+def test_a_decode_block_on_onnxruntime_takes_its_cached_context_as_inputs(tmp_path):
+    """As a deployed decoder: the past keys and values are fed on every call, with a dynamic length."""
+    import onnx
+
+    from ziplm_planner.profiler import block_runners, workload
+
+    loaded = tiny_loaded("llama", causal_lm=True)
+    spec = InferenceSpec(backend="onnxruntime", batch_size=2, seq_len=1, mode="decode", context=12, threads=1)
+    block_runners(loaded.model, workload(loaded, spec), {"attention": [1], "ffn": []}, spec, tmp_path)
+    graph = onnx.load(str(tmp_path / "attention1.onnx")).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert dims["past_key"] == dims["past_value"] and dims["past_key"][2] == "past_sequence"
+
+
+@pytest.mark.parametrize("mode,length,message", [("decode", 80, "--context 80 plus the new token is 81 tokens"),
+                                                 ("prefill", 81, "--seq-len 81 is 81 tokens")])
+def test_more_tokens_than_the_model_has_positions_are_refused(mode, length, message):
+    from ziplm_planner.profiler import workload
+
+    spec = InferenceSpec(batch_size=1, seq_len=1 if mode == "decode" else length, mode=mode,
+                         context=length if mode == "decode" else 0)
+    with pytest.raises(UserError, match=f"{message}, more than the model's 80 positions"):
+        workload(tiny_loaded("llama", causal_lm=True), spec)
 
 
 def test_decode_mode_is_refused_for_an_encoder():
@@ -167,7 +193,7 @@ def test_shipped_tables_load():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(batch_size=0), "batch size must be at least 1"), (dict(seq_len=0), "seq len must be at least 1"),
     (dict(backend="tensorrt"), "backend"), (dict(mode="decode"), "needs --context"),
-    (dict(mode="decode", context=8, backend="onnxruntime"), "torch backend only"), (dict(context=8), "decode mode only"),
+    (dict(context=8), "decode mode only"),
 ])
 def test_bad_specs_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -179,9 +179,12 @@ def export_model_onnx(model: nn.Module, kind: str, names: list[str], path: Path)
 
 def symbolic_axes(inputs: dict[str, torch.Tensor], output: torch.Tensor, spec: InferenceSpec) -> dict[str, dict[int, str]]:
     """Dynamic axes for a block export, as a deployed model has them: every axis the size of the
-    spec's batch is `batch`, every one the size of its sequence is `sequence`. The block is only
-    ever run at the spec's shape, so an axis named by coincidence costs nothing."""
-    sizes = {spec.batch_size: "batch", spec.seq_len: "sequence"}
+    spec's batch is `batch`, every one the size of its sequence is `sequence`, and in decode mode
+    the cached context and the mask over it are `past_sequence` and `past_sequence + sequence`. The
+    block is only ever run at the spec's shape, so an axis named by coincidence costs nothing."""
+    sizes = {spec.batch_size: "batch", spec.tokens: "sequence"}
+    if spec.mode == "decode":
+        sizes |= {spec.context: "past_sequence", spec.context + spec.tokens: "past_sequence + sequence"}
 
     def axes(tensor):
         return {axis: sizes[size] for axis, size in enumerate(tensor.shape) if size in sizes}
@@ -290,8 +293,10 @@ def derived_input(name: str) -> bool:
 
 def graph_feeds(session, inputs: dict) -> dict[str, np.ndarray]:
     """Every input of the session's graph from `inputs` (tensors or arrays, by name). Those not given
-    are what torch would use: token_type_ids zeros, and for a causal LM a prefill's positions (counted
-    from the mask as HF generate counts them) and an empty KV cache."""
+    are what torch would use: token_type_ids zeros, and for a causal LM positions (counted from the
+    mask as HF generate counts them) and a KV cache of the tokens the mask covers before the new
+    ones: empty for a prefill, `context` long for a decode step (zeros: a timing does not depend on
+    the cached values)."""
     arrays = {name: as_array(value) for name, value in inputs.items()}
 
     def made(node) -> np.ndarray:
@@ -300,8 +305,9 @@ def graph_feeds(session, inputs: dict) -> dict[str, np.ndarray]:
             return position_ids(arrays["attention_mask"])[:, -ids.shape[1]:]
         if node.name == "token_type_ids":
             return np.zeros_like(ids)
-        if is_past(node.name):  # (batch, kv_heads, 0, head_dim): the layer's static dims from the graph
-            return np.zeros((len(ids), node.shape[1], 0, node.shape[3]), ORT_FLOATS[node.type])
+        if is_past(node.name):  # (batch, kv_heads, past, head_dim): the layer's static dims from the graph
+            past = arrays["attention_mask"].shape[1] - ids.shape[1]
+            return np.zeros((len(ids), node.shape[1], past, node.shape[3]), ORT_FLOATS[node.type])
         raise KeyError(node.name)
     return {node.name: arrays[node.name] if node.name in arrays else made(node) for node in session.get_inputs()}
 

@@ -60,6 +60,9 @@ class FrozenKV:
         return torch.cat([self.keys, key], dim=-2), torch.cat([self.values, value], dim=-2)
 
 
+PAST_KEY, PAST_VALUE = "past_key", "past_value"  # a decode block's cached context, a graph input as deployed
+
+
 @dataclass
 class Workload:
     """One spec's model inputs, and how to run a whole model on them."""
@@ -108,6 +111,11 @@ def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Work
 
 
 def workload(loaded: LoadedModel, spec: InferenceSpec, seed: int = 0) -> Workload:
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    length = spec.context + spec.tokens
+    if limit is not None and length > limit:
+        what = f"--context {spec.context} plus the new token" if spec.mode == "decode" else f"--seq-len {spec.seq_len}"
+        raise UserError(f"{what} is {length} tokens, more than the model's {limit} positions: use a shorter one")
     if spec.mode == "decode":
         if loaded.kind != CAUSAL_LM:
             raise UserError("decode mode is for causal LMs: use --mode prefill for this model")
@@ -161,20 +169,26 @@ def layer_candidate(layer: nn.Module, model: nn.Module, block: str, kept: int) -
 
 
 def layer_call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, kv_heads: int | None) -> tuple[TensorCall, dict]:
-    name, captured = find_cache(kwargs)
-    if captured is not None and kv_heads is None:
-        kwargs = {**kwargs, name: None}  # attention removed: nothing reads the cache
-    elif captured is not None:
-        cached = captured.layers[0].keys  # (batch, kv_heads, context, head_dim)
-        batch, context, head_dim = hidden.shape[0], cached.shape[-2], cached.shape[-1]
-        cache = torch.randn(batch, kv_heads, context, head_dim, dtype=hidden.dtype)
-        kwargs = {**kwargs, name: FrozenKV(cache, cache.clone())}
+    """One layer's call on the captured arguments. In decode mode its attention reads a cached context
+    of `kv_heads` heads, given as inputs (`past_key`, `past_value`) as a deployed decoder is given
+    them, so an ONNX export copies them in on every call."""
+    cache_name, captured = find_cache(kwargs)
+    past = {}
+    if captured is not None:
+        kwargs = {**kwargs, cache_name: None}  # attention removed: nothing reads the cache
+        if kv_heads is not None:
+            cached = captured.layers[0].keys  # (batch, kv_heads, context, head_dim)
+            keys = torch.randn(hidden.shape[0], kv_heads, *cached.shape[-2:], dtype=hidden.dtype)
+            past = {PAST_KEY: keys, PAST_VALUE: keys.clone()}
     tensors, rebuild = split_tensor_kwargs(kwargs)
 
     def forward(module, named):
-        out = module(named["hidden_states"], **rebuild(named))
+        arguments = rebuild(named)
+        if past:
+            arguments[cache_name] = FrozenKV(named[PAST_KEY], named[PAST_VALUE])
+        out = module(named["hidden_states"], **arguments)
         return out[0] if isinstance(out, tuple) else out
-    inputs = {"hidden_states": hidden, **tensors}
+    inputs = {"hidden_states": hidden, **tensors, **past}
     return TensorCall(layer, list(inputs), forward), inputs
 
 

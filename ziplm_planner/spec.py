@@ -40,8 +40,6 @@ class InferenceSpec:
         if self.mode == "decode":
             if self.context < 1:
                 raise UserError("decode mode needs --context N (the KV-cache length), N >= 1")
-            if self.backend != "torch":
-                raise UserError("decode mode is profiled on the torch backend only: use --backend torch or --mode prefill")
         elif self.context:
             raise UserError("--context applies to decode mode only: add --mode decode or drop --context")
         if self.backend == "onnxruntime" and self.dtype != "float32":
