@@ -75,3 +75,26 @@ def test_compress_the_real_minilm_with_the_shipped_table(minilm, tmp_path):
     scores = evaluate_family(tmp_path / "family", "fidelity", str(heldout))
     assert scores["dense"] > 0.999 and 0.5 < scores["x2"] < scores["dense"]
     assert load_pruned(tmp_path / "family" / "x2") is not None
+
+
+def test_a_pruned_smollm2_generates_the_same_tokens_in_onnx_runtime_as_in_torch(smollm2, tmp_path):
+    """The member's model.onnx with its KV cache: greedy, 32 tokens, a left-padded batch."""
+    from ziplm_planner.export import ort_generate, save_member
+
+    shape = model_shape(smollm2.model.config)
+    rng = random.Random(1)
+    plan = PruningPlan(shape, [LayerPlan(sorted(rng.sample(range(shape.attention_units), rng.randint(0, 3))),
+                                         sorted(rng.sample(range(shape.intermediate_size), 1024)))
+                               for _ in range(shape.num_layers)])
+    pruned = apply_plan(copy.deepcopy(smollm2.model), plan)
+    save_member(tmp_path / "member", pruned, smollm2.tokenizer, plan, CAUSAL_LM, {})
+    tokenizer = copy.deepcopy(smollm2.tokenizer)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["The history of the city begins", "Rain"], padding=True, return_tensors="pt")
+    eos = pruned.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        expected = pruned.generate(**batch, do_sample=False, max_new_tokens=32, eos_token_id=eos, pad_token_id=pad)
+    found = ort_generate(tmp_path / "member", batch["input_ids"], batch["attention_mask"], max_new_tokens=32,
+                         eos_token_id=eos, pad_token_id=pad)
+    assert found.tolist() == expected.tolist()
