@@ -103,25 +103,12 @@ def output_projection(layer: nn.Module, model_config, block: str) -> nn.Module |
 
 
 def block_hessians(layer: nn.Module, model_config, inputs: list[LayerInput], blocks=BLOCKS) -> dict[str, torch.Tensor]:
-    """H = 2 XᵀX / N of the inputs of each block's output projection, over real tokens only."""
+    """H = 2 XᵀX / N of the inputs of each block's output projection, over real tokens only (padding
+    never enters a Hessian)."""
     state: dict[str, tuple[torch.Tensor | None, int]] = {}
-    current: dict[str, torch.Tensor] = {}
-
-    def hook_for(block):
-        def hook(module, args):
-            x = args[0][current["tokens"]]  # (tokens, d_in): padding never enters a Hessian
+    for batch in inputs:
+        for block, x in run_capturing(layer, model_config, batch, blocks)[1].items():
             state[block] = accumulate_hessian(x, *state.get(block, (None, 0)))
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(block))
-               for block in blocks if (module := output_projection(layer, model_config, block)) is not None]
-    try:
-        for batch in inputs:
-            current["tokens"] = batch.tokens
-            run_layer(layer, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
     return {block: hessian for block, (hessian, _) in state.items()}
 
 
