@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from ziplm_planner.adapters import ATTENTION, FFN, get_module, model_layers, model_shape
+from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, get_module, model_layers, model_shape
 from ziplm_planner.baselines import (BASELINES, baseline_planner, block_sums, fisher_targets,
                                      magnitude_importance, mask_normal_equations, per_sample_losses, rearrange,
                                      solve_mask, top_k, tune_masks)
@@ -126,7 +126,7 @@ def test_magnitude_removes_the_smallest_head_first():
         attention.output.dense.weight[:, 16:24] *= 1e-3
     planner = baseline_planner("magnitude", loaded, linear_table(loaded), random_calibration(loaded))
     _, plan, counts = planner.build(14.1)  # dense 15 ms: one head or 16 neurons must go
-    assert counts == [(3, 48), (4, 48)]
+    assert counts == [(AttentionLevel(3, 1), 48), (AttentionLevel(4, 1), 48)]
     assert plan.layers[0].attention == [0, 1, 3]
 
 
@@ -135,8 +135,8 @@ def test_uniform_keeps_the_same_ratio_everywhere_and_the_largest_that_fits():
     table = linear_table(loaded)
     planner = baseline_planner("uniform", loaded, table, random_calibration(loaded))
     _, plan, counts = planner.build(10.0)  # 4.5 ms per layer
-    assert counts == [(2, 32), (2, 32)]
-    assert table.predict([(3, 32)] * 2) > 10.0 and table.predict([(2, 48)] * 2) > 10.0
+    assert counts == [(AttentionLevel(2, 1), 32)] * 2
+    assert table.predict([(AttentionLevel(3, 1), 32)] * 2) > 10.0 and table.predict([(AttentionLevel(2, 1), 48)] * 2) > 10.0
     for idx, layer in enumerate(model_layers(loaded.model)):  # structures by weight norm
         assert plan.layers[idx].attention == top_k(magnitude_importance(layer, loaded.model.config, ATTENTION), 2)
         assert plan.layers[idx].ffn == top_k(magnitude_importance(layer, loaded.model.config, FFN), 32)
@@ -154,7 +154,7 @@ def test_layerdrop_removes_the_layer_that_changes_nothing_first():
     planner = baseline_planner("layerdrop", loaded, linear_table(loaded), random_calibration(loaded))
     assert planner.influence[1] == pytest.approx(0, abs=1e-6) and planner.influence[0] > 1e-3
     _, plan, counts = planner.build(10.0)  # dense 11 ms: one layer (2 KV groups, 48 neurons: 5 ms) must go
-    assert counts == [(2, 48), (0, 0)]
+    assert counts == [(AttentionLevel(2, 2), 48), (REMOVED_ATTENTION, 0)]
     assert plan.layers[1] == LayerPlan([], [])
 
 

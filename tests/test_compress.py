@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ziplm_planner.adapters import ATTENTION, FFN, model_layers, model_shape
+from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, model_layers, model_shape
 from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.oneshot import compress_model, parse_targets
 from ziplm_planner.settings import CompressSettings
@@ -74,18 +74,18 @@ def test_level_database_errors_and_stitching(setup):
     db = build_database(loaded.model, calibration, table)
     shape = model_shape(loaded.model.config)
     for layer in db.blocks:
-        for block, total in ((ATTENTION, shape.attention_units), (FFN, shape.intermediate_size)):
+        for block, full, removed in ((ATTENTION, shape.full_attention, REMOVED_ATTENTION), (FFN, shape.intermediate_size, 0)):
             trace = layer[block]
-            assert trace.levels[0] == total and trace.levels[-1] == 0
+            assert trace.levels[0] == full and trace.levels[-1] == removed
             assert trace.errors[0] == pytest.approx(0, abs=1e-9) and trace.errors[-1] == pytest.approx(1, abs=1e-6)
             assert all(a <= b + 1e-9 for a, b in zip(trace.errors, trace.errors[1:]))
-            assert sorted(trace.order) == list(range(total))
-    full = [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
+            assert all(set(b) <= set(a) for a, b in zip(trace.kept_sets, trace.kept_sets[1:]))  # nested
+    full = [(shape.full_attention, shape.intermediate_size)] * shape.num_layers
     dense_copy, plan = stitch(loaded.model, db, full)
     batch = calibration.batches(4)[0]
     with torch.no_grad():
         torch.testing.assert_close(dense_copy(**batch).last_hidden_state, loaded.model(**batch).last_hidden_state)
-    counts = [(2, 32), (3, 16)]
+    counts = [(AttentionLevel(2, 1), 32), (AttentionLevel(3, 1), 16)]
     pruned, plan = stitch(loaded.model, db, counts)
     assert plan.kept_counts() == counts
     sequential, seq_plan = stitch_sequential(loaded.model, db, counts, calibration)
@@ -110,11 +110,11 @@ def test_corrected_stitch_keeps_the_structures_and_fits_the_dense_output(model_t
             out = model(**batch)
         return out.logits if model_type == "llama" else out.last_hidden_state
 
-    full = [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
+    full = [(shape.full_attention, shape.intermediate_size)] * shape.num_layers
     dense_copy, _ = stitch(loaded.model, db, full, correction=calibration)
     torch.testing.assert_close(output(dense_copy, batches[0]), output(loaded.model, batches[0]), rtol=1e-4, atol=1e-5)
 
-    counts = [(1, 32), (1, 16)]
+    counts = [(AttentionLevel(1, 1), 32), (AttentionLevel(shape.attention_units, 1), 16)]  # llama: a head per group
     plain, plan = stitch(loaded.model, db, counts)
     corrected, corrected_plan = stitch(loaded.model, db, counts, correction=calibration)
     assert corrected_plan == plan
@@ -139,8 +139,10 @@ def small_database():
     from ziplm_planner.database import BlockTrace, LevelDatabase
 
     shape = ModelShape("bert", 1, 8, 2, 1, 4, 3, 10)
-    blocks = [{ATTENTION: BlockTrace([2, 1, 0], [0.0, 0.4, 1.0], [1, 0], torch.eye(8, dtype=torch.float64)),
-               FFN: BlockTrace([3, 2, 1, 0], [0.0, 0.2, 0.5, 1.0], [2, 0, 1], torch.eye(3, dtype=torch.float64))}]
+    levels = [AttentionLevel(2, 1), AttentionLevel(1, 1), REMOVED_ATTENTION]
+    blocks = [{ATTENTION: BlockTrace(levels, [0.0, 0.4, 1.0], [[0, 1], [0], []], torch.eye(8, dtype=torch.float64)),
+               FFN: BlockTrace([3, 2, 1, 0], [0.0, 0.2, 0.5, 1.0], [[0, 1, 2], [0, 1], [1], []],
+                               torch.eye(3, dtype=torch.float64))}]
     return LevelDatabase(shape, blocks, 0.01, {"seconds": 1.0})
 
 
@@ -149,10 +151,7 @@ class Foreign:
 
 
 def payload_with(change):
-    db = small_database()
-    payload = {"format": "ziplm-planner/level-database/v2", "shape": db.shape.__dict__, "dampening": 0.01,
-               "metadata": {}, "blocks": [{b: {"levels": t.levels, "errors": t.errors, "order": t.order,
-                                               "hessian": t.hessian.float()} for b, t in db.blocks[0].items()}]}
+    payload = small_database().payload()
     change(payload)
     return payload
 
@@ -170,11 +169,12 @@ def torch_bytes(obj):
     torch_bytes({"format": "something else"}),
     torch_bytes(payload_with(lambda p: p["blocks"].append(p["blocks"][0]))),
     torch_bytes(payload_with(lambda p: p["blocks"][0].pop(FFN))),
-    torch_bytes(payload_with(lambda p: p["blocks"][0][FFN].update(order=[0, 0, 1]))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][FFN].update(kept=[torch.tensor(k) for k in ([0, 0, 1], [0], [1], [])]))),
+    torch_bytes(payload_with(lambda p: p["blocks"][0][FFN].update(kept=[torch.tensor(k) for k in ([0, 1, 3], [0], [1], [])]))),
     torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(hessian=torch.eye(3)))),
     torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(errors=[0.0]))),
 ], ids=["empty", "random", "tensor", "list", "foreign-object", "other-format", "extra-layer", "missing-block",
-        "bad-order", "bad-hessian", "missing-errors"])
+        "repeated-structure", "structure-out-of-range", "bad-hessian", "missing-errors"])
 def test_unreadable_cache_entry_is_deleted_and_rebuilt(tmp_path, caplog, content):
     from ziplm_planner.database import cached_database
 
@@ -186,7 +186,8 @@ def test_unreadable_cache_entry_is_deleted_and_rebuilt(tmp_path, caplog, content
     assert "deleting unreadable level-database cache" in caplog.text
     again = cached_database(tmp_path, "k", build)
     assert built == [1] and again.metadata["cached"]
-    assert again.blocks[0][FFN].order == [2, 0, 1] and again.blocks[0][ATTENTION].hessian.shape == (8, 8)
+    assert again.blocks[0][FFN].kept(1) == [1] and again.blocks[0][ATTENTION].kept(AttentionLevel(1, 1)) == [0]
+    assert again.blocks[0][ATTENTION].hessian.shape == (8, 8)
 
 
 def test_unwritable_cache_is_a_warning(tmp_path, caplog):

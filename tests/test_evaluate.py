@@ -63,7 +63,7 @@ def build_family(root: Path, model, tokenizer, kind: str, plans: dict[float, Pru
         counts = plan.kept_counts()
         rows.append({"target": target, "folder": member_name(target), "met_target": True, "predicted_ms": 1.0 / target,
                      "measured_speedup": target, "parameters": count_parameters(member), "replans": 0,
-                     "kept_attention": [a for a, _ in counts], "kept_ffn": [f for _, f in counts]})
+                     "kept_attention": [a.query_heads for a, _ in counts], "kept_ffn": [f for _, f in counts]})
     FamilyReport(rows, {"model": "tiny", "model_kind": kind}).save(root)
     return root
 

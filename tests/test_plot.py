@@ -111,7 +111,7 @@ def test_layers_writes_png_and_svg(families, tmp_path):
     paths = plot_layers(families[0], tmp_path / "layers.png")
     assert all(p.stat().st_size > 1000 for p in paths)
     text = svg_text(paths)
-    for label in ("attention units", "FFN neurons", "x1.5", "x3", "MISSED", "layer", "ziplm: kept structures"):
+    for label in ("attention (query heads)", "FFN neurons", "x1.5", "x3", "MISSED", "layer", "ziplm: kept structures"):
         assert label in text, label
     assert "dense: 1.00x" not in text  # the dense member is the reference, not a panel
     width, height = png_size(paths)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ziplm_planner.adapters import model_shape
+from ziplm_planner.adapters import REMOVED_ATTENTION, AttentionLevel, model_shape
 from ziplm_planner.errors import UserError
-from ziplm_planner.profiler import (ProfileSettings, ffn_levels, fit_line, fit_ratio, fit_whole_models, leave_one_out,
+from ziplm_planner.profiler import (ProfileSettings, attention_levels, ffn_levels, fit_line, fit_ratio, fit_whole_models, leave_one_out,
                                     predicted_from_fit, profile_model)
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import ATTENTION, FFN, FIXED, LatencyTable
@@ -20,13 +20,14 @@ FAST = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=2, add
 
 
 def check_complete(table, shape):
-    assert table.levels(ATTENTION) == list(range(1, shape.attention_units + 1))
+    assert table.levels(ATTENTION) == attention_levels(shape)  # every (KV groups, query heads per group) pair
+    assert len(attention_levels(shape)) == shape.attention_units * shape.q_per_unit
     assert table.levels(FFN) == ffn_levels(shape.intermediate_size, 16) == [16, 32, 48]
     assert len(table.levels(FIXED)) == 1
     for r in table.records:
         assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["runs"] == 3
     assert len(table.additivity) == 3  # the dense model and two random ones
-    assert table.additivity[0]["kept"] == [(shape.attention_units, shape.intermediate_size)] * shape.num_layers
+    assert table.additivity[0]["kept"] == [(shape.full_attention, shape.intermediate_size)] * shape.num_layers
     assert table.dense_ms == pytest.approx(table.from_block_sum(table.additivity[0]["block_sum_ms"]))
     fit = fit_whole_models([a["block_sum_ms"] for a in table.additivity], [a["measured_ms"] for a in table.additivity])
     assert fit == (table.metadata["whole_model_fit"], table.scale, table.offset_ms, table.line_from_ms)
@@ -58,8 +59,8 @@ def test_a_decode_block_on_onnxruntime_takes_its_cached_context_as_inputs(tmp_pa
 
     loaded = tiny_loaded("llama", causal_lm=True)
     spec = InferenceSpec(backend="onnxruntime", batch_size=2, seq_len=1, mode="decode", context=12, threads=1)
-    block_runners(loaded.model, workload(loaded, spec), {"attention": [1], "ffn": []}, spec, tmp_path)
-    graph = onnx.load(str(tmp_path / "attention1.onnx")).graph
+    block_runners(loaded.model, workload(loaded, spec), {"attention": [AttentionLevel(1, 2)], "ffn": []}, spec, tmp_path)
+    graph = onnx.load(str(tmp_path / "attention1x2.onnx")).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
     assert dims["past_key"] == dims["past_value"] and dims["past_key"][2] == "past_sequence"
 
@@ -89,19 +90,23 @@ def table():
 def test_table_round_trips_through_json(table, tmp_path):
     path = table.save(tmp_path / "t.json")
     loaded = LatencyTable.load(path)
-    assert loaded.to_dict() == json.loads(json.dumps(table.to_dict()))
+    assert json.loads(json.dumps(loaded.to_dict())) == json.loads(json.dumps(table.to_dict()))
+    assert loaded.additivity == table.additivity
     frame = loaded.to_frame()
     assert {"block", "level", "time_ms", "p10_ms", "p90_ms", "runs", "spread"} <= set(frame.columns)
     assert "additivity" in loaded.describe() and "attention" in loaded.describe()
 
 
 def test_prediction_is_the_sum_of_block_times(table):
-    fixed, attn, ffn = table.fixed_ms, table.time(ATTENTION, 2), table.time(FFN, 32)
-    assert table.predict([(2, 32), (0, 0)]) == pytest.approx(table.from_block_sum(fixed + attn + ffn))
-    assert table.predict([(0, 0), (0, 0)]) == pytest.approx(table.from_block_sum(fixed))
+    two = AttentionLevel(2, 1)
+    fixed, attn, ffn = table.fixed_ms, table.time(ATTENTION, two), table.time(FFN, 32)
+    assert table.predict([(two, 32), (REMOVED_ATTENTION, 0)]) == pytest.approx(table.from_block_sum(fixed + attn + ffn))
+    assert table.predict([(REMOVED_ATTENTION, 0)] * 2) == pytest.approx(table.from_block_sum(fixed))
+    with pytest.raises(ValueError, match="attention level 2x2 was not timed"):
+        table.time(ATTENTION, AttentionLevel(2, 2))
     cheapest_block = min(table.times(ATTENTION) + table.times(FFN))
     assert table.max_speedup == pytest.approx(table.dense_ms / table.from_block_sum(fixed + cheapest_block))
-    assert table.block_budget(table.predict([(2, 32), (0, 0)])) == pytest.approx(attn + ffn)
+    assert table.block_budget(table.predict([(two, 32), (REMOVED_ATTENTION, 0)])) == pytest.approx(attn + ffn)
 
 
 def test_table_refuses_another_model_naming_the_fields(table):
@@ -161,8 +166,11 @@ def drop(data, block, level):
     (lambda d: first_of(d, FFN).update(p10_ms=-1.0), "p10_ms -1.0 is not > 0"),
     (lambda d: first_of(d, FFN).pop("p90_ms"), "p90_ms None is not a finite number"),
     (lambda d: first_of(d, ATTENTION).update(runs=0), "runs 0 is not an integer >= 1"),
-    (lambda d: drop(d, ATTENTION, 2), r"attention levels missing \[2\]"),
-    (lambda d: first_of(d, ATTENTION).update(level=9), r"attention levels missing \[1\], unexpected \[9\]"),
+    (lambda d: drop(d, ATTENTION, 2), r"attention levels missing 2x1 \(KV groups x query heads\)"),
+    (lambda d: first_of(d, ATTENTION).update(level=9), r"attention levels missing 1x1"),
+    (lambda d: d["records"].append(dict(first_of(d, ATTENTION), level=9)), r"attention levels 9x1 are outside 1..4 groups"),
+    (lambda d: first_of(d, ATTENTION).update(heads=2), r"heads must be an attention record's query heads .* 1..1"),
+    (lambda d: first_of(d, FFN).update(heads=1), r"heads must be an attention record's"),
     (lambda d: first_of(d, FFN).update(level=49), r"FFN levels \[49\] are outside 1..48"),
     (lambda d: drop(d, FFN, 48), "FFN level 48 \\(dense\\) is missing"),
     (lambda d: d.update(additivity={}), "additivity is not a list"),

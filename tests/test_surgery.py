@@ -12,7 +12,7 @@ from ziplm_planner.adapters import SUPPORTED_MODEL_TYPES, architecture_for, get_
 from ziplm_planner.errors import UserError
 from ziplm_planner.kvcache import cache_argument
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, build_pruned, count_parameters, unit_rows
-from tiny_models import TINY_CONFIGS, random_batch, tiny_model
+from tiny_models import GQA_TYPES, TINY_CONFIGS, gqa_model, random_batch, tiny_model
 
 ALL_TYPES = sorted(TINY_CONFIGS)
 
@@ -22,11 +22,12 @@ def test_every_registered_architecture_has_a_tiny_model():
 
 
 def zero_removed(model, plan: PruningPlan):
-    """The masked reference: zero the output-projection columns of every removed structure."""
+    """The masked reference: zero the output-projection columns of every removed structure (a query
+    head's, or a neuron's)."""
     arch, shape = architecture_for(model.config), model_shape(model.config)
     for layer, kept in zip(model_layers(model), plan.layers):
         for path, kept_idx, total, width in (
-            (arch.attention_output, kept.attention, shape.attention_units, shape.q_per_unit * shape.head_dim),
+            (arch.attention_output, kept.heads(shape), shape.num_heads, shape.head_dim),
             (arch.ffn_output, kept.ffn, shape.intermediate_size, 1),
         ):
             out = get_module(layer, path)
@@ -40,11 +41,16 @@ def zero_removed(model, plan: PruningPlan):
 
 
 def random_plan(shape, rng, allow_empty):
-    def subset(total):
-        low = 0 if allow_empty else 1
+    """Random KV groups, the same random number of query heads in each (any of its heads), random neurons."""
+    def subset(total, low=0 if allow_empty else 1):
         return sorted(rng.sample(range(total), rng.randint(low, total)))
-    return PruningPlan(shape, [LayerPlan(subset(shape.attention_units), subset(shape.intermediate_size))
-                               for _ in range(shape.num_layers)])
+
+    def layer():
+        per_group = rng.randint(1, shape.q_per_unit)
+        heads = [g * shape.q_per_unit + i for g in subset(shape.attention_units)
+                 for i in rng.sample(range(shape.q_per_unit), per_group)]
+        return LayerPlan.of_heads(shape, heads, subset(shape.intermediate_size))
+    return PruningPlan(shape, [layer() for _ in range(shape.num_layers)])
 
 
 def outputs(model, batch):
@@ -65,6 +71,55 @@ def test_pruned_equals_masked_dense(model_type, seed):
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(outputs(pruned, batch)[keep], outputs(masked, batch)[keep], rtol=1e-4, atol=1e-5)
     assert count_parameters(pruned) < count_parameters(dense)
+
+
+@pytest.mark.parametrize("groups,heads_per_group", [(2, 3), (3, 2), (3, 3)])
+@pytest.mark.parametrize("model_type", GQA_TYPES)
+def test_query_heads_inside_kv_groups_equal_the_masked_dense_model(model_type, groups, heads_per_group):
+    """Query heads removed inside KV groups: the pruned model is the dense one with those heads' output
+    columns zeroed, in a forward pass and in greedy generation with its KV cache."""
+    dense = gqa_model(model_type, groups, heads_per_group)
+    shape = model_shape(dense.config)
+    assert (shape.attention_units, shape.q_per_unit) == (groups, heads_per_group)
+    for seed in range(3):
+        plan = random_plan(shape, random.Random(seed), allow_empty=True)
+        plan.layers[0] = LayerPlan.of_heads(shape, [g * heads_per_group + heads_per_group - 1 for g in range(groups)],
+                                            range(shape.intermediate_size))  # one head per group: the last
+        pruned = apply_plan(copy.deepcopy(dense), plan)
+        masked = zero_removed(copy.deepcopy(dense), plan)
+        attention = model_layers(pruned)[0].self_attn
+        assert attention.num_key_value_groups == 1 and attention.k_proj.out_features == groups * shape.head_dim
+        batch = random_batch(dense)
+        keep = batch["attention_mask"].bool()
+        torch.testing.assert_close(outputs(pruned, batch)[keep], outputs(masked, batch)[keep], rtol=1e-4, atol=1e-5)
+        ids = random_batch(dense, batch=2, pad_last=0)["input_ids"]
+        settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned.generate(ids, **settings), masked.generate(ids, **settings))
+
+
+def test_query_heads_that_leave_groups_uneven_are_refused():
+    shape = model_shape(gqa_model("llama", 2, 3).config)
+    with pytest.raises(ValueError, match="different numbers of heads per KV group"):
+        LayerPlan.of_heads(shape, [0, 1, 3], [])
+    data = PruningPlan.dense(shape).to_dict()
+    data["layers"][0]["query_heads"] = [0, 1, 3]
+    with pytest.raises(UserError, match="layer 0: query heads .* different numbers"):
+        PruningPlan.from_dict(data)
+    data["layers"][0]["query_heads"] = [0, 3]
+    data["layers"][0]["attention"] = [0]
+    with pytest.raises(UserError, match=r"query_heads belong to KV groups \[0, 1\], attention keeps \[0\]"):
+        PruningPlan.from_dict(data)
+
+
+def test_a_plan_without_query_heads_keeps_every_head_of_its_groups():
+    """pruning.json files written before query heads could be removed still load."""
+    shape = model_shape(gqa_model("llama", 3, 2).config)
+    data = PruningPlan.dense(shape).to_dict()
+    del data["layers"][0]["query_heads"]
+    data["layers"][0]["attention"] = [0, 2]
+    layer = PruningPlan.from_dict(data).layers[0]
+    assert layer.heads(shape) == [0, 1, 4, 5] and str(layer.attention_level(shape)) == "2x2"
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

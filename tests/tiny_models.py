@@ -41,6 +41,22 @@ TINY_CONFIGS = {
                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 }
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+GQA_TYPES = ("llama", "mistral", "qwen2")
+
+
+def gqa_model(model_type: str, kv_groups: int, heads_per_group: int, seed: int = 0):
+    """A tiny causal LM with `kv_groups` KV heads each shared by `heads_per_group` query heads (head_dim 8)."""
+    torch.manual_seed(seed)
+    heads = kv_groups * heads_per_group
+    config = TINY_CONFIGS[model_type]()
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 8 * heads, heads, kv_groups
+    config.head_dim = 8
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
 
 
 def tiny_model(model_type: str, causal_lm: bool = False, seed: int = 0):
@@ -112,10 +128,12 @@ def write_sentences(path, count: int = 200, seed: int = 0):
 
 
 def linear_table(loaded) -> LatencyTable:
-    """Attention k units: k ms; FFN n neurons (levels 16, 32, 48): n/16 ms; fixed part 1 ms."""
+    """Attention g KV groups of h query heads: g * h / (heads per dense group) ms, so k whole units
+    take k ms; FFN n neurons (levels 16, 32, 48): n/16 ms; fixed part 1 ms."""
     shape = model_shape(loaded.model.config)
     records = [{"block": FIXED, "level": 0, "time_ms": 1.0}]
-    records += [{"block": ATTENTION, "level": k, "time_ms": float(k)} for k in range(1, shape.attention_units + 1)]
+    records += [{"block": ATTENTION, "level": g, "heads": h, "time_ms": g * h / shape.q_per_unit}
+                for g in range(1, shape.attention_units + 1) for h in range(1, shape.q_per_unit + 1)]
     records += [{"block": FFN, "level": n, "time_ms": n / 16} for n in range(16, shape.intermediate_size + 1, 16)]
     return LatencyTable(InferenceSpec(), shape, "p10", records)
 

@@ -12,6 +12,9 @@
 
 A mask variable multiplies a structure's columns of its block's output projection INPUT (a head's
 output or a neuron's activation): a pre-hook, architecture-agnostic through the adapters.
+
+Baselines prune attention by units: heads, or under grouped-query attention whole KV groups (as the
+methods were published); only ZipLM also removes query heads inside groups.
 """
 
 from __future__ import annotations
@@ -28,15 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ATTENTION, BLOCKS, FFN, architecture_for, get_module, model_layers, model_shape
+from .adapters import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, get_module,
+                       model_layers, model_shape)
 from .calibrate import Calibration, mean_pool
-from .database import group_size, table_levels, total_structures
 from .errors import UserError
 from .layers import LayerInput, capture_inputs, output_projection, propagate, run_layer, weight_out_in
 from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
 from .search import BlockLevels, solve_dp
 from .stitch import prune_block
-from .surgery import PruningPlan
+from .surgery import PruningPlan, unit_heads
 from .table import LatencyTable
 
 log = logging.getLogger(__name__)
@@ -47,13 +50,37 @@ MAX_MASK = 10.0  # Kwon's guard: tuned mask values beyond ±10 mean an ill-posed
 UNIFORM_GRID = 4096  # keep ratios scanned by `uniform`, besides every table level's own ratio
 
 
+# --- units -----------------------------------------------------------------------------------------
+
+
+def unit_width(shape: ModelShape, block: str) -> int:
+    """Output-projection input columns of one unit: a KV group's query heads, or a neuron."""
+    return shape.q_per_unit * shape.head_dim if block == ATTENTION else 1
+
+
+def total_units(shape: ModelShape, block: str) -> int:
+    return shape.attention_units if block == ATTENTION else shape.intermediate_size
+
+
+def unit_level(shape: ModelShape, block: str, units: int) -> AttentionLevel | int:
+    """The table level of a block keeping `units` whole units."""
+    if block == FFN:
+        return units
+    return AttentionLevel(units, shape.q_per_unit) if units else REMOVED_ATTENTION
+
+
+def unit_levels(table: LatencyTable, block: str) -> list[int]:
+    """Unit counts the table timed, 0 (removed) first."""
+    return [0, *(level.groups for level in table.whole_groups())] if block == ATTENTION else [0, *table.levels(FFN)]
+
+
 # --- weight magnitude -----------------------------------------------------------------------------
 
 
 def present_structures(layer: nn.Module, config, block: str) -> int:
     """How many structures a block of a (possibly pruned) layer still has; 0 once removed."""
     projection = output_projection(layer, config, block)
-    return 0 if projection is None else weight_out_in(projection).shape[1] // group_size(model_shape(config), block)
+    return 0 if projection is None else weight_out_in(projection).shape[1] // unit_width(model_shape(config), block)
 
 
 def magnitude_importance(layer: nn.Module, config, block: str) -> torch.Tensor:
@@ -126,7 +153,7 @@ def structure_masks(model: nn.Module, masks: dict[tuple[int, str], torch.Tensor]
 
     layers = model_layers(model)
     handles = [output_projection(layers[idx], config, block).register_forward_pre_hook(
-        hook_for(mask, group_size(shape, block))) for (idx, block), mask in masks.items()]
+        hook_for(mask, unit_width(shape, block))) for (idx, block), mask in masks.items()]
     try:
         yield
     finally:
@@ -293,14 +320,14 @@ def tune_masks(dense: nn.Module, pruned: nn.Module, inputs: list[LayerInput]) ->
                 want = target[block] - (current - x @ weight.T)
                 x = x.double()
                 xx, xt = xx + x.T @ x, xt + x.T @ want.double()
-            gram, rhs = mask_normal_equations(xx, xt, weight, group_size(shape, block))
+            gram, rhs = mask_normal_equations(xx, xt, weight, unit_width(shape, block))
             mask = solve_mask(gram, rhs)
             if mask is None:
                 log.warning("layer %d %s: mask tuning ill-posed, left untuned", idx, block)
                 continue
             log.debug("layer %d %s: mask values in [%.3f, %.3f]", idx, block, mask.min(), mask.max())
             with torch.no_grad():
-                weight.mul_(mask.repeat_interleave(group_size(shape, block)).to(weight.dtype))
+                weight.mul_(mask.repeat_interleave(unit_width(shape, block)).to(weight.dtype))
         teacher_in, student_in = propagate(teacher, teacher_in), propagate(student, student_in)
 
 
@@ -322,24 +349,36 @@ class StructurePlanner:
         self.shape = model_shape(loaded.model.config)
         table.check_compatible(self.shape, source="latency table")
         self.base = base or PruningPlan.dense(self.shape)
-        self.present = [dict(zip(BLOCKS, counts)) for counts in self.base.kept_counts()]  # per layer and block
+        if any(layer.query_heads is not None for layer in self.base.layers):
+            raise UserError(f"{self.method} prunes whole KV groups: it cannot continue from a model with query heads "
+                            "removed inside groups")
+        self.present = [{ATTENTION: len(layer.attention), FFN: len(layer.ffn)} for layer in self.base.layers]
 
-    def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[int, int]]]:
-        """A pruned model whose predicted time fits budget_ms: (model, plan, kept counts per layer)."""
+    def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[AttentionLevel, int]]]:
+        """A pruned model whose predicted time fits budget_ms: (model, plan, kept levels per layer)."""
         block_budget = self.table.block_budget(budget_ms)
         if block_budget < 0:
             raise UserError(f"budget {budget_ms:g} ms is below the table's fixed part "
-                            f"{self.table.predict([(0, 0)] * self.shape.num_layers):g} ms")
+                            f"{self.table.from_block_sum(self.table.fixed_ms):g} ms")
         counts = self.counts(block_budget)
         kept = [{block: self.kept(i, block, k) for block, k in zip(BLOCKS, layer)} for i, layer in enumerate(counts)]
         model = copy.deepcopy(self.loaded.model)
         for idx, layer in enumerate(model_layers(model)):
             for block in BLOCKS:
                 if len(kept[idx][block]) < self.present[idx][block]:
-                    prune_block(layer, model.config, idx, block, kept[idx][block], weight=None)
-        log.info("%s: budget %.2f ms, predicted %.2f ms, kept %s", self.method, budget_ms,
-                 self.table.predict(counts), counts)
-        return self.finish(model), self.base.compose(kept), counts
+                    prune_block(layer, model.config, idx, block, self.structures(block, kept[idx][block]), weight=None)
+        levels = self.table_levels(counts)
+        log.info("%s: budget %.2f ms, predicted %.2f ms, kept %s", self.method, budget_ms, self.table.predict(levels),
+                 counts)
+        plan = self.base.compose([{b: self.structures(b, units) for b, units in layer.items()} for layer in kept])
+        return self.finish(model), plan, levels
+
+    def structures(self, block: str, units: list[int]) -> list[int]:
+        """The structures surgery and plans name (query heads, neurons) of a block's units."""
+        return unit_heads(units, self.shape.q_per_unit) if block == ATTENTION else units
+
+    def table_levels(self, counts: list[tuple[int, int]]) -> list[tuple[AttentionLevel, int]]:
+        return [(unit_level(self.shape, ATTENTION, a), f) for a, f in counts]
 
     def counts(self, block_budget: float) -> list[tuple[int, int]]:
         """(attention units, FFN neurons) kept per layer, within `block_budget` of block time."""
@@ -359,7 +398,7 @@ class StructurePlanner:
 
     def levels(self, idx: int, block: str) -> list[int]:
         """The table's levels a block may take: no more structures than it has."""
-        return [k for k in table_levels(self.table, block) if k <= self.present[idx][block]]
+        return [k for k in unit_levels(self.table, block) if k <= self.present[idx][block]]
 
     def searched(self, block_budget: float, relative: bool) -> list[tuple[int, int]]:
         """Levels by the DP, each block's error the share (`relative`) or the sum of importance removed."""
@@ -368,14 +407,15 @@ class StructurePlanner:
             for block in BLOCKS:
                 levels = self.levels(idx, block)
                 problem.append(BlockLevels(
-                    f"layer{idx}.{block}", tuple(levels), tuple(self.table.time(block, k) for k in levels),
+                    f"layer{idx}.{block}", tuple(levels),
+                    tuple(self.table.time(block, unit_level(self.shape, block, k)) for k in levels),
                     tuple(removed_share(layer[block], levels, relative=relative))))
         choice = solve_dp(problem, block_budget)
         counts = [b.levels[i] for b, i in zip(problem, choice)]
         return list(zip(counts[0::2], counts[1::2]))
 
     def block_time(self, counts: list[tuple[int, int]]) -> float:
-        return sum(self.table.time(ATTENTION, a) + self.table.time(FFN, f) for a, f in counts)
+        return self.table.block_sum(self.table_levels(counts)) - self.table.fixed_ms
 
 
 class MagnitudePlanner(StructurePlanner):
@@ -401,7 +441,7 @@ class UniformPlanner(MagnitudePlanner):
     def counts(self, block_budget: float) -> list[tuple[int, int]]:
         """The largest ratio r (scanned downwards) with each block at the table level nearest r x its
         dense size (never above what it has)."""
-        grids = [(np.asarray(table_levels(self.table, b)), total_structures(self.shape, b)) for b in BLOCKS]
+        grids = [(np.asarray(unit_levels(self.table, b)), total_units(self.shape, b)) for b in BLOCKS]
         ratios = {float(r) for r in np.linspace(0.0, 1.0, UNIFORM_GRID + 1)}
         ratios |= {level / total for levels, total in grids for level in levels.tolist()}
         # argmin takes the first minimum: ties go to the smaller level; r = 0 removes every block
@@ -425,7 +465,7 @@ class LayerDropPlanner(StructurePlanner):
         self.influence = block_influence(loaded.model, calibration.batches())
 
     def counts(self, block_budget: float) -> list[tuple[int, int]]:
-        counts = self.base.kept_counts()
+        counts = [(has[ATTENTION], has[FFN]) for has in self.present]
         for idx in np.argsort(self.influence, kind="stable"):
             if self.block_time(counts) <= block_budget:
                 break

@@ -21,60 +21,91 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import ATTENTION, BLOCKS, FFN, ModelShape, model_layers, model_shape
+from .adapters import ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, model_layers, model_shape
 from .calibrate import Calibration
 from .errors import UserError
 from .layers import block_hessians, capture_inputs, output_projection, propagate, weight_out_in
-from .obs import obs_prune, reconstruct_weights
+from .obs import obs_prune, prune_heads_per_group, reconstruct_weights
 from .progress import bar
 from .search import BlockLevels
-from .surgery import PruningPlan
+from .surgery import PruningPlan, unit_heads
 from .table import LatencyTable
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ziplm-planner/level-database/v2"  # v2: Hessians of correctly masked layer inputs
+FORMAT = "ziplm-planner/level-database/v3"  # v3: query heads inside KV groups, kept structures per level
 
 
-def group_size(shape: ModelShape, block: str) -> int:
-    return shape.q_per_unit * shape.head_dim if block == ATTENTION else 1
+def column_width(shape: ModelShape, block: str) -> int:
+    """Output-projection input columns of one structure: a query head's, or a neuron's one."""
+    return shape.head_dim if block == ATTENTION else 1
 
 
-def total_structures(shape: ModelShape, block: str) -> int:
-    return shape.attention_units if block == ATTENTION else shape.intermediate_size
+def full_level(shape: ModelShape, block: str) -> AttentionLevel | int:
+    return shape.full_attention if block == ATTENTION else shape.intermediate_size
 
 
-def table_levels(table: LatencyTable, block: str) -> list[int]:
-    """Levels the search may choose: 0 (block removed) and every size the table timed."""
-    return [0, *table.levels(block)]
+def removed_level(block: str) -> AttentionLevel | int:
+    return REMOVED_ATTENTION if block == ATTENTION else 0
+
+
+def table_levels(table: LatencyTable, block: str) -> list:
+    """Levels the search may choose: the block removed, and every size the table timed."""
+    return [removed_level(block), *table.levels(block)]
+
+
+def fits(level: AttentionLevel | int, present: AttentionLevel | int) -> bool:
+    """Whether a block that is at `present` can be cut to `level` (attention: in groups and in heads)."""
+    if isinstance(level, AttentionLevel):
+        return level == REMOVED_ATTENTION or (level.groups <= present.groups and level.heads <= present.heads)
+    return level <= present
 
 
 @dataclass
 class BlockTrace:
-    """One block of one layer: OBS removal order and relative output error per level."""
+    """One block of one layer: per level, the structures greedy OBS keeps and the relative output error.
+    Structures are query heads for attention and neurons for the FFN, as ids into the layer as it is."""
 
-    levels: list[int]  # structures kept, descending from all to 0
+    levels: list  # descending, from the block as it is to removed
     errors: list[float]
-    order: list[int]  # structure ids in the order OBS removed them
+    kept_sets: list[list[int]]
     hessian: torch.Tensor  # (d_in, d_in) undamped, float32 on disk
 
-    def kept(self, level: int) -> list[int]:
-        total = self.levels[0]
-        removed = set(self.order[: total - level])
-        return [i for i in range(total) if i not in removed]
+    def kept(self, level) -> list[int]:
+        return self.kept_sets[self.levels.index(level)]
+
+    @property
+    def present(self) -> int:
+        """Structures the block has now."""
+        return len(self.kept_sets[0])
 
 
-def obs_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor, levels: list[int], dampening: float,
-              where: str) -> BlockTrace:
-    shape = model_shape(config)
-    weight = weight_out_in(output_projection(layer, config, block))
-    try:
-        trace = obs_prune(weight.double(), hessian, group_size(shape, block), levels, dampening)
-    except ValueError as err:
-        if "NaN" in str(err) or "Inf" in str(err):
-            raise UserError(f"{where}: Hessian has NaN or Inf; check the model weights and the calibration data") from None
-        raise
-    return BlockTrace(trace.levels, trace.errors, trace.order, hessian)
+def neuron_trace(weight: torch.Tensor, hessian: torch.Tensor, levels: list[int], dampening: float) -> BlockTrace:
+    """Greedy OBS over FFN neurons, one at a time, from all down to 0."""
+    trace = obs_prune(weight, hessian, 1, levels, dampening)
+    total = weight.shape[1]
+    kept = [sorted(set(range(total)) - set(trace.order[: total - level])) for level in trace.levels]
+    return BlockTrace(trace.levels, trace.errors, kept, hessian)
+
+
+def head_trace(weight: torch.Tensor, hessian: torch.Tensor, levels: list[AttentionLevel], present: AttentionLevel,
+               head_dim: int, dampening: float) -> BlockTrace:
+    """Greedy OBS over attention: whole KV groups (all their query heads and their K and V) one at a
+    time; then from each number of groups, one query head from every group per round. `levels` are
+    the ones wanted, within `present`."""
+    per_group = present.heads
+    groups = obs_prune(weight, hessian, per_group * head_dim, {level.groups for level in levels} | {0}, dampening)
+    wanted, found = set(levels), {}
+    for count, error in zip(groups.levels, groups.errors):
+        removed = set(groups.order[: present.groups - count])
+        heads = unit_heads([g for g in range(present.groups) if g not in removed], per_group)
+        found[AttentionLevel(count, per_group) if count else REMOVED_ATTENTION] = (heads, error)
+        fewer = [level.heads for level in wanted if level.groups == count and level.heads < per_group]
+        if count and fewer:
+            rounds = prune_heads_per_group(weight, hessian, heads, per_group, head_dim, min(fewer), dampening)
+            found.update({AttentionLevel(count, per_group - 1 - r): result for r, result in enumerate(rounds)})
+    chosen = sorted(wanted, reverse=True)
+    return BlockTrace(chosen, [found[level][1] for level in chosen], [found[level][0] for level in chosen], hessian)
 
 
 @dataclass
@@ -103,35 +134,41 @@ class LevelDatabase:
                     times=tuple(table.time(block, k) for k in levels), errors=tuple(error_at[k] for k in levels)))
         return problem
 
-    def kept_counts(self, problem: list[BlockLevels], choice: list[int]) -> list[tuple[int, int]]:
-        """(attention, FFN) structures kept per layer for a search choice."""
+    def kept_counts(self, problem: list[BlockLevels], choice: list[int]) -> list[tuple[AttentionLevel, int]]:
+        """(attention level, FFN neurons) kept per layer for a search choice."""
         counts = [b.levels[i] for b, i in zip(problem, choice)]
         return list(zip(counts[0::2], counts[1::2]))
 
-    def plan(self, counts: list[tuple[int, int]]) -> PruningPlan:
+    def plan(self, counts: list[tuple[AttentionLevel, int]]) -> PruningPlan:
         """The plan of a choice, in the dense model's indices (through `base`)."""
         return (self.base or PruningPlan.dense(self.shape)).compose(self.current_ids(counts))
 
-    def current_ids(self, counts: list[tuple[int, int]]) -> list[dict[str, list[int]]]:
-        """Per layer and block, the structures a choice keeps, as ids into the model the database was built on."""
+    def current_ids(self, counts: list[tuple[AttentionLevel, int]]) -> list[dict[str, list[int]]]:
+        """Per layer and block, the structures a choice keeps (query heads, neurons), as ids into the model
+        the database was built on."""
         return [{ATTENTION: layer[ATTENTION].kept(a), FFN: layer[FFN].kept(f)} for layer, (a, f) in zip(self.blocks, counts)]
 
-    def reconstructed(self, layer: int, block: str, weight: torch.Tensor, level: int) -> torch.Tensor:
+    def reconstructed(self, layer: int, block: str, weight: torch.Tensor, level: AttentionLevel | int) -> torch.Tensor:
         """OBS weights of the kept columns at `level`; the dense `weight` is (d_out, d_in).
         Memoised: the search stitches the same level of a block many times."""
         key = (layer, block, level)
         if key not in self._weights:
             trace = self.blocks[layer][block]
             self._weights[key] = reconstruct_weights(weight.double(), trace.hessian, trace.kept(level),
-                                                     group_size(self.shape, block), self.dampening).to(weight.dtype)
+                                                     column_width(self.shape, block), self.dampening).to(weight.dtype)
         return self._weights[key]
 
     # --- files -------------------------------------------------------------------------------
 
-    def save(self, path: Path) -> None:
-        payload = {"format": FORMAT, "shape": self.shape.__dict__, "dampening": self.dampening, "metadata": self.metadata,
-                   "blocks": [{b: {"levels": t.levels, "errors": t.errors, "order": t.order,
+    def payload(self) -> dict:
+        """What `save` writes: plain lists and tensors, which `torch.load(weights_only=True)` reads."""
+        return {"format": FORMAT, "shape": self.shape.__dict__, "dampening": self.dampening, "metadata": self.metadata,
+                   "blocks": [{b: {"levels": [list(level) if b == ATTENTION else level for level in t.levels],
+                                   "errors": t.errors, "kept": [torch.tensor(k, dtype=torch.int32) for k in t.kept_sets],
                                    "hessian": t.hessian.float()} for b, t in layer.items()} for layer in self.blocks]}
+
+    def save(self, path: Path) -> None:
+        payload = self.payload()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
@@ -157,24 +194,29 @@ class LevelDatabase:
 
 
 def _trace(layer: dict, shape: ModelShape, block: str) -> BlockTrace:
-    """One saved block, checked against the shape: levels from all to 0 with an error each, the removal
-    order a permutation of the structures, and a square Hessian of the output projection's inputs."""
-    saved, total = layer[block], total_structures(shape, block)
-    levels, errors, order, hessian = saved["levels"], saved["errors"], saved["order"], saved["hessian"]
-    side = total * group_size(shape, block)
-    if not (levels[0] == total and levels[-1] == 0 and len(errors) == len(levels)):
-        raise ValueError(f"{block} levels do not run from {total} to 0 with an error at each")
-    if sorted(order) != list(range(total)):
-        raise ValueError(f"{block} removal order is not a permutation of {total} structures")
+    """One saved block, checked against the shape: levels from the full block down to removed, each with
+    an error and its kept structures (distinct ids within the block), and a square Hessian of the output
+    projection's inputs."""
+    saved = layer[block]
+    levels, errors, hessian = saved["levels"], saved["errors"], saved["hessian"]
+    kept = [k.tolist() for k in saved["kept"]]
+    if block == ATTENTION:
+        levels = [AttentionLevel(*level) for level in levels]
+    full, total = full_level(shape, block), shape.num_heads if block == ATTENTION else shape.intermediate_size
+    side = total * column_width(shape, block)
+    if not (levels[0] == full and levels[-1] == removed_level(block) and len(errors) == len(levels) == len(kept)):
+        raise ValueError(f"{block} levels do not run from {full} to removed with an error and kept structures at each")
+    if any(len(set(k)) != len(k) or not all(0 <= i < total for i in k) for k in kept):
+        raise ValueError(f"{block} kept structures are not distinct ids below {total}")
     if not (isinstance(hessian, torch.Tensor) and hessian.shape == (side, side)):
         raise ValueError(f"{block} Hessian is not {side} x {side}")
-    return BlockTrace(list(levels), list(errors), list(order), hessian.double())
+    return BlockTrace(levels, list(errors), kept, hessian.double())
 
 
 def build_database(model: nn.Module, calibration: Calibration, table: LatencyTable, dampening: float = 0.01,
                    base: PruningPlan | None = None) -> LevelDatabase:
     """Hessians from the inputs of `model` (dense, or pruned as `base` says), then greedy OBS per block
-    down to 0, errors at every table level up to the block's current size."""
+    down to removed, errors at every table level within the block's current size."""
     started = time.perf_counter()
     config, shape = model.config, model_shape(model.config)
     current = (base or PruningPlan.dense(shape)).kept_counts()
@@ -182,21 +224,31 @@ def build_database(model: nn.Module, calibration: Calibration, table: LatencyTab
     blocks = []
     for idx, layer in enumerate(bar(model_layers(model), desc="level database", leave=False)):
         hessians = block_hessians(layer, config, inputs)
-        blocks.append({block: block_trace(layer, config, block, hessians.get(block), count, table, dampening,
-                                          f"layer {idx} {block}") for block, count in zip(BLOCKS, current[idx])})
+        blocks.append({block: block_trace(layer, config, block, hessians.get(block), present, table_levels(table, block),
+                                          dampening, f"layer {idx} {block}")
+                       for block, present in zip(BLOCKS, current[idx])})
         inputs = propagate(layer, inputs)
     return LevelDatabase(shape, blocks, dampening, {"seconds": round(time.perf_counter() - started, 2),
                                                    "samples": calibration.num_samples,
                                                    "tokens": calibration.tokens.num_tokens}, base)
 
 
-def block_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor | None, count: int, table: LatencyTable,
-                dampening: float, where: str) -> BlockTrace:
-    """The block's trace from its `count` structures down to 0; a block already removed has one level, 0."""
-    if count == 0:
-        return BlockTrace([0], [0.0], [], torch.zeros(0, 0, dtype=torch.float64))
-    levels = [level for level in table_levels(table, block) if level <= count]
-    return obs_trace(layer, config, block, hessian, levels, dampening, where)
+def block_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor | None, present: AttentionLevel | int,
+                levels: list, dampening: float, where: str) -> BlockTrace:
+    """The block's trace at `levels` that fit within `present` (which is included, as is removed); a
+    block already removed has one level."""
+    if present == removed_level(block):
+        return BlockTrace([present], [0.0], [[]], torch.zeros(0, 0, dtype=torch.float64))
+    levels = sorted({present, removed_level(block), *(level for level in levels if fits(level, present))}, reverse=True)
+    weight = weight_out_in(output_projection(layer, config, block)).double()
+    try:
+        if block == ATTENTION:
+            return head_trace(weight, hessian, levels, present, model_shape(config).head_dim, dampening)
+        return neuron_trace(weight, hessian, levels, dampening)
+    except ValueError as err:
+        if "NaN" in str(err) or "Inf" in str(err):
+            raise UserError(f"{where}: Hessian has NaN or Inf; check the model weights and the calibration data") from None
+        raise
 
 
 def data_identity(source: str) -> dict:
@@ -211,7 +263,7 @@ def database_key(model_fingerprint: dict, calibration: Calibration, table: Laten
                  num_samples: int, seed: int) -> str:
     key = {"format": FORMAT, "model": model_fingerprint, "data": data_identity(calibration.source), "seq_len": calibration.seq_len,
            "samples": num_samples, "seed": seed, "dampening": dampening,
-           "levels": {b: table_levels(table, b) for b in BLOCKS}}
+           "levels": {b: [str(level) for level in table_levels(table, b)] for b in BLOCKS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 

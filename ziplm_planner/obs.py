@@ -242,3 +242,36 @@ def reconstruct_weights(
         rhs = cross.to(torch.float64)[cols] @ w0.T + ridge[:, None] * w0[:, cols].T
     w_s = spd_solve(h[cols][:, cols], rhs).T
     return w_s.to(W.dtype)
+
+
+def prune_heads_per_group(
+    W: Tensor, hessian: Tensor, kept_heads: Sequence[int], per_group: int, head_dim: int, down_to: int,
+    dampening: float = 0.01,
+) -> list[tuple[list[int], float]]:
+    """Greedy structured OBS under grouped-query attention: each round removes one query head from
+    every KV group, so all groups keep as many heads; within a round, the head of least ρ among the
+    groups that have not yet lost one, with the weights and H⁻¹ of the heads still kept.
+
+    W (d_out, d_in) is the output projection, its input columns `head_dim` per query head; heads
+    `kept_heads` (each group with `per_group` of them) are where the rounds start. Returns, after
+    each round down to `down_to` heads per group, (kept heads, relative output error against W).
+    """
+    _num_groups(W, hessian, head_dim)
+    h, dead = prepare_hessian(hessian, dampening)
+    h_plain = prepare_hessian(hessian, 0.0)[0]
+    w0 = W.to(torch.float64).masked_fill(dead, 0.0)
+    kept, rounds = sorted(kept_heads), []
+    for _ in range(per_group - down_to):
+        waiting = {head // per_group for head in kept}  # groups yet to lose a head this round
+        while waiting:
+            cols = kept_columns(kept, head_dim)
+            h_inv = inverse_hessian(h[cols][:, cols])
+            w_kept = (h_inv @ (h[cols] @ w0.T)).T  # OBS weights of the kept columns: W H_d[:, S] H_d[S, S]⁻¹
+            alive = torch.tensor([head // per_group in waiting for head in kept])
+            head = kept[int(group_saliencies(w_kept, h_inv, head_dim, alive).argmin())]
+            waiting.discard(head // per_group)
+            kept.remove(head)
+        w_new = torch.zeros_like(w0)
+        w_new[:, kept_columns(kept, head_dim)] = reconstruct_weights(w0, hessian, kept, head_dim, dampening)
+        rounds.append((list(kept), relative_output_error(w0, w_new, h_plain)))
+    return rounds

@@ -190,7 +190,7 @@ def draw_target_guides(ax, families: list[FamilyData]) -> None:
 
 
 def plot_layers(family: FamilyData, output: Path) -> list[Path]:
-    """Per member, the fraction of each layer's attention units and FFN neurons it kept."""
+    """Per member, the fraction of each layer's query heads and FFN neurons it kept."""
     paths = output_paths(output)
     rows = sorted(family.rows, key=lambda r: r["target"])
     dense = next((r for r in rows if r["target"] == 1), None)
@@ -212,7 +212,7 @@ def plot_layers(family: FamilyData, output: Path) -> list[Path]:
     axes[-1].set_xticks(layers, [str(i) for i in layers])
     axes[-1].set_xlabel("layer")
     fig.supylabel("fraction of the dense layer kept")
-    fig.legend(handles=[Patch(color="C0", label="attention units (heads or KV groups)"),
+    fig.legend(handles=[Patch(color="C0", label="attention (query heads)"),
                         Patch(color="C2", label="FFN neurons"), Patch(color="0.92", label="dense")],
                loc="outside lower center", ncol=3, frameon=False)
     fig.suptitle(f"{family.name}: kept structures per layer\n{spec_title([family])}", fontsize=11)

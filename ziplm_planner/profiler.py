@@ -3,7 +3,7 @@
 Each candidate is the model's first layer, cut to a size by the same surgery the planner
 uses, with the other block of the layer removed, called with exactly the arguments the
 model passes its layers (captured by a hook on a real forward). Attention is timed at every
-unit count, the FFN on a grid of neuron counts, and the fixed part is the whole model with
+(KV groups, query heads per group) pair, the FFN on a grid of neuron counts, and the fixed part is the whole model with
 every layer removed. All candidates are timed interleaved on the spec's backend; a few
 whole models with random per-layer sizes check that the sum of block times predicts them.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import architecture_for, model_layers, model_shape
+from .adapters import REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, model_layers, model_shape
 from .backends import (TensorCall, build_runner, export_model_onnx, input_names, model_call, onnx_runner, random_inputs,
                        synchronizer)
 from .environment import CpuSnapshot, library_versions, machine_info, now, others_share
@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 
 def ffn_levels(intermediate_size: int, step: int) -> list[int]:
     return sorted(set(range(step, intermediate_size, step)) | {intermediate_size})
+
+
+def attention_levels(shape: ModelShape) -> list[AttentionLevel]:
+    """Every attention size the search may choose: any number of KV groups, any number of query heads in each."""
+    return [AttentionLevel(g, h) for g in range(1, shape.attention_units + 1) for h in range(1, shape.q_per_unit + 1)]
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -155,16 +160,13 @@ def split_tensor_kwargs(kwargs: dict) -> tuple[dict[str, torch.Tensor], Callable
     return tensors, rebuild
 
 
-def layer_candidate(layer: nn.Module, model: nn.Module, block: str, kept: int) -> nn.Module:
-    """The first layer with `kept` structures in `block` and the other block removed."""
+def layer_candidate(layer: nn.Module, model: nn.Module, block: str, level: AttentionLevel | int) -> nn.Module:
+    """The first layer with `block` at `level` and the other block removed."""
     arch, shape = architecture_for(model.config), model_shape(model.config)
     layer = copy.deepcopy(layer)
-    if block == ATTENTION:
-        prune_attention(layer, arch, shape, list(range(kept)), 0)
-        prune_ffn(layer, arch, [], 0)
-    else:
-        prune_attention(layer, arch, shape, [], 0)
-        prune_ffn(layer, arch, list(range(kept)), 0)
+    kept = LayerPlan.first(shape, level, 0) if block == ATTENTION else LayerPlan.first(shape, REMOVED_ATTENTION, level)
+    prune_attention(layer, arch, shape, kept.heads(shape), 0)
+    prune_ffn(layer, arch, kept.ffn, 0)
     return layer
 
 
@@ -207,7 +209,7 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
     cpu_before = CpuSnapshot.now()  # what else runs here while this profile times
     shape = model_shape(loaded.model.config)
     torch.set_num_threads(spec.threads)
-    grid = {ATTENTION: list(range(1, shape.attention_units + 1)), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
+    grid = {ATTENTION: attention_levels(shape), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
     with stage("profile", f"{loaded.source.reference}, {spec.backend} on {spec.device}, {spec.mode}"), \
             tempfile.TemporaryDirectory(prefix="ziplm-profile-") as tmp:
         work = workload(loaded, spec, settings.seed)
@@ -215,7 +217,7 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
         with stage("timing blocks", f"{len(runners)} blocks x {settings.rounds} rounds, interleaved"):
             stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed, synchronizer(spec),
                                      description=f"timing {len(runners)} blocks")
-        records = [{"block": block, "level": level, "time_ms": s.estimate(settings.estimator), **s.to_dict()}
+        records = [{"block": block, **record_fields(level), "time_ms": s.estimate(settings.estimator), **s.to_dict()}
                    for (block, level), s in sorted(stats.items())]
         table = LatencyTable(spec, shape, settings.estimator, records)
         table.additivity = measure_additivity(loaded, table, work, settings, Path(tmp))
@@ -230,8 +232,13 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
     return table
 
 
-def block_runners(model: nn.Module, work: Workload, grid: dict[str, list[int]], spec: InferenceSpec,
-                  workdir: Path) -> dict[tuple[str, int], Callable[[], object]]:
+def record_fields(level: AttentionLevel | int) -> dict[str, int]:
+    """A table record's level fields: groups and heads per group for attention, a count otherwise."""
+    return {"level": level.groups, "heads": level.heads} if isinstance(level, AttentionLevel) else {"level": level}
+
+
+def block_runners(model: nn.Module, work: Workload, grid: dict[str, list], spec: InferenceSpec,
+                  workdir: Path) -> dict[tuple[str, AttentionLevel | int], Callable[[], object]]:
     """A runner per (block, level) of `grid` on the spec's backend, and one for the fixed part."""
     hidden, kwargs = capture_layer_call(model, work)
     first_layer = model_layers(model)[0]
@@ -240,7 +247,7 @@ def block_runners(model: nn.Module, work: Workload, grid: dict[str, list[int]], 
     with stage("building blocks", f"{len(todo)} sizes of the first layer and the fixed part"):
         for block, level in bar(todo, desc=f"building blocks ({spec.backend})", leave=False):
             layer = layer_candidate(first_layer, model, block, level)
-            kv_heads = level if block == ATTENTION else None
+            kv_heads = level.groups if block == ATTENTION else None
             call, inputs = layer_call(layer, hidden, kwargs, kv_heads)
             runners[(block, level)] = build_runner(call, inputs, spec, workdir, f"{block}{level}")
         runners[(FIXED, 0)] = work.runner(fixed_part(model), spec, workdir, "fixed")[0]
@@ -251,13 +258,13 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def random_kept_counts(table: LatencyTable, rng: random.Random, size: float) -> list[tuple[int, int]]:
+def random_kept_counts(table: LatencyTable, rng: random.Random, size: float) -> list[tuple[AttentionLevel, int]]:
     """A random model of about `size` (0..1) of the dense one: every block at a random level within
     a quarter of the level list around that share."""
-    def level(levels: list[int]) -> int:
+    def level(levels: list):
         share = min(1.0, max(0.0, rng.uniform(size - 0.25, size + 0.25)))
         return levels[round(share * (len(levels) - 1))]
-    attention, ffn = [0, *table.levels(ATTENTION)], [0, *table.levels(FFN)]
+    attention, ffn = [REMOVED_ATTENTION, *table.levels(ATTENTION)], [0, *table.levels(FFN)]
     return [(level(attention), level(ffn)) for _ in range(table.shape.num_layers)]
 
 
@@ -320,9 +327,9 @@ def measure_additivity(loaded: LoadedModel, table: LatencyTable, work: Workload,
     fits the table's scale and offset and reports each model's error with the line fitted on the others."""
     rng = random.Random(settings.seed)
     shape, models = table.shape, settings.additivity_models
-    counts = [[(shape.attention_units, shape.intermediate_size)] * shape.num_layers]
+    counts = [[(shape.full_attention, shape.intermediate_size)] * shape.num_layers]
     counts += [random_kept_counts(table, rng, (i + 1) / (models + 1)) for i in range(models)]
-    plans = [PruningPlan(shape, [LayerPlan(list(range(a)), list(range(f))) for a, f in kept]) for kept in counts]
+    plans = [PruningPlan(shape, [LayerPlan.first(shape, a, f) for a, f in kept]) for kept in counts]
     with stage("additivity check", f"the dense model and {models} random pruned ones, small to large"):
         stats = measure_models(loaded, plans, table.spec, work, settings.additivity_rounds, settings.warmup,
                                settings.seed, workdir, "additivity check")

@@ -8,9 +8,9 @@ import copy
 import torch
 from torch import nn
 
-from .adapters import ATTENTION, BLOCKS, FFN, architecture_for, model_layers, model_shape
+from .adapters import ATTENTION, BLOCKS, FFN, AttentionLevel, architecture_for, model_layers, model_shape
 from .calibrate import Calibration
-from .database import LevelDatabase, group_size, obs_trace, total_structures
+from .database import LevelDatabase, block_trace, column_width, full_level
 from .layers import (LayerInput, block_hessians, capture_inputs, cross_hessians, output_projection, propagate,
                      run_capturing, weight_out_in)
 from .obs import kept_columns, reconstruct_weights
@@ -20,11 +20,11 @@ from .surgery import LayerPlan, PruningPlan, prune_attention, prune_ffn
 
 def prune_block(layer: nn.Module, config, idx: int, block: str, kept: list[int], weight: torch.Tensor | None,
                 present: int | None = None) -> None:
-    """Write the block's updated output-projection columns, then cut the block to `kept` (unless it
-    keeps all `present` structures)."""
+    """Write the block's updated output-projection columns, then cut the block to `kept` (query heads or
+    neurons, ids into the layer as it is), unless it keeps all `present` structures."""
     arch, shape = architecture_for(config), model_shape(config)
     if weight is not None:
-        cols = kept_columns(kept, group_size(shape, block))
+        cols = kept_columns(kept, column_width(shape, block))
         weight_out_in(output_projection(layer, config, block))[:, cols] = weight
     if len(kept) == present:
         return
@@ -34,7 +34,7 @@ def prune_block(layer: nn.Module, config, idx: int, block: str, kept: list[int],
         prune_ffn(layer, arch, kept, idx)
 
 
-def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
+def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[AttentionLevel, int]],
            correction: Calibration | None = None) -> tuple[nn.Module, PruningPlan]:
     """A pruned copy of `base`, the model `db` was built on: each block at its level, with OBS-updated
     weights. Returns the model and its plan in the dense model's indices.
@@ -51,8 +51,8 @@ def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
             runs = [run_capturing(reference, config, batch) for batch in reference_inputs]
             reference_inputs = [LayerInput(out, b.kwargs, b.tokens) for (out, _), b in zip(runs, reference_inputs)]
         for block, level in zip(BLOCKS, counts[idx]):
-            present = db.blocks[idx][block].levels[0]
-            if level == present and inputs is None:  # the block as it is
+            trace = db.blocks[idx][block]
+            if level == trace.levels[0] and inputs is None:  # the block as it is
                 continue
             weight = None
             if level:
@@ -61,15 +61,15 @@ def stitch(base: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
                     weight = db.reconstructed(idx, block, dense, level)
                 else:
                     hessian, cross = cross_hessians(layer, config, block, inputs, [seen[block] for _, seen in runs])
-                    weight = reconstruct_weights(dense.double(), hessian, kept[block], group_size(db.shape, block),
+                    weight = reconstruct_weights(dense.double(), hessian, kept[block], column_width(db.shape, block),
                                                  db.dampening, cross).to(dense.dtype)
-            prune_block(layer, config, idx, block, kept[block], weight, present)
+            prune_block(layer, config, idx, block, kept[block], weight, trace.present)
         if inputs is not None:
             inputs = propagate(layer, inputs)
     return model, db.plan(counts)
 
 
-def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[int, int]],
+def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[AttentionLevel, int]],
                       calibration: Calibration) -> tuple[nn.Module, PruningPlan]:
     """Like `stitch`, but each block is re-pruned with a Hessian of inputs from the model compressed
     so far (attention before FFN within a layer), so later layers correct earlier errors."""
@@ -79,19 +79,18 @@ def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[in
     for idx, layer in enumerate(bar(model_layers(model), desc="sequential stitch", leave=False)):
         kept_by_block = {}
         for block, level in zip(BLOCKS, counts[idx]):
-            total = total_structures(shape, block)
-            kept, weight = list(range(total)), None
-            if level < total:
-                kept = []
-                if level:
-                    hessian = block_hessians(layer, config, inputs, [block])[block]
-                    trace = obs_trace(layer, config, block, hessian, [total, level], db.dampening, f"layer {idx} {block}")
-                    kept = trace.kept(level)
-                    current = weight_out_in(output_projection(layer, config, block))
-                    weight = reconstruct_weights(current.double(), hessian, kept, group_size(shape, block),
-                                                 db.dampening).to(current.dtype)
-                prune_block(layer, config, idx, block, kept, weight)
-            kept_by_block[block] = kept
-        plan_layers.append(LayerPlan(kept_by_block[ATTENTION], kept_by_block[FFN]))
+            full = full_level(shape, block)
+            kept = kept_by_block[block] = list(range(shape.num_heads if block == ATTENTION else shape.intermediate_size))
+            if level == full:
+                continue
+            hessian, weight = block_hessians(layer, config, inputs, [block]).get(block), None
+            kept = kept_by_block[block] = block_trace(layer, config, block, hessian, full, [level], db.dampening,
+                                                      f"layer {idx} {block}").kept(level)
+            if kept:
+                current = weight_out_in(output_projection(layer, config, block))
+                weight = reconstruct_weights(current.double(), hessian, kept, column_width(shape, block),
+                                             db.dampening).to(current.dtype)
+            prune_block(layer, config, idx, block, kept, weight)
+        plan_layers.append(LayerPlan.of_heads(shape, kept_by_block[ATTENTION], kept_by_block[FFN]))
         inputs = propagate(layer, inputs)
     return model, PruningPlan(shape, plan_layers)

@@ -1,8 +1,10 @@
 """Latency lookup tables: block times per pruned size on one machine, backend and spec.
 
 Predicted latency of a configuration (DESIGN.md, "Latency table"):
-    T = scale * (fixed + sum over layers of attention(k_l) + ffn(n_l)) + offset
-with attention(0) = ffn(0) = 0 (a removed block). `scale` and `offset` are fitted on whole models
+    T = scale * (fixed + sum over layers of attention(a_l) + ffn(n_l)) + offset
+with attention(removed) = ffn(0) = 0 (a removed block). An attention level a is an `AttentionLevel`
+(KV groups kept, query heads kept in each): its record holds the groups as `level` and the heads
+per group as `heads` (tables without `heads` timed whole groups only). `scale` and `offset` are fitted on whole models
 the profiler measures, from the dense one down to small ones: a block timed alone runs with its
 weights hot in cache while a whole model streams all of them, and small models keep more of
 themselves in cache, so the block sum is off by a factor plus a constant, not by a factor alone
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .adapters import ATTENTION, FFN, ModelShape
+from .adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape
 from .atomic import atomic_write_text
 from .errors import UserError
 from .spec import InferenceSpec
@@ -43,7 +45,7 @@ class LatencyTable:
     spec: InferenceSpec
     shape: ModelShape
     estimator: str
-    records: list[dict]  # block, level, time_ms (the estimate), min_ms, p10_ms, median_ms, p90_ms, runs
+    records: list[dict]  # block, level (and heads), time_ms (the estimate), min_ms, p10_ms, median_ms, p90_ms, runs
     additivity: list[dict] = field(default_factory=list)  # whole models: kept, predicted_ms, measured_ms, error
     metadata: dict = field(default_factory=dict)  # model, machine, versions, created, settings, seconds
     scale: float = 1.0  # whole model ms = scale * block sum + offset_ms, fitted on measured whole models,
@@ -52,30 +54,41 @@ class LatencyTable:
 
     # --- lookups ---------------------------------------------------------------------------
 
-    def levels(self, block: str) -> list[int]:
-        return sorted(r["level"] for r in self.records if r["block"] == block)
+    def levels(self, block: str) -> list:
+        """The sizes timed: `AttentionLevel`s for attention, neuron counts for the FFN, ascending."""
+        return sorted(record_level(r, self.shape) for r in self.records if r["block"] == block)
 
     def times(self, block: str) -> list[float]:
         """Estimated ms at each of `levels(block)`."""
-        by_level = {r["level"]: r["time_ms"] for r in self.records if r["block"] == block}
+        by_level = {record_level(r, self.shape): r["time_ms"] for r in self.records if r["block"] == block}
         return [by_level[level] for level in self.levels(block)]
 
-    def time(self, block: str, kept: int) -> float:
-        """Block time at `kept` structures; between table levels, linear interpolation."""
-        if kept == 0:
+    def time(self, block: str, kept: AttentionLevel | int) -> float:
+        """Block time at a level; FFN sizes between table levels interpolate linearly, attention levels
+        must have been timed."""
+        if kept in (0, REMOVED_ATTENTION):
             return 0.0
+        if block == ATTENTION:
+            try:
+                return self.times(ATTENTION)[self.levels(ATTENTION).index(kept)]
+            except ValueError:
+                raise ValueError(f"attention level {kept} was not timed in this table") from None
         return float(np.interp(kept, self.levels(block), self.times(block)))
 
     @property
     def fixed_ms(self) -> float:
         return next(r["time_ms"] for r in self.records if r["block"] == FIXED)
 
-    def block_sum(self, kept_counts: list[tuple[int, int]]) -> float:
+    def whole_groups(self) -> list[AttentionLevel]:
+        """The attention levels that keep every query head of their groups, ascending."""
+        return [level for level in self.levels(ATTENTION) if level.heads == self.shape.q_per_unit]
+
+    def block_sum(self, kept_counts: list[tuple[AttentionLevel, int]]) -> float:
         """fixed + sum of block times, unscaled: the quantity the search budgets."""
         return self.fixed_ms + sum(self.time(ATTENTION, a) + self.time(FFN, f) for a, f in kept_counts)
 
-    def predict(self, kept_counts: list[tuple[int, int]]) -> float:
-        """Predicted ms of a model keeping (attention units, FFN neurons) per layer."""
+    def predict(self, kept_counts: list[tuple[AttentionLevel, int]]) -> float:
+        """Predicted ms of a model keeping (attention level, FFN neurons) per layer."""
         return self.from_block_sum(self.block_sum(kept_counts))
 
     def from_block_sum(self, block_sum_ms: float) -> float:
@@ -98,7 +111,7 @@ class LatencyTable:
 
     @property
     def dense_ms(self) -> float:
-        return self.predict([(self.shape.attention_units, self.shape.intermediate_size)] * self.shape.num_layers)
+        return self.predict([(self.shape.full_attention, self.shape.intermediate_size)] * self.shape.num_layers)
 
     @property
     def max_speedup(self) -> float:
@@ -133,7 +146,8 @@ class LatencyTable:
         return problems
 
     def to_frame(self) -> pd.DataFrame:
-        frame = pd.DataFrame(self.records)
+        frame = pd.DataFrame(self.records).drop(columns="heads", errors="ignore")
+        frame["level"] = [str(record_level(r, self.shape)) for r in self.records]
         frame["spread"] = frame["p90_ms"] / frame["p10_ms"]
         return frame
 
@@ -144,7 +158,7 @@ class LatencyTable:
         median, worst = self.additivity_errors()
         lines = [
             f"model {meta.get('model', '?')} ({self.shape.model_type}, {self.shape.num_layers} layers, "
-            f"{self.shape.attention_units} attention units, FFN {self.shape.intermediate_size})",
+            f"attention {self.shape.full_attention} (KV groups x query heads), FFN {self.shape.intermediate_size})",
             f"spec  {spec.backend} on {spec.device}, {spec.dtype}, {spec.threads} threads, batch {spec.batch_size} x "
             + (f"1 token after {spec.context} cached" if spec.mode == "decode" else f"{spec.seq_len} tokens"),
             f"on    {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
@@ -284,28 +298,39 @@ def _records(value, shape: ModelShape) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise InvalidTable("records are missing")
     for record in value:
-        _check_record(record)
-    _check_unique_levels(value)
+        _check_record(record, shape)
+    _check_unique_levels(value, shape)
     _check_attention_levels(value, shape)
     _check_ffn_levels(value, shape)
     _check_fixed(value)
     return value
 
 
-def _check_record(record) -> None:
-    """block, level, the estimate and the quantiles (finite, > 0) and the number of runs."""
+def record_level(record: dict, shape: ModelShape) -> AttentionLevel | int:
+    """A record's level: (groups, heads per group) for attention, structures kept otherwise."""
+    if record["block"] == ATTENTION:
+        return AttentionLevel(record["level"], record.get("heads", shape.q_per_unit))
+    return record["level"]
+
+
+def _check_record(record, shape: ModelShape) -> None:
+    """block, level (and heads), the estimate and the quantiles (finite, > 0) and the number of runs."""
     if not isinstance(record, dict) or record.get("block") not in (ATTENTION, FFN, FIXED) \
             or not _is_int(record.get("level")):
         raise InvalidTable(f"record {record!r:.80} has no known block or no integer level")
-    where = f"record {record['block']} level {record['level']}:"
+    if "heads" in record and not (record["block"] == ATTENTION and _is_int(record["heads"])
+                                  and 1 <= record["heads"] <= shape.q_per_unit):
+        raise InvalidTable(f"record {record!r:.80}: heads must be an attention record's query heads per KV group, "
+                           f"1..{shape.q_per_unit}")
+    where = f"record {record['block']} level {record_level(record, shape)}:"
     for name in TIME_FIELDS:
         _positive(record.get(name), f"{where} {name}")
     if not (_is_int(record.get("runs")) and record["runs"] >= 1):
         raise InvalidTable(f"{where} runs {record.get('runs')!r} is not an integer >= 1")
 
 
-def _check_unique_levels(records: list[dict]) -> None:
-    counts = Counter((r["block"], r["level"]) for r in records)
+def _check_unique_levels(records: list[dict], shape: ModelShape) -> None:
+    counts = Counter((r["block"], record_level(r, shape)) for r in records)
     if duplicate := next((key for key, count in counts.items() if count > 1), None):
         raise InvalidTable(f"{duplicate[0]} level {duplicate[1]} is recorded more than once")
 
@@ -315,10 +340,14 @@ def _levels(records: list[dict], block: str) -> set[int]:
 
 
 def _check_attention_levels(records: list[dict], shape: ModelShape) -> None:
-    """Every attention size 1..units is timed: the search may choose any of them."""
-    levels, wanted = _levels(records, ATTENTION), set(range(1, shape.attention_units + 1))
-    if levels != wanted:
-        raise InvalidTable(f"attention levels missing {sorted(wanted - levels)}, unexpected {sorted(levels - wanted)}")
+    """Every count of whole KV groups, 1..units, is timed (the search and every baseline may choose
+    any of them); query heads within groups, where timed, for at most every group."""
+    levels = {record_level(r, shape) for r in records if r["block"] == ATTENTION}
+    wanted = {AttentionLevel(g, shape.q_per_unit) for g in range(1, shape.attention_units + 1)}
+    if missing := sorted(wanted - levels):
+        raise InvalidTable(f"attention levels missing {', '.join(map(str, missing))} (KV groups x query heads)")
+    if outside := sorted(level for level in levels if not 1 <= level.groups <= shape.attention_units):
+        raise InvalidTable(f"attention levels {', '.join(map(str, outside))} are outside 1..{shape.attention_units} groups")
 
 
 def _check_ffn_levels(records: list[dict], shape: ModelShape) -> None:
@@ -341,14 +370,16 @@ def _additivity(value, shape: ModelShape) -> list[dict]:
         raise InvalidTable("additivity is not a list")
     for n, entry in enumerate(value):
         _check_additivity_entry(_mapping(entry, f"additivity entry {n}"), shape, f"additivity entry {n}")
-    return value
+    return [{**entry, "kept": [(_attention_level(a, shape), f) for a, f in entry["kept"]]} for entry in value]
 
 
 def _check_additivity_entry(entry: dict, shape: ModelShape, where: str) -> None:
-    """One whole model: kept (attention, FFN) per layer within the shape, its times and errors."""
+    """One whole model: kept (attention, FFN) per layer within the shape, its times and errors.
+    Attention is [groups, heads per group], or in tables that timed whole groups only, groups."""
     kept = entry.get("kept")
     if not (isinstance(kept, list) and len(kept) == shape.num_layers and all(_is_kept_pair(k, shape) for k in kept)):
         raise InvalidTable(f"{where}: kept is not {shape.num_layers} (attention, FFN) pairs within the shape")
+
     for name in ADDITIVITY_TIMES:
         _positive(entry.get(name), f"{where}: {name}")
     for name in ADDITIVITY_ERRORS:
@@ -357,5 +388,15 @@ def _check_additivity_entry(entry: dict, shape: ModelShape, where: str) -> None:
 
 
 def _is_kept_pair(pair, shape: ModelShape) -> bool:
-    return (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_int, pair))
-            and 0 <= pair[0] <= shape.attention_units and 0 <= pair[1] <= shape.intermediate_size)
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_int(pair[1])):
+        return False
+    attention = pair[0] if isinstance(pair[0], (list, tuple)) else [pair[0]]
+    return (1 <= len(attention) <= 2 and all(map(_is_int, attention)) and 0 <= attention[0] <= shape.attention_units
+            and 0 <= attention[-1] <= (shape.q_per_unit if len(attention) == 2 else shape.attention_units)
+            and 0 <= pair[1] <= shape.intermediate_size)
+
+
+def _attention_level(value, shape: ModelShape) -> AttentionLevel:
+    if isinstance(value, (list, tuple)):
+        return AttentionLevel(*value)
+    return AttentionLevel(value, shape.q_per_unit) if value else REMOVED_ATTENTION

@@ -161,7 +161,8 @@ class MemberResult:
             "timed_file": "model.onnx" if m.onnx_file else "torch module",
             "parameters": self.parameters, "calibration_loss": self.calibration_loss, "replans": self.replans,
             "speedups_tried": [round(s, 4) for s in self.history],
-            "kept_attention": [a for a, _ in counts], "kept_ffn": [f for _, f in counts],
+            "kept_attention": [a.query_heads for a, _ in counts], "kept_kv_groups": [a.groups for a, _ in counts],
+            "kept_ffn": [f for _, f in counts],
             **self.recovery_columns(),
         }
 

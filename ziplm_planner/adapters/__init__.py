@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
-from .base import ATTENTION, BLOCKS, FFN, Architecture, Bypass, ModelShape, get_module, set_module
+from .base import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, Architecture, AttentionLevel, Bypass, ModelShape, get_module,
+                   set_module)
 from .bert import BERT
 from .gpt2 import GPT2
 from .llama import LLAMA
@@ -56,8 +57,10 @@ __all__ = [
     "ATTENTION",
     "BLOCKS",
     "FFN",
+    "REMOVED_ATTENTION",
     "ARCHITECTURES",
     "Architecture",
+    "AttentionLevel",
     "Bypass",
     "ModelShape",
     "SUPPORTED_MODEL_TYPES",

@@ -9,6 +9,9 @@ Structures (DESIGN.md, "Architectures and structures"):
 - attention unit: one head, or for grouped-query attention one KV group = its K and V heads
   plus every query head that shares them. A unit owns `q_per_unit * head_dim` rows of Q and
   columns of the output projection, and `head_dim` rows of K and V.
+- query head inside a KV group: `head_dim` rows of Q and columns of the output projection. Query
+  heads are removed one from every kept group at once, so every kept group keeps as many and the
+  layer stays regular grouped-query attention (`AttentionLevel`).
 - FFN neuron: a row of each input projection (fc1, or gate and up) and a column of the output
   projection.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import nn
 
@@ -32,6 +36,24 @@ class Bypass(enum.Enum):
     RESIDUAL_OUTPUT = "residual_output"  # post-norm FFN output (dense + LayerNorm): return the residual
     ZERO_ATTENTION = "zero_attention"  # pre-norm attention: add nothing to the residual stream
     ZERO_MLP = "zero_mlp"  # pre-norm MLP: add nothing to the residual stream
+
+
+class AttentionLevel(NamedTuple):
+    """The size of one layer's attention: KV groups kept, and query heads kept in each of them.
+    Without grouped-query attention every group is one head, and `heads` is 1."""
+
+    groups: int
+    heads: int
+
+    @property
+    def query_heads(self) -> int:
+        return self.groups * self.heads
+
+    def __str__(self) -> str:
+        return f"{self.groups}x{self.heads}"
+
+
+REMOVED_ATTENTION = AttentionLevel(0, 0)
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,7 @@ class Architecture:
     fused_qkv: bool = False  # query, key and value are one projection, in that order
     head_count_attrs: tuple[str, ...] = ()  # attention attributes set to the kept query-head count
     head_width_attrs: tuple[str, ...] = ()  # attention attributes set to kept query heads * head_dim
+    group_heads_attrs: tuple[str, ...] = ()  # attention attributes set to kept query heads per KV group
     ffn_width_attrs: tuple[tuple[str, str], ...] = ()  # (module path, attribute) set to kept neurons
     # config field aliases, normalised in `ModelShape.from_config`
     config_layers: str = "num_hidden_layers"
@@ -79,6 +102,10 @@ class ModelShape:
     @property
     def num_heads(self) -> int:
         return self.attention_units * self.q_per_unit
+
+    @property
+    def full_attention(self) -> AttentionLevel:
+        return AttentionLevel(self.attention_units, self.q_per_unit)
 
     def differences(self, other: ModelShape) -> list[str]:
         """Fields that differ, as 'name: mine != theirs'."""

@@ -16,6 +16,7 @@ LLAMA = Architecture(
     attention_bypass=(("input_layernorm", Bypass.IDENTITY), ("self_attn", Bypass.ZERO_ATTENTION)),
     ffn_bypass=(("post_attention_layernorm", Bypass.IDENTITY), ("mlp", Bypass.ZERO_MLP)),
     pre_norm=True,
+    group_heads_attrs=("num_key_value_groups",),  # repeat_kv: each KV head serves this many query heads
     ffn_width_attrs=(("mlp", "intermediate_size"),),
     config_kv_heads="num_key_value_heads",
 )
