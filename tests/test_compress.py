@@ -94,6 +94,43 @@ def test_level_database_errors_and_stitching(setup):
         assert torch.isfinite(sequential(**batch).last_hidden_state).all()
 
 
+def test_level_database_holds_query_heads_inside_groups():
+    """2 KV groups of 2 query heads: every (groups, heads) level, each regular and nested in the whole-group
+    level of as many groups; a stitched choice of them rebuilds from its plan, and a database built on a
+    model already cut to one head per group goes on from there."""
+    from ziplm_planner.surgery import build_pruned, regular_groups
+
+    loaded = tiny_loaded("llama", causal_lm=True)
+    shape = model_shape(loaded.model.config)
+    calibration = random_calibration(loaded, samples=32)
+    db = build_database(loaded.model, calibration, linear_table(loaded))
+    levels = [AttentionLevel(2, 2), AttentionLevel(2, 1), AttentionLevel(1, 2), AttentionLevel(1, 1), REMOVED_ATTENTION]
+    for layer in db.blocks:
+        trace = layer[ATTENTION]
+        assert trace.levels == levels
+        for level, kept in zip(trace.levels, trace.kept_sets):
+            groups, per_group = regular_groups(kept, shape.q_per_unit)
+            assert (len(groups), per_group) == level
+        assert set(trace.kept(AttentionLevel(1, 1))) < set(trace.kept(AttentionLevel(1, 2)))
+        error = dict(zip(trace.levels, trace.errors))
+        assert error[levels[0]] <= error[levels[1]] and error[levels[2]] <= error[levels[3]] <= error[REMOVED_ATTENTION]
+    counts = [(AttentionLevel(2, 1), 48), (AttentionLevel(1, 1), 32)]
+    model, plan = stitch(loaded.model, db, counts)
+    assert plan.kept_counts() == counts and plan.layers[0].query_heads is not None
+    rebuilt = build_pruned(type(model), loaded.model.config, plan, model.state_dict())
+    batch = calibration.batches(4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**batch).logits, model(**batch).logits)
+    assert stitch_sequential(loaded.model, db, counts, calibration)[1].kept_counts() == counts
+
+    on_pruned = build_database(model, calibration, linear_table(loaded), base=plan)
+    assert on_pruned.blocks[0][ATTENTION].levels == [AttentionLevel(2, 1), AttentionLevel(1, 1), REMOVED_ATTENTION]
+    further = [(AttentionLevel(1, 1), 16), (REMOVED_ATTENTION, 16)]
+    smaller, smaller_plan = stitch(model, on_pruned, further)
+    assert smaller_plan.kept_counts() == further
+    assert set(smaller_plan.layers[0].heads(shape)) < set(plan.layers[0].heads(shape))
+
+
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
 def test_corrected_stitch_keeps_the_structures_and_fits_the_dense_output(model_type):
     """OBS toward the dense output: the database's structures, weights refit layer by layer on the

@@ -247,17 +247,22 @@ def test_unwritable_destination_is_a_user_error(tmp_path):
 
 # --- a causal LM's model.onnx: its KV cache, and generation in ONNX Runtime ---------------------------
 
-DECODER_PLANS = ("dense", "pruned", "first_attention_removed")
+DECODER_PLANS = ("dense", "pruned", "first_attention_removed", "query_heads")
 
 
 def decoder_plan(shape, name):
     """`pruned`: layer 0 loses one attention unit (a KV group; a head for GPT-2) and its whole FFN,
     layer 1 its whole attention and half its FFN neurons. `first_attention_removed`: layer 0's
-    attention is gone, so the cache length is read from ZeroAttention's placeholder."""
+    attention is gone, so the cache length is read from ZeroAttention's placeholder. `query_heads`:
+    layer 0 keeps the last query head of every KV group (GPT-2: heads 1 and 2), layer 1 one group."""
     units, neurons = list(range(shape.attention_units)), list(range(0, shape.intermediate_size, 2))
+    per_group = shape.q_per_unit
+    last_heads = [g * per_group + per_group - 1 for g in units] if per_group > 1 else [1, 2]
     return {"dense": PruningPlan.dense(shape),
             "pruned": PruningPlan(shape, [LayerPlan(units[1:], []), LayerPlan([], neurons)]),
-            "first_attention_removed": PruningPlan(shape, [LayerPlan([], neurons), LayerPlan(units[:1], [])])}[name]
+            "first_attention_removed": PruningPlan(shape, [LayerPlan([], neurons), LayerPlan(units[:1], [])]),
+            "query_heads": PruningPlan(shape, [LayerPlan.of_heads(shape, last_heads, neurons),
+                                               LayerPlan(units[1:], neurons)])}[name]
 
 
 @pytest.fixture(scope="module")

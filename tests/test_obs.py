@@ -17,6 +17,7 @@ from ziplm_planner.obs import (
     kept_columns,
     obs_prune,
     prepare_hessian,
+    prune_heads_per_group,
     reconstruct_weights,
     relative_output_error,
 )
@@ -239,3 +240,46 @@ def test_indefinite_hessian_falls_back_to_pinv(caplog):
         trace = obs_prune(w, h, 1, [1, 0], dampening=0.0)
     assert "pseudo-inverse" in caplog.text
     assert all(math.isfinite(e) for e in trace.errors)
+
+
+# --- query heads inside KV groups ----------------------------------------------------------------
+
+
+def test_each_round_removes_one_head_from_every_group_with_least_squares_weights():
+    """3 groups of 3 heads, head_dim 2: rounds keep 2 then 1 heads in every group, nested, and the error
+    of each round is that of the least-squares weights of the heads it keeps."""
+    x, w, h = layer(0, tokens=96, d_in=18)
+    rounds = prune_heads_per_group(w, h, range(9), per_group=3, head_dim=2, down_to=1, dampening=0.0)
+    assert len(rounds) == 2
+    previous = set(range(9))
+    for per_group, (kept, error) in zip((2, 1), rounds):
+        assert sorted(g for g in (head // 3 for head in kept)) == sorted([0, 1, 2] * per_group)
+        assert set(kept) < previous
+        previous = set(kept)
+        cols = kept_columns(kept, 2)
+        full = torch.zeros_like(w)
+        full[:, cols] = best_fit(x, w, cols)
+        assert error == pytest.approx(relative_output_error(w, full, h), rel=1e-6)
+
+
+def test_a_round_is_the_best_choice_of_one_head_per_group_when_groups_are_independent():
+    """With groups that share no input correlation, the output error adds over groups, so the greedy
+    round finds the combination brute force over every choice of one head per group finds."""
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(40, 6, generator=g, dtype=F64) @ (torch.eye(6, dtype=F64) + 0.5 * torch.randn(6, 6, generator=g, dtype=F64))
+              for _ in range(2)]
+    x = torch.cat([torch.cat([b, torch.zeros_like(b)], 1) if i == 0 else torch.cat([torch.zeros_like(b), b], 1)
+                   for i, b in enumerate(blocks)], 0)  # (80, 12): group 0 = heads 0-2, group 1 = heads 3-5
+    w = torch.randn(4, 12, generator=g, dtype=F64)
+    h = 2 * x.T @ x / len(x)
+    (kept, error), = prune_heads_per_group(w, h, range(6), per_group=3, head_dim=2, down_to=2, dampening=0.0)
+
+    def error_without(a, b):
+        cols = kept_columns(sorted(set(range(6)) - {a, b}), 2)
+        full = torch.zeros_like(w)
+        full[:, cols] = best_fit(x, w, cols)
+        return relative_output_error(w, full, h)
+
+    best = min(((a, b) for a in range(3) for b in range(3, 6)), key=lambda pair: error_without(*pair))
+    assert set(range(6)) - set(kept) == set(best)
+    assert error == pytest.approx(error_without(*best), rel=1e-9)
