@@ -3,6 +3,9 @@
 MiniLM (default): STS-B dev Spearman of each member against the dense model, on a family made
 from STS-B train sentences and a latency table. Causal LMs: WikiText-2 perplexity. Several
 --calibration-inputs (comma-separated) make one family each, in turn, on one level database.
+`--attention-levels all,whole-groups` also makes each family from the table without its levels
+that keep fewer than all query heads of a KV group: what removing query heads inside groups buys.
+`--block-errors fisher,relative` makes each family with both block error weightings.
 
     python scripts/bench_compress.py --profile profiles/minilm-cpu2-onnxruntime-b8s128.json \
         --targets 1.5,2,3,5 --calib ../shared/data/stsb/sts-train.csv --eval ../shared/data/stsb/sts-dev.csv \
@@ -12,6 +15,7 @@ from STS-B train sentences and a latency table. Causal LMs: WikiText-2 perplexit
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import tempfile
 import time
@@ -22,12 +26,25 @@ from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
+from ziplm_planner.table import LatencyTable, record_level
+
+ATTENTION_LEVELS = ("all", "whole-groups")
 
 
 def score(model, loaded, args) -> float:
     if loaded.kind == CAUSAL_LM:
         return perplexity(model, loaded.tokenizer, args.eval, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
     return stsb_spearman(model, loaded.tokenizer, args.eval)
+
+
+def table_for(profile: str, attention_levels: str, workdir: Path) -> str:
+    """The table itself, or a copy holding only the attention levels that keep whole KV groups."""
+    if attention_levels == "all":
+        return profile
+    table = LatencyTable.load(profile)
+    per_group = table.shape.q_per_unit
+    table.records = [r for r in table.records if r["block"] != "attention" or record_level(r, table.shape).heads == per_group]
+    return str(table.save(workdir / f"whole-groups-{Path(profile).name}"))
 
 
 def main() -> None:
@@ -40,6 +57,8 @@ def main() -> None:
     parser.add_argument("--eval", required=True)
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--calibration-inputs", default="dense")
+    parser.add_argument("--attention-levels", default="all", help=f"comma-separated, of {', '.join(ATTENTION_LEVELS)}")
+    parser.add_argument("--block-errors", default="fisher", help="comma-separated, of fisher, relative")
     parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--score-samples", type=int, default=128)
     parser.add_argument("--eval-seq-len", type=int, default=512)
@@ -54,22 +73,29 @@ def main() -> None:
     dense_score = score(loaded.model, loaded, args)
     metric = "perplexity" if loaded.kind == CAUSAL_LM else "STS-B Spearman"
     summary = {}
-    for inputs in args.calibration_inputs.split(","):
-        folder = out / inputs
-        common = dict(num_samples=args.num_samples, calibration_inputs=inputs,
+    choices = [args.calibration_inputs.split(","), args.attention_levels.split(","), args.block_errors.split(",")]
+    variants = list(itertools.product(*choices))
+    if unknown := {levels for _, levels, _ in variants} - set(ATTENTION_LEVELS):
+        parser.error(f"--attention-levels {', '.join(sorted(unknown))}: expected {', '.join(ATTENTION_LEVELS)}")
+    varied = [len(c) > 1 for c in choices]
+    labels = [", ".join(v for v, shown in zip(variant, varied) if shown) or variant[0] for variant in variants]
+    for (inputs, levels, block_errors), label in zip(variants, labels):
+        folder = out / label.replace(", ", "-")
+        profile = table_for(args.profile, levels, cache)
+        common = dict(num_samples=args.num_samples, calibration_inputs=inputs, block_errors=block_errors,
                       search_evaluations=args.search_evaluations, score_samples=args.score_samples, cache_dir=cache,
                       overwrite=True)
         started = time.perf_counter()
-        report = zp.compress(loaded, args.profile, targets, args.calib, folder, **common)
+        report = zp.compress(loaded, profile, targets, args.calib, folder, **common)
         seconds = time.perf_counter() - started
         print(f"\nmodel {args.model}, {args.num_samples} calibration samples from {args.calib}, "
-              f"calibration inputs {inputs}, table {args.profile}")
+              f"calibration inputs {inputs}, attention levels {levels}, block errors {block_errors}, table {args.profile}")
         print(f"| member | target | predicted | measured (p10) | measured (median) | met | params | {metric} | retained |")
         print("|---|---|---|---|---|---|---|---|---|")
         for row in report.rows:
             value = dense_score if row["folder"] == "dense" else score(load_pruned(folder / row["folder"]), loaded, args)
             retained = dense_score / value if loaded.kind == CAUSAL_LM else value / dense_score
-            summary.setdefault(row["folder"], {})[inputs] = (value, row["measured_speedup"])
+            summary.setdefault(row["folder"], {})[label] = (value, row["measured_speedup"])
             print(f"| {row['folder']} | {row['target']:g}x | {row['predicted_speedup']:.2f}x | "
                   f"{row['measured_speedup']:.2f}x | {row['speedup_median']:.2f}x | {'yes' if row['met_target'] else 'NO'} | "
                   f"{row['parameters']:,} | {value:.2f} | {retained:.1%} |")
@@ -78,16 +104,15 @@ def main() -> None:
               f"whole compress of {len(targets)} targets: {seconds:.1f} s")
         if args.extra_target:
             started = time.perf_counter()
-            zp.compress(loaded, args.profile, [*targets, args.extra_target], args.calib, folder, **common)
+            zp.compress(loaded, profile, [*targets, args.extra_target], args.calib, folder, **common)
             again = time.perf_counter() - started
             print(f"adding target {args.extra_target:g}x to the cached run: {again:.1f} s "
                   f"({again / seconds - 1:+.0%} vs the first run)")
-    modes = args.calibration_inputs.split(",")
-    print(f"\n{metric} by calibration inputs (measured speedup in brackets)")
-    print("| member | " + " | ".join(modes) + " |")
-    print("|---|" + "---|" * len(modes))
+    print(f"\n{metric} by calibration inputs and attention levels (measured speedup in brackets)")
+    print("| member | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
     for member, cells in summary.items():
-        print(f"| {member} | " + " | ".join(f"{cells[m][0]:.2f} ({cells[m][1]:.2f}x)" for m in modes) + " |")
+        print(f"| {member} | " + " | ".join(f"{cells[m][0]:.2f} ({cells[m][1]:.2f}x)" for m in labels) + " |")
     print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, get_module, model_layers, model_shape
-from ziplm_planner.baselines import (BASELINES, baseline_planner, block_sums, fisher_targets,
-                                     magnitude_importance, mask_normal_equations, per_sample_losses, rearrange,
-                                     solve_mask, top_k, tune_masks)
+from ziplm_planner.baselines import (BASELINES, baseline_planner, block_sums, magnitude_importance,
+                                     mask_normal_equations, rearrange, solve_mask, top_k, tune_masks)
+from ziplm_planner.fisher import block_fisher, fisher_targets, per_sample_losses
 from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.errors import UserError
 from ziplm_planner.layers import capture_inputs, output_projection, weight_out_in
@@ -196,6 +196,20 @@ def test_kwon_fisher_is_the_sum_of_squared_per_sample_gradients(model_type, caus
     grads = torch.stack([finite_difference(loaded.model, loaded.kind, batch, target, 1, FFN, n, 1)
                          for n in neurons], dim=1)
     torch.testing.assert_close(planner.scores[1][FFN][neurons], grads.square().sum(0), rtol=5e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,causal", [("bert", False), ("llama", True)])
+def test_block_fisher_is_the_squared_gradient_of_scaling_the_whole_block(model_type, causal):
+    """ZipLM's loss scale of a block: Σ_s (dL_s/dα)², α scaling all of its output-projection columns."""
+    loaded = tiny_loaded(model_type, causal_lm=causal)
+    loaded.model.double()
+    batch = random_calibration(loaded, samples=4).batches()[0]
+    fisher = block_fisher(loaded.model, loaded.kind, [batch], seed=3)
+    target = fisher_targets(loaded.model, loaded.kind, [batch], seed=3)[0]
+    for layer, block in ((0, ATTENTION), (1, FFN)):
+        weight = weight_out_in(output_projection(model_layers(loaded.model)[layer], loaded.model.config, block))
+        grads = finite_difference(loaded.model, loaded.kind, batch, target, layer, block, 0, weight.shape[1])
+        assert fisher[layer][block] == pytest.approx(float(grads.square().sum()), rel=5e-3)
 
 
 def test_kwon_keeps_the_rearranged_structures_of_each_searched_count():

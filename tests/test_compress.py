@@ -132,6 +132,38 @@ def test_level_database_holds_query_heads_inside_groups():
 
 
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_fisher_block_errors_are_relative_errors_in_loss_units(model_type, tmp_path):
+    """With the model's kind, each block's errors are its relative OBS errors times its block Fisher
+    (floored), which the database keeps on disk; the search sees them, the traces are unchanged."""
+    from ziplm_planner.database import LevelDatabase
+    from ziplm_planner.fisher import block_fisher
+
+    loaded = tiny_loaded(model_type, causal_lm=model_type == "llama")
+    calibration = random_calibration(loaded, samples=16)
+    table = linear_table(loaded)
+    relative = build_database(loaded.model, calibration, table)
+    fisher = build_database(loaded.model, calibration, table, kind=loaded.kind)
+    assert relative.loss_scales is None
+    expected = block_fisher(loaded.model, loaded.kind, calibration.batches())
+    assert [[layer[b] for b in (ATTENTION, FFN)] for layer in fisher.loss_scales] == \
+        [[pytest.approx(layer[b]) for b in (ATTENTION, FFN)] for layer in expected]
+    for plain, scaled in zip(relative.search_blocks(table), fisher.search_blocks(table)):
+        layer, block = int(plain.name.split(".")[0][5:]), plain.name.split(".")[1]
+        assert scaled.levels == plain.levels and scaled.times == plain.times
+        assert scaled.errors == pytest.approx([fisher.loss_scales[layer][block] * e for e in plain.errors])
+    fisher.save(tmp_path / "db.pt")
+    assert LevelDatabase.load(tmp_path / "db.pt").loss_scales == fisher.loss_scales
+
+
+def test_block_fisher_is_floored_so_no_present_block_is_free():
+    from ziplm_planner.database import FISHER_FLOOR, floored
+
+    scales = floored([{ATTENTION: 0.0, FFN: 3.0}, {ATTENTION: 1e-9, FFN: 1.0}])
+    floor = FISHER_FLOOR * (3.0 + 1e-9 + 1.0) / 3
+    assert scales == [{ATTENTION: 0.0, FFN: 3.0}, {ATTENTION: pytest.approx(floor), FFN: 1.0}]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
 def test_corrected_stitch_keeps_the_structures_and_fits_the_dense_output(model_type):
     """OBS toward the dense output: the database's structures, weights refit layer by layer on the
     compressed model's inputs. Nothing pruned, it is the dense model; pruned, it is closer to the
@@ -210,8 +242,11 @@ def torch_bytes(obj):
     torch_bytes(payload_with(lambda p: p["blocks"][0][FFN].update(kept=[torch.tensor(k) for k in ([0, 1, 3], [0], [1], [])]))),
     torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(hessian=torch.eye(3)))),
     torch_bytes(payload_with(lambda p: p["blocks"][0][ATTENTION].update(errors=[0.0]))),
+    torch_bytes(payload_with(lambda p: p.update(loss_scales=[{ATTENTION: -1.0, FFN: 1.0}]))),
+    torch_bytes(payload_with(lambda p: p.update(loss_scales=[{ATTENTION: 1.0}]))),
 ], ids=["empty", "random", "tensor", "list", "foreign-object", "other-format", "extra-layer", "missing-block",
-        "repeated-structure", "structure-out-of-range", "bad-hessian", "missing-errors"])
+        "repeated-structure", "structure-out-of-range", "bad-hessian", "missing-errors", "negative-loss-scale",
+        "missing-loss-scale"])
 def test_unreadable_cache_entry_is_deleted_and_rebuilt(tmp_path, caplog, content):
     from ziplm_planner.database import cached_database
 

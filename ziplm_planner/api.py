@@ -39,6 +39,7 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
              calibration: str | Path, output: str | Path, *, method: str = default(CompressSettings, "method"),
              num_samples: int = default(CompressSettings, "num_samples"), seed: int = default(CompressSettings, "seed"),
              calibration_inputs: str = default(CompressSettings, "calibration_inputs"),
+             block_errors: str = default(CompressSettings, "block_errors"),
              search_evaluations: int = default(CompressSettings, "search_evaluations"),
              score_samples: int = default(CompressSettings, "score_samples"), onnx: bool = True, overwrite: bool = False,
              cache_dir: str | Path | None = None, recovery: str = default(RecoverySettings, "mode"),
@@ -55,6 +56,7 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
     check_reachable(targets, table)  # this and the output: fail now, not after loading the model
     check_creatable_dir(Path(output))
     settings = CompressSettings(method=method, num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
+                                block_errors=block_errors,
                                 search_evaluations=search_evaluations, score_samples=score_samples, onnx=onnx,
                                 recovery=RecoverySettings(recovery, None if train_data is None else str(train_data),
                                                           train or TrainSettings()),

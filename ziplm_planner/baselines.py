@@ -23,8 +23,6 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,10 +31,11 @@ from torch import nn
 
 from .adapters import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, get_module,
                        model_layers, model_shape)
-from .calibrate import Calibration, mean_pool
+from .calibrate import Calibration
 from .errors import UserError
+from .fisher import fisher_targets, mask_gradients
 from .layers import LayerInput, capture_inputs, output_projection, propagate, run_layer, weight_out_in
-from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
+from .models import LoadedModel
 from .search import BlockLevels, solve_dp
 from .stitch import prune_block
 from .surgery import PruningPlan, unit_heads
@@ -44,7 +43,6 @@ from .table import LatencyTable
 
 log = logging.getLogger(__name__)
 
-TARGET_NOISE = 0.1  # embedding Fisher: std of the sampled target around the dense embedding, x its norm
 MASK_DAMPENING = 0.1  # mask tuning: ridge towards the untuned mask, x mean(diag G); guards overfitting
 MAX_MASK = 10.0  # Kwon's guard: tuned mask values beyond ±10 mean an ill-posed solve; keep 1
 UNIFORM_GRID = 4096  # keep ratios scanned by `uniform`, besides every table level's own ratio
@@ -136,87 +134,7 @@ def block_influence(model: nn.Module, batches: list[dict]) -> list[float]:
     return scores
 
 
-# --- Fisher information of the masks (Kwon §3) -----------------------------------------------------
-
-
-@contextmanager
-def structure_masks(model: nn.Module, masks: dict[tuple[int, str], torch.Tensor]) -> Iterator[None]:
-    """Multiply each structure's output-projection input columns by its mask, per sample:
-    masks[(layer, block)] is (batch, units)."""
-    config, shape = model.config, model_shape(model.config)
-
-    def hook_for(mask: torch.Tensor, width: int):
-        def hook(module, args):
-            scale = mask.repeat_interleave(width, dim=1)[:, None, :]  # (batch, 1, units * width)
-            return (args[0] * scale.to(args[0].dtype), *args[1:])
-        return hook
-
-    layers = model_layers(model)
-    handles = [output_projection(layers[idx], config, block).register_forward_pre_hook(
-        hook_for(mask, unit_width(shape, block))) for (idx, block), mask in masks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def fisher_targets(dense: nn.Module, kind: str, batches: list[dict], seed: int) -> list[torch.Tensor | None]:
-    """What each sample's loss is measured against. Distances to the dense model's own output have
-    zero gradient at the dense model, so targets are sampled from the model's predictive
-    distribution (the true Fisher): a class drawn from its softmax when there are no labels, and for
-    embeddings a Gaussian draw around the dense embedding. Causal LMs use their real next tokens."""
-    if kind == CAUSAL_LM:
-        return [None] * len(batches)
-    generator, targets = torch.Generator().manual_seed(seed), []
-    with torch.no_grad():  # not inference_mode: the targets enter an autograd graph later
-        for batch in batches:
-            if kind == CLASSIFICATION and "labels" in batch:
-                targets.append(batch["labels"])
-                continue
-            out = dense(**{k: v for k, v in batch.items() if k != "labels"})
-            if kind == CLASSIFICATION:
-                targets.append(torch.multinomial(out.logits.float().softmax(-1), 1, generator=generator).squeeze(1))
-            else:
-                pooled = mean_pool(out.last_hidden_state, batch["attention_mask"])  # (batch, d)
-                noise = torch.randn(pooled.shape, generator=generator, dtype=pooled.dtype)
-                scale = TARGET_NOISE * pooled.norm(dim=-1, keepdim=True) / math.sqrt(pooled.shape[-1])
-                targets.append(pooled + scale * noise)
-    return targets
-
-
-def per_sample_losses(model: nn.Module, kind: str, batch: dict, target) -> torch.Tensor:
-    """(batch,) differentiable losses: mean next-token NLL over real tokens (causal LM), cross-entropy
-    (classifier), cosine distance of the mean-pooled embedding (embedding model)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if kind == CAUSAL_LM:
-        logits = model(**inputs, use_cache=False).logits
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
-        logits = logits[:, :-1].transpose(1, 2).to(torch.promote_types(logits.dtype, torch.float32))
-        nll = F.cross_entropy(logits, labels, reduction="none")  # (batch, seq - 1), 0 where -100
-        return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
-    out = model(**inputs)
-    if kind == CLASSIFICATION:
-        return F.cross_entropy(out.logits, target, reduction="none")
-    return 1.0 - F.cosine_similarity(mean_pool(out.last_hidden_state, batch["attention_mask"]), target, dim=-1)
-
-
-def mask_gradients(model: nn.Module, kind: str, batches: list[dict],
-                   targets: list) -> dict[tuple[int, str], torch.Tensor]:
-    """Per-sample gradients g = dL_s/dm at m = 1, per (layer, block) still present: (samples, units)
-    float64. Each sample has its own mask, so one backward of Σ_s L_s gives every per-sample gradient."""
-    units = {(idx, block): n for idx, layer in enumerate(model_layers(model)) for block in BLOCKS
-             if (n := present_structures(layer, model.config, block))}
-    grads: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in units}
-    dtype = next(model.parameters()).dtype
-    for batch, target in zip(batches, targets):
-        n = len(batch["input_ids"])
-        masks = {key: torch.ones(n, width, dtype=dtype, requires_grad=True) for key, width in units.items()}
-        with torch.enable_grad(), structure_masks(model, masks):
-            losses = per_sample_losses(model, kind, batch, target)
-            for key, grad in zip(masks, torch.autograd.grad(losses.sum(), list(masks.values()))):
-                grads[key].append(grad)
-    return {key: torch.cat(g).double() for key, g in grads.items()}
+# --- Fisher information of the masks (Kwon §3): see fisher.py -------------------------------------
 
 
 def rearrange(fisher: torch.Tensor, kept: int) -> list[int]:
@@ -485,7 +403,9 @@ class KwonPlanner(StructurePlanner):
         super().__init__(loaded, table, base)
         batches = calibration.batches()
         targets = fisher_targets(loaded.model, loaded.kind, batches, seed)
-        grads = mask_gradients(loaded.model, loaded.kind, batches, targets)  # (samples, units) per (layer, block)
+        units = {(idx, block): n for idx, layer in enumerate(model_layers(loaded.model)) for block in BLOCKS
+                 if (n := present_structures(layer, loaded.model.config, block))}
+        grads = mask_gradients(loaded.model, loaded.kind, batches, targets, units)  # (samples, units) per (layer, block)
         empty = torch.zeros(0, 0, dtype=torch.float64)  # a removed block
         self.fisher = [{b: (g.T @ g if (g := grads.get((i, b))) is not None else empty) for b in BLOCKS}
                        for i in range(self.shape.num_layers)]  # Σ_s g gᵀ

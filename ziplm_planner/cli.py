@@ -13,7 +13,7 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import (CALIBRATION_INPUTS, LOSS_TERMS, METHODS, RECOVERY_MODES, CompressSettings, LossWeights,
+from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, RECOVERY_MODES, CompressSettings, LossWeights,
                        ProfileSettings, RecoverySettings, TrainSettings, default)
 from .timing import ESTIMATORS
 
@@ -120,6 +120,10 @@ def profile_show(table_path) -> None:
               help="dense: members' OBS weights from the dense model's inputs; sequential: members re-pruned on "
                    "inputs of the model compressed so far; corrected: the same structures as dense, weights fit "
                    "layer by layer on the compressed model's inputs to the dense model's output.")
+@click.option("--block-errors", type=click.Choice(BLOCK_ERRORS), default=default(CompressSettings, "block_errors"),
+              show_default=True,
+              help="What the search weighs a block's OBS error by: fisher: its Fisher on the calibration loss, so blocks "
+                   "compare in loss units; relative: nothing (each block's error relative to its own output).")
 @click.option("--search-evaluations", type=int, default=default(CompressSettings, "search_evaluations"),
               show_default=True, help="SPDY: models scored per target.")
 @click.option("--score-samples", type=int, default=default(CompressSettings, "score_samples"), show_default=True,
@@ -145,8 +149,8 @@ def profile_show(table_path) -> None:
 @click.option("--temperature", type=float, default=default(LossWeights, "temperature"), show_default=True,
               help="Recovery: distillation temperature of the KL term.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
-def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, search_evaluations,
-             score_samples, no_onnx, overwrite, cache_dir, recovery, train_data, train_tokens, train_batch_size,
+def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
+             search_evaluations, score_samples, no_onnx, overwrite, cache_dir, recovery, train_data, train_tokens, train_batch_size,
              learning_rate, warmup, loss_weights, temperature, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
@@ -154,7 +158,8 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
     train = TrainSettings(tokens=train_tokens, batch_size=train_batch_size, learning_rate=learning_rate, warmup=warmup,
                           weights=LossWeights.parse(loss_weights, temperature), seed=seed)
     report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
-                          calibration_inputs=calibration_inputs, search_evaluations=search_evaluations,
+                          calibration_inputs=calibration_inputs, block_errors=block_errors,
+                          search_evaluations=search_evaluations,
                           score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
                           recovery=recovery, train_data=train_data, train=train)
     if report is None:  # another process of a distributed run: the main process reports

@@ -1,9 +1,15 @@
-"""The level database: for every layer and block, the OBS removal order and the error at every
-level the latency table has. Computed once, it serves every target.
+"""The level database: for every layer and block, the structures greedy OBS keeps and the error at
+every level the latency table has. Computed once, it serves every target.
 
 Weights are not stored per level: greedy OBS with exact inverse-Hessian updates is a least-
-squares solve for the removed set (obs.reconstruct_weights), so the Hessian and the removal
-order rebuild any level's weights on demand.
+squares solve for the removed set (obs.reconstruct_weights), so the Hessian and the kept
+structures rebuild any level's weights on demand.
+
+OBS errors are relative to each block's own output, which says nothing of how much that output
+matters to the loss: a block whose output barely moves the residual stream looks as costly to cut
+as one the model depends on. With `loss_scales` (the default, `--block-errors fisher`), each block's
+errors are multiplied by its Fisher F_b (fisher.block_fisher), so a removed block costs the Fisher
+estimate of the loss increase of removing it and the search compares blocks in loss units.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -24,9 +31,10 @@ from torch import nn
 from .adapters import ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, model_layers, model_shape
 from .calibrate import Calibration
 from .errors import UserError
+from .fisher import block_fisher
 from .layers import block_hessians, capture_inputs, output_projection, propagate, weight_out_in
 from .obs import obs_prune, prune_heads_per_group, reconstruct_weights
-from .progress import bar
+from .progress import bar, stage
 from .search import BlockLevels
 from .surgery import PruningPlan, unit_heads
 from .table import LatencyTable
@@ -34,6 +42,7 @@ from .table import LatencyTable
 log = logging.getLogger(__name__)
 
 FORMAT = "ziplm-planner/level-database/v3"  # v3: query heads inside KV groups, kept structures per level
+FISHER_FLOOR = 0.01  # x the mean block Fisher: a block whose gradient happened to vanish is not free to remove
 
 
 def column_width(shape: ModelShape, block: str) -> int:
@@ -119,6 +128,7 @@ class LevelDatabase:
     dampening: float
     metadata: dict = field(default_factory=dict)
     base: PruningPlan | None = None  # None: the dense model
+    loss_scales: list[dict[str, float]] | None = None  # per layer and block; None: relative errors as they are
     _weights: dict = field(default_factory=dict, repr=False, compare=False)
 
     def search_blocks(self, table: LatencyTable) -> list[BlockLevels]:
@@ -128,7 +138,8 @@ class LevelDatabase:
             for block in BLOCKS:
                 trace = layer[block]
                 levels = sorted(trace.levels)
-                error_at = dict(zip(trace.levels, trace.errors))
+                scale = 1.0 if self.loss_scales is None else self.loss_scales[idx][block]
+                error_at = {level: scale * error for level, error in zip(trace.levels, trace.errors)}
                 problem.append(BlockLevels(
                     name=f"layer{idx}.{block}", levels=tuple(levels),
                     times=tuple(table.time(block, k) for k in levels), errors=tuple(error_at[k] for k in levels)))
@@ -163,6 +174,7 @@ class LevelDatabase:
     def payload(self) -> dict:
         """What `save` writes: plain lists and tensors, which `torch.load(weights_only=True)` reads."""
         return {"format": FORMAT, "shape": self.shape.__dict__, "dampening": self.dampening, "metadata": self.metadata,
+                "loss_scales": self.loss_scales,
                    "blocks": [{b: {"levels": [list(level) if b == ATTENTION else level for level in t.levels],
                                    "errors": t.errors, "kept": [torch.tensor(k, dtype=torch.int32) for k in t.kept_sets],
                                    "hessian": t.hessian.float()} for b, t in layer.items()} for layer in self.blocks]}
@@ -190,7 +202,21 @@ class LevelDatabase:
         if not isinstance(layers, list) or len(layers) != shape.num_layers:
             raise ValueError(f"{path} does not hold {shape.num_layers} layers")
         blocks = [{block: _trace(layer, shape, block) for block in BLOCKS} for layer in layers]
-        return cls(shape, blocks, float(payload["dampening"]), dict(payload["metadata"]))
+        return cls(shape, blocks, float(payload["dampening"]), dict(payload["metadata"]),
+                   loss_scales=_loss_scales(payload["loss_scales"], shape))
+
+
+def _loss_scales(value, shape: ModelShape) -> list[dict[str, float]] | None:
+    """Saved loss scales: none, or a finite number >= 0 per layer and block."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == shape.num_layers
+            and all(isinstance(layer, dict) and sorted(layer) == sorted(BLOCKS) for layer in value)):
+        raise ValueError(f"loss scales are not {shape.num_layers} layers of {', '.join(BLOCKS)}")
+    scales = [{block: float(layer[block]) for block in BLOCKS} for layer in value]
+    if not all(math.isfinite(v) and v >= 0 for layer in scales for v in layer.values()):
+        raise ValueError("loss scales are not finite numbers >= 0")
+    return scales
 
 
 def _trace(layer: dict, shape: ModelShape, block: str) -> BlockTrace:
@@ -214,10 +240,15 @@ def _trace(layer: dict, shape: ModelShape, block: str) -> BlockTrace:
 
 
 def build_database(model: nn.Module, calibration: Calibration, table: LatencyTable, dampening: float = 0.01,
-                   base: PruningPlan | None = None) -> LevelDatabase:
+                   base: PruningPlan | None = None, kind: str | None = None) -> LevelDatabase:
     """Hessians from the inputs of `model` (dense, or pruned as `base` says), then greedy OBS per block
-    down to removed, errors at every table level within the block's current size."""
+    down to removed, errors at every table level within the block's current size. With the model's
+    `kind`, also each block's Fisher on the calibration loss (`loss_scales`); without, relative errors."""
     started = time.perf_counter()
+    scales = None
+    if kind is not None:
+        with stage("block Fisher", "one backward pass over the calibration data"):
+            scales = floored(block_fisher(model, kind, calibration.batches()))
     config, shape = model.config, model_shape(model.config)
     current = (base or PruningPlan.dense(shape)).kept_counts()
     inputs = capture_inputs(model, calibration.batches())
@@ -230,7 +261,14 @@ def build_database(model: nn.Module, calibration: Calibration, table: LatencyTab
         inputs = propagate(layer, inputs)
     return LevelDatabase(shape, blocks, dampening, {"seconds": round(time.perf_counter() - started, 2),
                                                    "samples": calibration.num_samples,
-                                                   "tokens": calibration.tokens.num_tokens}, base)
+                                                   "tokens": calibration.tokens.num_tokens}, base, scales)
+
+
+def floored(fisher: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Block Fisher, each at least FISHER_FLOOR x the mean over present blocks (removed blocks stay 0)."""
+    present = [v for layer in fisher for v in layer.values() if v > 0]
+    floor = FISHER_FLOOR * (sum(present) / len(present)) if present else 0.0
+    return [{block: max(v, floor) if v > 0 else 0.0 for block, v in layer.items()} for layer in fisher]
 
 
 def block_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor | None, present: AttentionLevel | int,
@@ -260,9 +298,9 @@ def data_identity(source: str) -> dict:
 
 
 def database_key(model_fingerprint: dict, calibration: Calibration, table: LatencyTable, dampening: float,
-                 num_samples: int, seed: int) -> str:
+                 num_samples: int, seed: int, block_errors: str) -> str:
     key = {"format": FORMAT, "model": model_fingerprint, "data": data_identity(calibration.source), "seq_len": calibration.seq_len,
-           "samples": num_samples, "seed": seed, "dampening": dampening,
+           "samples": num_samples, "seed": seed, "dampening": dampening, "block_errors": block_errors,
            "levels": {b: [str(level) for level in table_levels(table, b)] for b in BLOCKS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -32,7 +32,7 @@ from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .recovery import Recovery
-from .settings import CORRECTED, GRADUAL, NONE, SEQUENTIAL, ZIPLM, CompressSettings
+from .settings import CORRECTED, FISHER, GRADUAL, NONE, SEQUENTIAL, ZIPLM, CompressSettings
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
 
@@ -151,6 +151,11 @@ class ZipLMPlanner:
         return (*stitch(self.loaded.model, self.db, counts, correction), counts)
 
 
+def fisher_kind(loaded: LoadedModel, settings: CompressSettings) -> str | None:
+    """The model kind the level database computes block Fisher for; None for relative errors."""
+    return loaded.kind if settings.block_errors == FISHER else None
+
+
 def gradual_planner(loaded: LoadedModel, current, plan: PruningPlan, table: LatencyTable, calibration: Calibration,
                     settings: CompressSettings, score_loss: CalibrationLoss):
     """The method's planner on the model pruned and distilled so far, so the next member is cut from this
@@ -163,7 +168,7 @@ def gradual_planner(loaded: LoadedModel, current, plan: PruningPlan, table: Late
         with stage(f"{settings.method} baseline", f"on the current model ({count_parameters(current):,} parameters)"):
             return baseline_planner(settings.method, loaded, table, calibration, settings.seed, base=plan)
     with stage("level database", f"of the current model ({count_parameters(current):,} parameters)"):
-        db = build_database(current, calibration, table, settings.dampening, base=plan)
+        db = build_database(current, calibration, table, settings.dampening, base=plan, kind=fisher_kind(loaded, settings))
     return ZipLMPlanner(loaded, table, db, calibration, settings, score_loss)
 
 
@@ -278,10 +283,11 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     planning = {}
     if settings.method == ZIPLM:
         key = database_key(fingerprint, calibration, table, settings.dampening, settings.num_samples,
-                           settings.seed)
+                           settings.seed, settings.block_errors)
         with stage("level database", f"{shape.num_layers} layers, {calibration.num_samples} samples") as step:
             db = cached_database(settings.cache_dir, key,
-                                 lambda: build_database(loaded.model, calibration, table, settings.dampening))
+                                 lambda: build_database(loaded.model, calibration, table, settings.dampening,
+                                                        kind=fisher_kind(loaded, settings)))
             step.outcome = "from the cache" if db.metadata.get("cached") else f"cached in {settings.cache_dir}"
         planning["level_database"] = {**db.metadata, "seconds_this_run": round(time.perf_counter() - started, 2)}
         planner = ZipLMPlanner(loaded, table, db, calibration, settings, score_loss)

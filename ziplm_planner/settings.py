@@ -18,6 +18,10 @@ METHODS = (ZIPLM, "magnitude", "uniform", "layerdrop", "kwon")  # the baselines:
 # the dense model's structures, with weights fit on the compressed model's inputs to the dense output
 DENSE, SEQUENTIAL, CORRECTED = "dense", "sequential", "corrected"
 CALIBRATION_INPUTS = (DENSE, SEQUENTIAL, CORRECTED)
+# a block's error at a level, in the search: OBS's relative output error times the block's Fisher on
+# the calibration loss (loss units, comparable across blocks), or the relative error alone (the paper's)
+FISHER, RELATIVE = "fisher", "relative"
+BLOCK_ERRORS = (FISHER, RELATIVE)
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
@@ -82,6 +86,7 @@ class CompressSettings:
     seed: int = 0
     dampening: float = 0.01
     calibration_inputs: str = DENSE  # one of CALIBRATION_INPUTS
+    block_errors: str = FISHER  # one of BLOCK_ERRORS
     search_evaluations: int = 30  # SPDY: stitched models scored per target
     score_samples: int = 128  # calibration samples the SPDY score uses
     verify_rounds: int = 20
@@ -96,6 +101,8 @@ class CompressSettings:
         if self.calibration_inputs not in CALIBRATION_INPUTS:
             raise UserError(f"calibration inputs must be one of {', '.join(CALIBRATION_INPUTS)}, "
                             f"got {self.calibration_inputs!r}")
+        if self.block_errors not in BLOCK_ERRORS:
+            raise UserError(f"block errors must be one of {', '.join(BLOCK_ERRORS)}, got {self.block_errors!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
             raise UserError("number of samples, search evaluations and score samples must be at least 1")
         if self.recovery.mode == GRADUAL and self.calibration_inputs == SEQUENTIAL:
