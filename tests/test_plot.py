@@ -216,3 +216,10 @@ def test_training_curves_are_drawn_for_recovered_families_only(families, tmp_pat
     for label in ("x1.5", "x2", "tokens seen", "squarehead", "total loss", "ziplm + gradual recovery"):
         assert label in text, label
     assert plot_training(families[0], tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+
+
+def test_scores_spanning_orders_of_magnitude_get_a_log_axis():
+    from ziplm_planner.plot import wide_positive
+
+    assert wide_positive([29.7, 60.9, 2.3e10])  # collapsed baselines beside a good method
+    assert not wide_positive([29.7, 60.9, 225.3]) and not wide_positive([0.8, 0.86]) and not wide_positive([-1.0, 500.0])

@@ -102,6 +102,7 @@ def test_prediction_is_the_sum_of_block_times(table):
     fixed, attn, ffn = table.fixed_ms, table.time(ATTENTION, two), table.time(FFN, 32)
     assert table.predict([(two, 32), (REMOVED_ATTENTION, 0)]) == pytest.approx(table.from_block_sum(fixed + attn + ffn))
     assert table.predict([(REMOVED_ATTENTION, 0)] * 2) == pytest.approx(table.from_block_sum(fixed))
+    assert table.time(ATTENTION, 2) == attn  # an integer counts whole KV groups
     with pytest.raises(ValueError, match="attention level 2x2 was not timed"):
         table.time(ATTENTION, AttentionLevel(2, 2))
     cheapest_block = min(table.times(ATTENTION) + table.times(FFN))

@@ -9,7 +9,7 @@ import torch
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.models import CAUSAL_LM, EMBEDDING, load_model
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, count_parameters
-from test_surgery import outputs, zero_removed
+from test_surgery import outputs, random_plan, zero_removed
 
 pytestmark = pytest.mark.realmodel
 
@@ -44,12 +44,7 @@ def test_smollm2_loads_as_a_gqa_causal_lm(smollm2):
 def test_surgery_on_real_model_equals_masked_dense(fixture, request):
     loaded = request.getfixturevalue(fixture)
     shape = model_shape(loaded.model.config)
-    rng = random.Random(0)
-    pre_norm = loaded.kind == CAUSAL_LM
-    plan = PruningPlan(shape, [
-        LayerPlan(sorted(rng.sample(range(shape.attention_units), rng.randint(0 if pre_norm else 1, shape.attention_units))),
-                  sorted(rng.sample(range(shape.intermediate_size), rng.randint(0 if pre_norm else 1, shape.intermediate_size))))
-        for _ in range(shape.num_layers)])
+    plan = random_plan(shape, random.Random(0), allow_empty=loaded.kind == CAUSAL_LM)  # SmolLM2: query heads too
     pruned = apply_plan(copy.deepcopy(loaded.model), plan)
     masked = zero_removed(copy.deepcopy(loaded.model), plan)
     batch = sentences(loaded)
@@ -78,14 +73,19 @@ def test_compress_the_real_minilm_with_the_shipped_table(minilm, tmp_path):
 
 
 def test_a_pruned_smollm2_generates_the_same_tokens_in_onnx_runtime_as_in_torch(smollm2, tmp_path):
-    """The member's model.onnx with its KV cache: greedy, 32 tokens, a left-padded batch."""
+    """The member's model.onnx with its KV cache: greedy, 32 tokens, a left-padded batch; KV groups, query
+    heads inside them and neurons removed at random."""
     from ziplm_planner.export import ort_generate, save_member
 
     shape = model_shape(smollm2.model.config)
     rng = random.Random(1)
-    plan = PruningPlan(shape, [LayerPlan(sorted(rng.sample(range(shape.attention_units), rng.randint(0, 3))),
-                                         sorted(rng.sample(range(shape.intermediate_size), 1024)))
-                               for _ in range(shape.num_layers)])
+
+    def layer():
+        per_group = rng.randint(1, shape.q_per_unit)
+        heads = [g * shape.q_per_unit + i for g in rng.sample(range(shape.attention_units), rng.randint(0, 3))
+                 for i in rng.sample(range(shape.q_per_unit), per_group)]
+        return LayerPlan.of_heads(shape, heads, rng.sample(range(shape.intermediate_size), 1024))
+    plan = PruningPlan(shape, [layer() for _ in range(shape.num_layers)])
     pruned = apply_plan(copy.deepcopy(smollm2.model), plan)
     save_member(tmp_path / "member", pruned, smollm2.tokenizer, plan, CAUSAL_LM, {})
     tokenizer = copy.deepcopy(smollm2.tokenizer)

@@ -12,6 +12,7 @@ import importlib
 # Public name -> the module that defines it. They are imported on first use (PEP 562), because
 # torch and transformers take seconds to load and `ziplm-planner --help` needs neither.
 _PUBLIC = {
+    "AttentionLevel": "adapters",
     "InferenceSpec": "spec",
     "LatencyTable": "table",
     "compress": "api",

@@ -32,6 +32,7 @@ REQUIRED = ("target", "folder", "met_target", "measured_ms", "measured_speedup",
             "kept_attention", "kept_ffn")
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss")  # task names whose scores fall as models improve
 DENSE_COLOR = "gold"  # one star for the dense reference, shared by every family
+LOG_SCALE_SPAN = 100  # max / min of the scores above which the score axis is logarithmic
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
     families, task = distinct_names(families), choose_task(families, task)
     fig = Figure(figsize=(12, 5.4), layout="constrained")
     by_speedup, by_latency = fig.subplots(1, 2, sharey=True)
-    handles = []
+    handles, scores = [], []
     for index, family in enumerate(families):
         points = scored_rows(family, task)
         if not points:
@@ -153,6 +154,9 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
         draw_family(by_speedup, points, "measured_speedup", color)
         draw_family(by_latency, points, "measured_ms", color)
         handles.append(Line2D([], [], color=color, marker="o", label=family.name))
+        scores += [y for _, y in points]
+    if wide_positive(scores):  # perplexities of collapsed baselines: 30 and 1e10 on one axis
+        by_speedup.set_yscale("log")
     draw_target_guides(by_speedup, families)
     estimator = "/".join(dict.fromkeys(str(f.metadata.get("estimator", "p10")) for f in families))
     by_speedup.set_xlabel(f"measured speedup over dense ({estimator} estimator)")
@@ -165,6 +169,11 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle(spec_title(families))
     return save_figure(fig, paths)
+
+
+def wide_positive(values: list[float]) -> bool:
+    """Positive values spanning more than two orders of magnitude: only a log axis shows them all."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SCALE_SPAN
 
 
 def draw_family(ax, points: list[tuple[dict, float]], x_key: str, color: str) -> None:

@@ -65,10 +65,12 @@ class LatencyTable:
 
     def time(self, block: str, kept: AttentionLevel | int) -> float:
         """Block time at a level; FFN sizes between table levels interpolate linearly, attention levels
-        must have been timed."""
+        must have been timed (an integer attention level counts whole KV groups)."""
         if kept in (0, REMOVED_ATTENTION):
             return 0.0
         if block == ATTENTION:
+            if not isinstance(kept, AttentionLevel):
+                kept = AttentionLevel(kept, self.shape.q_per_unit)
             try:
                 return self.times(ATTENTION)[self.levels(ATTENTION).index(kept)]
             except ValueError:
