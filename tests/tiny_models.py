@@ -51,20 +51,18 @@ def gqa_model(model_type: str, kv_groups: int, heads_per_group: int, seed: int =
     config = TINY_CONFIGS[model_type]()
     config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 8 * heads, heads, kv_groups
     config.head_dim = 8
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return model
+    return spread_weights(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval())
 
 
 def tiny_model(model_type: str, causal_lm: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     config = TINY_CONFIGS[model_type]()
     cls = AutoModelForCausalLM if causal_lm else AutoModel
-    model = cls.from_config(config, attn_implementation="sdpa").eval()
-    # random init makes some structures near-equal; spread the weights so tests can tell them apart
+    return spread_weights(cls.from_config(config, attn_implementation="sdpa").eval())
+
+
+def spread_weights(model):
+    """Random init makes some structures near-equal; spread the weights so tests can tell them apart."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
