@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, get_module,
+from .adapters import (ATTENTION, BLOCKS, FFN, AttentionLevel, ModelShape, architecture_for, get_module,
                        model_layers, model_shape)
 from .calibrate import Calibration
 from .errors import UserError
@@ -62,9 +62,7 @@ def total_units(shape: ModelShape, block: str) -> int:
 
 def unit_level(shape: ModelShape, block: str, units: int) -> AttentionLevel | int:
     """The table level of a block keeping `units` whole units."""
-    if block == FFN:
-        return units
-    return AttentionLevel(units, shape.q_per_unit) if units else REMOVED_ATTENTION
+    return shape.whole_groups(units) if block == ATTENTION else units
 
 
 def unit_levels(table: LatencyTable, block: str) -> list[int]:

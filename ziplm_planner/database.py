@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, model_layers, model_shape
+from .adapters import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, model_layers, model_shape,
+                       removed_level)
 from .calibrate import Calibration
 from .errors import UserError
 from .fisher import block_fisher
@@ -48,19 +49,6 @@ FISHER_FLOOR = 0.01  # x the mean block Fisher: a block whose gradient happened 
 def column_width(shape: ModelShape, block: str) -> int:
     """Output-projection input columns of one structure: a query head's, or a neuron's one."""
     return shape.head_dim if block == ATTENTION else 1
-
-
-def full_level(shape: ModelShape, block: str) -> AttentionLevel | int:
-    return shape.full_attention if block == ATTENTION else shape.intermediate_size
-
-
-def removed_level(block: str) -> AttentionLevel | int:
-    return REMOVED_ATTENTION if block == ATTENTION else 0
-
-
-def table_levels(table: LatencyTable, block: str) -> list:
-    """Levels the search may choose: the block removed, and every size the table timed."""
-    return [removed_level(block), *table.levels(block)]
 
 
 def fits(level: AttentionLevel | int, present: AttentionLevel | int) -> bool:
@@ -228,7 +216,7 @@ def _trace(layer: dict, shape: ModelShape, block: str) -> BlockTrace:
     kept = [k.tolist() for k in saved["kept"]]
     if block == ATTENTION:
         levels = [AttentionLevel(*level) for level in levels]
-    full, total = full_level(shape, block), shape.num_heads if block == ATTENTION else shape.intermediate_size
+    full, total = shape.full_level(block), shape.structures(block)
     side = total * column_width(shape, block)
     if not (levels[0] == full and levels[-1] == removed_level(block) and len(errors) == len(levels) == len(kept)):
         raise ValueError(f"{block} levels do not run from {full} to removed with an error and kept structures at each")
@@ -255,7 +243,7 @@ def build_database(model: nn.Module, calibration: Calibration, table: LatencyTab
     blocks = []
     for idx, layer in enumerate(bar(model_layers(model), desc="level database", leave=False)):
         hessians = block_hessians(layer, config, inputs)
-        blocks.append({block: block_trace(layer, config, block, hessians.get(block), present, table_levels(table, block),
+        blocks.append({block: block_trace(layer, config, block, hessians.get(block), present, table.choices(block),
                                           dampening, f"layer {idx} {block}")
                        for block, present in zip(BLOCKS, current[idx])})
         inputs = propagate(layer, inputs)
@@ -301,7 +289,7 @@ def database_key(model_fingerprint: dict, calibration: Calibration, table: Laten
                  num_samples: int, seed: int, block_errors: str) -> str:
     key = {"format": FORMAT, "model": model_fingerprint, "data": data_identity(calibration.source), "seq_len": calibration.seq_len,
            "samples": num_samples, "seed": seed, "dampening": dampening, "block_errors": block_errors,
-           "levels": {b: [str(level) for level in table_levels(table, b)] for b in BLOCKS}}
+           "levels": {b: [str(level) for level in table.choices(b)] for b in BLOCKS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -3,8 +3,8 @@
 Each candidate is the model's first layer, cut to a size by the same surgery the planner
 uses, with the other block of the layer removed, called with exactly the arguments the
 model passes its layers (captured by a hook on a real forward). Attention is timed at every
-(KV groups, query heads per group) pair, the FFN on a grid of neuron counts, and the fixed part is the whole model with
-every layer removed. All candidates are timed interleaved on the spec's backend; a few
+(KV groups, query heads per group) pair, the FFN on a grid of neuron counts, and the fixed part
+is the whole model with every layer removed. All candidates are timed interleaved on the spec's backend; a few
 whole models with random per-layer sizes check that the sum of block times predicts them.
 """
 
@@ -264,7 +264,7 @@ def random_kept_counts(table: LatencyTable, rng: random.Random, size: float) -> 
     def level(levels: list):
         share = min(1.0, max(0.0, rng.uniform(size - 0.25, size + 0.25)))
         return levels[round(share * (len(levels) - 1))]
-    attention, ffn = [REMOVED_ATTENTION, *table.levels(ATTENTION)], [0, *table.levels(FFN)]
+    attention, ffn = table.choices(ATTENTION), table.choices(FFN)
     return [(level(attention), level(ffn)) for _ in range(table.shape.num_layers)]
 
 

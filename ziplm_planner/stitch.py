@@ -10,7 +10,7 @@ from torch import nn
 
 from .adapters import ATTENTION, BLOCKS, FFN, AttentionLevel, architecture_for, model_layers, model_shape
 from .calibrate import Calibration
-from .database import LevelDatabase, block_trace, column_width, full_level
+from .database import LevelDatabase, block_trace, column_width
 from .layers import (LayerInput, block_hessians, capture_inputs, cross_hessians, output_projection, propagate,
                      run_capturing, weight_out_in)
 from .obs import kept_columns, reconstruct_weights
@@ -79,8 +79,8 @@ def stitch_sequential(dense: nn.Module, db: LevelDatabase, counts: list[tuple[At
     for idx, layer in enumerate(bar(model_layers(model), desc="sequential stitch", leave=False)):
         kept_by_block = {}
         for block, level in zip(BLOCKS, counts[idx]):
-            full = full_level(shape, block)
-            kept = kept_by_block[block] = list(range(shape.num_heads if block == ATTENTION else shape.intermediate_size))
+            full = shape.full_level(block)
+            kept = kept_by_block[block] = list(range(shape.structures(block)))
             if level == full:
                 continue
             hessian, weight = block_hessians(layer, config, inputs, [block]).get(block), None

@@ -4,8 +4,8 @@ Predicted latency of a configuration (DESIGN.md, "Latency table"):
     T = scale * (fixed + sum over layers of attention(a_l) + ffn(n_l)) + offset
 with attention(removed) = ffn(0) = 0 (a removed block). An attention level a is an `AttentionLevel`
 (KV groups kept, query heads kept in each): its record holds the groups as `level` and the heads
-per group as `heads` (tables without `heads` timed whole groups only). `scale` and `offset` are fitted on whole models
-the profiler measures, from the dense one down to small ones: a block timed alone runs with its
+per group as `heads` (tables without `heads` timed whole groups only). `scale` and `offset` are
+fitted on whole models the profiler measures, from the dense one down to small ones: a block timed alone runs with its
 weights hot in cache while a whole model streams all of them, and small models keep more of
 themselves in cache, so the block sum is off by a factor plus a constant, not by a factor alone
 (a factor alone left 3x MiniLM members 8-10% faster than predicted). The table records how far
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape
+from .adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, ModelShape, removed_level
 from .atomic import atomic_write_text
 from .errors import UserError
 from .spec import InferenceSpec
@@ -58,6 +58,10 @@ class LatencyTable:
         """The sizes timed: `AttentionLevel`s for attention, neuron counts for the FFN, ascending."""
         return sorted(record_level(r, self.shape) for r in self.records if r["block"] == block)
 
+    def choices(self, block: str) -> list:
+        """Levels a search may choose: the block removed, and every size timed."""
+        return [removed_level(block), *self.levels(block)]
+
     def times(self, block: str) -> list[float]:
         """Estimated ms at each of `levels(block)`."""
         by_level = {record_level(r, self.shape): r["time_ms"] for r in self.records if r["block"] == block}
@@ -70,7 +74,7 @@ class LatencyTable:
             return 0.0
         if block == ATTENTION:
             if not isinstance(kept, AttentionLevel):
-                kept = AttentionLevel(kept, self.shape.q_per_unit)
+                kept = self.shape.whole_groups(kept)
             try:
                 return self.times(ATTENTION)[self.levels(ATTENTION).index(kept)]
             except ValueError:
@@ -345,7 +349,7 @@ def _check_attention_levels(records: list[dict], shape: ModelShape) -> None:
     """Every count of whole KV groups, 1..units, is timed (the search and every baseline may choose
     any of them); query heads within groups, where timed, for at most every group."""
     levels = {record_level(r, shape) for r in records if r["block"] == ATTENTION}
-    wanted = {AttentionLevel(g, shape.q_per_unit) for g in range(1, shape.attention_units + 1)}
+    wanted = {shape.whole_groups(g) for g in range(1, shape.attention_units + 1)}
     if missing := sorted(wanted - levels):
         raise InvalidTable(f"attention levels missing {', '.join(map(str, missing))} (KV groups x query heads)")
     if outside := sorted(level for level in levels if not 1 <= level.groups <= shape.attention_units):
@@ -381,7 +385,6 @@ def _check_additivity_entry(entry: dict, shape: ModelShape, where: str) -> None:
     kept = entry.get("kept")
     if not (isinstance(kept, list) and len(kept) == shape.num_layers and all(_is_kept_pair(k, shape) for k in kept)):
         raise InvalidTable(f"{where}: kept is not {shape.num_layers} (attention, FFN) pairs within the shape")
-
     for name in ADDITIVITY_TIMES:
         _positive(entry.get(name), f"{where}: {name}")
     for name in ADDITIVITY_ERRORS:
@@ -399,6 +402,4 @@ def _is_kept_pair(pair, shape: ModelShape) -> bool:
 
 
 def _attention_level(value, shape: ModelShape) -> AttentionLevel:
-    if isinstance(value, (list, tuple)):
-        return AttentionLevel(*value)
-    return AttentionLevel(value, shape.q_per_unit) if value else REMOVED_ATTENTION
+    return AttentionLevel(*value) if isinstance(value, (list, tuple)) else shape.whole_groups(value)

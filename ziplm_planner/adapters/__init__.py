@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, Architecture, AttentionLevel, Bypass, ModelShape, get_module,
-                   set_module)
+                   removed_level, set_module)
 from .bert import BERT
 from .gpt2 import GPT2
 from .llama import LLAMA
@@ -68,5 +68,6 @@ __all__ = [
     "get_module",
     "model_layers",
     "model_shape",
+    "removed_level",
     "set_module",
 ]

@@ -56,6 +56,11 @@ class AttentionLevel(NamedTuple):
 REMOVED_ATTENTION = AttentionLevel(0, 0)
 
 
+def removed_level(block: str) -> AttentionLevel | int:
+    """A block's level once it is removed."""
+    return REMOVED_ATTENTION if block == ATTENTION else 0
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Where one family keeps its layers and prunable projections (paths relative to a layer)."""
@@ -105,7 +110,19 @@ class ModelShape:
 
     @property
     def full_attention(self) -> AttentionLevel:
-        return AttentionLevel(self.attention_units, self.q_per_unit)
+        return self.whole_groups(self.attention_units)
+
+    def whole_groups(self, groups: int) -> AttentionLevel:
+        """The attention level keeping `groups` KV groups with all their query heads."""
+        return AttentionLevel(groups, self.q_per_unit) if groups else REMOVED_ATTENTION
+
+    def full_level(self, block: str) -> AttentionLevel | int:
+        """A block's level with nothing removed."""
+        return self.full_attention if block == ATTENTION else self.intermediate_size
+
+    def structures(self, block: str) -> int:
+        """How many structures a dense block has: query heads, or FFN neurons."""
+        return self.num_heads if block == ATTENTION else self.intermediate_size
 
     def differences(self, other: ModelShape) -> list[str]:
         """Fields that differ, as 'name: mine != theirs'."""
