@@ -45,11 +45,12 @@ def test_surgery_on_real_model_equals_masked_dense(fixture, request):
     loaded = request.getfixturevalue(fixture)
     shape = model_shape(loaded.model.config)
     plan = random_plan(shape, random.Random(0), allow_empty=loaded.kind == CAUSAL_LM)  # SmolLM2: query heads too
-    pruned = apply_plan(copy.deepcopy(loaded.model), plan)
-    masked = zero_removed(copy.deepcopy(loaded.model), plan)
+    # float64: in float32, 30 layers of different reduction orders leave ~1e-3 of round-off in the logits
+    pruned = apply_plan(copy.deepcopy(loaded.model).double(), plan)
+    masked = zero_removed(copy.deepcopy(loaded.model).double(), plan)
     batch = sentences(loaded)
     keep = batch["attention_mask"].bool()
-    torch.testing.assert_close(outputs(pruned, batch)[keep], outputs(masked, batch)[keep], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(outputs(pruned, batch)[keep], outputs(masked, batch)[keep], rtol=1e-5, atol=1e-5)
     assert count_parameters(pruned) < count_parameters(loaded.model)
 
 
