@@ -39,9 +39,10 @@ def main() -> None:
     parser.add_argument("--train-data", default=None, help="default: the calibration file")
     parser.add_argument("--eval", required=True)
     parser.add_argument("--families", default="ziplm:none,ziplm:oneshot,ziplm:gradual,magnitude:gradual",
-                        help="method:recovery pairs; magnitude:gradual is GMP*")
+                        help="method:recovery[:prune steps] (gradual only); magnitude:gradual is GMP*")
     parser.add_argument("--train-tokens", type=int, default=100_000)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--score-samples", type=int, default=128)
@@ -54,19 +55,21 @@ def main() -> None:
     loaded = zp.load_model(args.model)
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-    train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate)
+    train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size)
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}; "
-          f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}")
+          f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}, "
+          f"batch {args.batch_size}, learning rate {args.learning_rate:g}")
     folders = []
     for family in args.families.split(","):
-        method, mode = family.split(":")
-        folder = args.out / f"{method}-{mode}"
+        method, mode, *steps = family.split(":")
+        prune_steps = int(steps[0]) if steps else 1
+        folder = args.out / (f"{method}-{mode}" + (f"-{prune_steps}steps" if prune_steps > 1 else ""))
         started = time.perf_counter()
         report = zp.compress(loaded, args.profile, parse_targets(args.targets), args.calib, folder, method=method,
                              num_samples=args.num_samples, search_evaluations=args.search_evaluations,
                              score_samples=args.score_samples, cache_dir=cache, overwrite=True, recovery=mode,
-                             train_data=args.train_data, train=train)
+                             train_data=args.train_data, train=train, prune_steps=prune_steps)
         seconds = time.perf_counter() - started
         evaluate_family(folder, task, args.eval, max_tokens=args.eval_tokens)
         trained = [row for row in report.rows if row.get("train_tokens")]

@@ -1,5 +1,6 @@
-"""Run by test_compress under torchrun: a gradual family of a tiny model with two processes. Every
-rank writes a digest of the last member's weights as it ended training (rank 0: as saved)."""
+"""Run by test_compress under torchrun: a gradual family of a tiny model, two pruning steps per member,
+with two processes. Every rank writes a digest of the last member's weights as it ended training
+(rank 0: as saved)."""
 
 import hashlib
 import sys
@@ -18,11 +19,11 @@ folder = Path(sys.argv[1])
 targets = [float(t) for t in sys.argv[2].split(",")]
 followed = []
 real_follow = recovery_module.Recovery.follow
-recovery_module.Recovery.follow = lambda self, members: followed.append(real_follow(self, members))
+recovery_module.Recovery.follow = lambda self: followed.append(real_follow(self))
 
 train = TrainSettings(tokens=1500, batch_size=4, learning_rate=1e-3)
 settings = CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify_rounds=3, max_replans=0,
-                            onnx=False, cache_dir=folder / "cache", recovery=RecoverySettings("gradual", None, train))
+                            onnx=False, cache_dir=folder / "cache", recovery=RecoverySettings("gradual", None, train, prune_steps=2))
 report = compress_model(tiny_loaded_with_tokenizer("bert"), LatencyTable.load(folder / "table.json"), targets,
                         str(folder / "calib.txt"), folder / "family", settings)
 if report is not None:

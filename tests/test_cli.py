@@ -59,6 +59,8 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     (["profile", "minilm", "-o", "{tmp}/afile/t.json"], "afile is a file, not a folder"),
     (["demo", "-o", "/proc/demo"], "folder /proc is not writable"),
     (["demo", "-o", "{tmp}/afile/demo"], "afile is a file, not a folder"),
+    ([*COMPRESS, "--prune-steps", "2", "-o", "{tmp}/f"], "it needs --recovery gradual"),
+    ([*COMPRESS, "--recovery", "gradual", "--prune-steps", "0", "-o", "{tmp}/f"], "at least 1, got 0"),
     (["evaluate", "{tmp}", "--task", "stsb", "--data", "x"], "has no report.json"),
     (["plot", "{tmp}/nothing", "-o", "{tmp}/p.png"], "does not exist"),
 ])

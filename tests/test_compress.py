@@ -627,6 +627,48 @@ def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tm
         assert sum(p.numel() for p in member.parameters()) == row["parameters"]
 
 
+def test_intermediate_speedups_are_evenly_spaced_in_log_speedup():
+    from ziplm_planner.oneshot import intermediate_speedups
+
+    assert intermediate_speedups(1.5, 3.0, 1) == []
+    assert intermediate_speedups(1.0, 2.0, 2) == pytest.approx([2 ** 0.5])
+    assert intermediate_speedups(2.0, 16.0, 3) == pytest.approx([4.0, 8.0])
+
+
+def test_gradual_recovery_in_steps_reaches_each_member_through_intermediate_ones(setup, tmp_path):
+    from ziplm_planner.export import read_record
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    train = TrainSettings(tokens=2000, batch_size=8, learning_rate=1e-3)
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0,
+                             recovery=RecoverySettings("gradual", None, train, prune_steps=2))
+    out = tmp_path / "family"
+    targets = [1.2, within(table, 1.8)]
+    report = compress_model(loaded, table, targets, str(calib), out, settings)
+    plans = [read_record(out / row["folder"])["plan"]["layers"] for row in report.rows[1:]]
+    for a, b in zip(*plans):  # still nested
+        assert set(b["attention"]) <= set(a["attention"]) and set(b["ffn"]) <= set(a["ffn"])
+    for row, start, target in zip(report.rows[1:], [1.0, targets[0]], targets):
+        assert row["prune_steps"] == 2
+        steps = json.loads((out / row["folder"] / "measurement.json").read_text())["training"]["prune_steps"]
+        assert [step["speedup"] for step in steps] == pytest.approx([(start * target) ** 0.5, target], abs=1e-4)
+        assert steps[0]["predicted_speedup"] >= steps[0]["speedup"] - 1e-4  # planned within its budget
+        assert row["train_tokens"] == sum(step["tokens"] for step in steps)
+        assert all(step["tokens"] >= train.tokens / 2 for step in steps)  # the budget, split evenly
+    assert not list(out.glob(".train-*"))  # the steps' checkpoints go with the member's
+
+
+def test_prune_steps_need_gradual_recovery():
+    from ziplm_planner.settings import RecoverySettings
+
+    assert RecoverySettings("gradual", prune_steps=3).step_train.tokens == -(-RecoverySettings().train.tokens // 3)
+    with pytest.raises(UserError, match="needs --recovery gradual"):
+        RecoverySettings("oneshot", prune_steps=2)
+    with pytest.raises(UserError, match="at least 1"):
+        RecoverySettings("gradual", prune_steps=0)
+
+
 def test_corrected_members_keep_the_dense_inputs_structures_with_other_weights(setup, tmp_path):
     from ziplm_planner.export import read_record
 
@@ -666,12 +708,15 @@ def test_gradual_family_on_two_processes_is_complete_and_both_end_with_the_same_
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "family" / "report.json").read_text())
     assert [row["recovery"] for row in report["members"]] == ["none", "gradual", "gradual"]
+    assert [row.get("prune_steps") for row in report["members"]] == [None, 2, 2]  # intermediate models shared too
     assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()
 
 
-def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prune_steps", [1, 2])
+def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, monkeypatch, prune_steps):
     """On a quiet machine (a verifier that measures what the table predicts), stopping after the first
-    member and running again reuses that member and ends with the family an uninterrupted run makes."""
+    member (and, in steps, after the second one's intermediate step) and running again reuses that
+    member and ends with the family an uninterrupted run makes."""
     import ziplm_planner.oneshot as compress_module
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
@@ -682,7 +727,7 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, 
 
     def run(name):
         settings = fast_settings(tmp_path, onnx=False, max_replans=0, cache_dir=tmp_path / f"cache-{name}",
-                                 recovery=RecoverySettings("gradual", None, train))
+                                 recovery=RecoverySettings("gradual", None, train, prune_steps))
         return compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
 
     run("whole")

@@ -211,6 +211,8 @@ def test_training_curves_are_drawn_for_recovered_families_only(families, tmp_pat
     family = read_family(folder)
     assert family.name == family_label(report["metadata"]) == "ziplm + gradual recovery"
     assert slug(family.name) == "ziplm-gradual-recovery"
+    assert family_label({"method": "ziplm", "settings": {"recovery": {"mode": "gradual", "prune_steps": 2}}}) == \
+        "ziplm + gradual recovery, 2 steps"
     paths = plot_training(family, tmp_path / "training.png")
     text = svg_text(paths)
     for label in ("x1.5", "x2", "tokens seen", "squarehead", "total loss", "ziplm + gradual recovery"):

@@ -43,12 +43,14 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
              search_evaluations: int = default(CompressSettings, "search_evaluations"),
              score_samples: int = default(CompressSettings, "score_samples"), onnx: bool = True, overwrite: bool = False,
              cache_dir: str | Path | None = None, recovery: str = default(RecoverySettings, "mode"),
-             train_data: str | Path | None = None, train: TrainSettings | None = None):
+             train_data: str | Path | None = None, train: TrainSettings | None = None,
+             prune_steps: int = default(RecoverySettings, "prune_steps")):
     """Compress `model` to each speedup target on the machine `table` was profiled on.
 
     Writes the family to `output` (one folder per target plus the dense reference, report.csv,
     report.json) and returns the FamilyReport. `recovery="oneshot"` distils every member from the
-    dense model on `train_data` (default: the calibration file) with the `train` settings."""
+    dense model on `train_data` (default: the calibration file) with the `train` settings; `"gradual"`
+    cuts each member from the last one distilled, in `prune_steps` prune-and-distil steps."""
     from .oneshot import check_reachable, compress_model, parse_targets
 
     targets = parse_targets(targets)
@@ -59,6 +61,6 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
                                 block_errors=block_errors,
                                 search_evaluations=search_evaluations, score_samples=score_samples, onnx=onnx,
                                 recovery=RecoverySettings(recovery, None if train_data is None else str(train_data),
-                                                          train or TrainSettings()),
+                                                          train or TrainSettings(), prune_steps),
                                 **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
     return compress_model(_loaded(model), table, targets, str(calibration), Path(output), settings, overwrite)

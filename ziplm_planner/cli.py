@@ -135,6 +135,9 @@ def profile_show(table_path) -> None:
 @click.option("--recovery", type=click.Choice(RECOVERY_MODES), default=default(RecoverySettings, "mode"),
               show_default=True, help="none: members as pruned; oneshot: each member pruned from the dense model, then distilled; "
                    "gradual: each member pruned from the last one (re-planned on it), then distilled.")
+@click.option("--prune-steps", type=int, default=default(RecoverySettings, "prune_steps"), show_default=True,
+              help="Gradual: prune-and-distil steps per member, through intermediate speedups spaced evenly in log "
+                   "speedup from the last member's; --train-tokens is split over them.")
 @click.option("--train-data", default=None, help="Recovery training text, STS-B or GLUE file [default: --calib].")
 @click.option("--train-tokens", type=int, default=default(TrainSettings, "tokens"), show_default=True,
               help="Recovery: real tokens each member is trained on.")
@@ -150,8 +153,8 @@ def profile_show(table_path) -> None:
               help="Recovery: distillation temperature of the KL term.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
-             search_evaluations, score_samples, no_onnx, overwrite, cache_dir, recovery, train_data, train_tokens, train_batch_size,
-             learning_rate, warmup, loss_weights, temperature, output) -> None:
+             search_evaluations, score_samples, no_onnx, overwrite, cache_dir, recovery, prune_steps, train_data,
+             train_tokens, train_batch_size, learning_rate, warmup, loss_weights, temperature, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 
@@ -161,7 +164,7 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
                           calibration_inputs=calibration_inputs, block_errors=block_errors,
                           search_evaluations=search_evaluations,
                           score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
-                          recovery=recovery, train_data=train_data, train=train)
+                          recovery=recovery, train_data=train_data, train=train, prune_steps=prune_steps)
     if report is None:  # another process of a distributed run: the main process reports
         return
     click.echo(format_report(report.rows))

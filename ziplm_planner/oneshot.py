@@ -221,6 +221,12 @@ def dense_member(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, ve
 # --- the whole run -------------------------------------------------------------------------------------
 
 
+def intermediate_speedups(start: float, target: float, steps: int) -> list[float]:
+    """Where a gradual run prunes to on its way from the speedup `start` to `target` in `steps` steps, the
+    target itself excluded: evenly spaced in log speedup, so every step takes a like share of the runtime."""
+    return [start * (target / start) ** (step / steps) for step in range(1, steps)]
+
+
 def calibration_length(table: LatencyTable) -> int:
     """Tokens per calibration sample: the table's sequence length, or for decode its context (capped,
     since the Hessians need many samples more than long ones)."""
@@ -269,7 +275,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         recovery = Recovery(loaded, settings.recovery, calibration_path, calibration_length(table), output,
                             settings.seed)
         if not recovery.accelerator.is_main_process:  # several processes: only the main one prunes and writes
-            recovery.follow(len(targets))
+            recovery.follow()
             return None
     fingerprint = model_fingerprint(loaded)
     # what a member depends on: a rerun with all of it the same continues the family and reuses members
@@ -303,7 +309,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
             verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
             results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
                                         resumed))
-        previous = None  # gradual: the last member and its plan
+        previous, reached = None, 1.0  # gradual: the last member, its plan and its target
         for number, target in enumerate(targets, 1):
             with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
                 member_started = time.perf_counter()
@@ -311,22 +317,28 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                 if resumed and (result := saved_result(folder, target, table, settings.onnx)):
                     log.info("reusing %s from an earlier run of this family", folder)  # never made twice
                     model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None  # the next is cut from it
-                    if recovery is not None:
-                        recovery.skip(result)
                 else:
                     if previous is not None:  # gradual: on from the last member, recovered
                         planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
+                    steps = []
+                    for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
+                        step_model, plan, counts = planner.build(table.dense_ms / speedup)
+                        steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
+                                                           speedup, table.dense_ms / table.predict(counts)))
+                        planner = gradual_planner(loaded, step_model, plan, table, calibration, settings, score_loss)
                     result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
                     if recovery is not None:
-                        result = recovery.recover(result, model, verifier, score_loss)
+                        result = recovery.recover(result, model, verifier, score_loss, steps)
                     save_result(output, model, loaded, result, settings, table)
                     if recovery is not None:
                         recovery.finished(result)
                 planning_seconds += time.perf_counter() - member_started
                 if settings.recovery.mode == GRADUAL:
-                    previous = (model, result.plan)
+                    previous, reached = (model, result.plan), target
                 step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
             results.append(result)
+        if recovery is not None:
+            recovery.done()
     report = FamilyReport([r.row(table.dense_ms) for r in results], {
         "model": loaded.source.reference, "model_kind": loaded.kind, "method": settings.method,
         "table": table.metadata.get("model"), "spec": table.spec.to_dict(), "estimator": table.estimator,

@@ -57,10 +57,14 @@ def read_family(folder: str | Path) -> FamilyData:
 
 
 def family_label(metadata: dict) -> str:
-    """The method, and how its members were recovered when they were: 'ziplm + gradual recovery'."""
+    """The method, and how its members were recovered when they were: 'ziplm + gradual recovery',
+    'ziplm + gradual recovery, 2 steps'."""
     method = str(metadata.get("method") or "ziplm")
-    recovery = ((metadata.get("settings") or {}).get("recovery") or {}).get("mode", "none")
-    return method if recovery == "none" else f"{method} + {recovery} recovery"
+    recovery = (metadata.get("settings") or {}).get("recovery") or {}
+    mode, steps = recovery.get("mode", "none"), recovery.get("prune_steps", 1)
+    if mode == "none":
+        return method
+    return f"{method} + {mode} recovery" + (f", {steps} steps" if steps != 1 else "")
 
 
 def check_row(row, report: Path) -> None:

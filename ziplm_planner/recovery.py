@@ -25,10 +25,18 @@ from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
 from .progress import stage
 from .settings import RecoverySettings
 from .surgery import PruningPlan, build_pruned
-from .train import distil, make_accelerator
+from .train import TrainRecord, distil, make_accelerator
 from .verify import MemberResult, Verifier
 
 log = logging.getLogger(__name__)
+
+DONE = "done"  # what the main process shares when nothing more is to be trained
+
+
+def summary(record: TrainRecord) -> dict:
+    """A training run in a member's report: its size and where its loss ended (the curve stays out)."""
+    return {"steps": record.steps, "tokens": record.tokens, "seconds": round(record.seconds, 1),
+            "final": record.final}
 
 
 def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int) -> TokenBatches:
@@ -57,37 +65,47 @@ class Recovery:
                             f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
         self.accelerator = make_accelerator()
 
-    def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss) -> MemberResult:
+    def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss,
+                steps: list[dict] = ()) -> MemberResult:
         """Distil `model` (in place) with every process, then time its export again; returns the member's
-        new result. The main process calls this; the others are in `follow`."""
-        self._share((result.plan.to_dict(), model.state_dict(), result.folder))
-        record = self._distil(model, result.folder, result.plan.to_dict())
+        new result, its training summed with that of the intermediate `steps` it was reached through.
+        The main process calls this; the others are in `follow`."""
+        record = self._distil(model, result.plan, result.folder)
         measurement = verifier.measure(model, result.target)
         if result.measurement.onnx_file is not None:
             result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
         recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
+        if steps:  # the member's budget went into every step: report it whole, and each step's share
+            parts = [*steps, {"speedup": result.target, **summary(record)}]
+            recovery.update({name: sum(part[name] for part in parts) for name in ("steps", "tokens", "seconds")},
+                            prune_steps=parts)
+            recovery["tokens_per_second"] = round(recovery["tokens"] / max(recovery["seconds"], 1e-9), 1)
         return dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
                                    recovery=recovery)
 
-    def skip(self, result: MemberResult) -> None:
-        """A member an earlier run finished is reused, not trained: the other processes reuse it too."""
-        self._share(None)
+    def intermediate(self, model, plan: PruningPlan, name: str, speedup: float, predicted_speedup: float) -> dict:
+        """Distil a model pruned to an intermediate speedup on the way to a member (gradual, --prune-steps);
+        returns the step's summary for the member's report."""
+        record = self._distil(model, plan, name)
+        return {"speedup": round(speedup, 4), "predicted_speedup": round(predicted_speedup, 4), **summary(record)}
 
-    def follow(self, members: int):
-        """The other processes' part of a run: take each pruned member from the main process and distil
-        it together with the main process; write nothing. Returns the last member trained."""
+    def follow(self):
+        """The other processes' part of a run: take each model the main process pruned (a member or an
+        intermediate step) and distil it together with the main process, until it says the run is done;
+        write nothing. Returns the last model trained."""
         model = None
-        for _ in range(members):
-            shared = self._share(None)
-            if shared is None:  # a member reused from an earlier run
-                continue
-            plan, state, folder = shared
+        while (shared := self._share(None)) != DONE:  # pickled across processes: equal, not the same object
+            plan, state, name = shared
             model = build_pruned(type(self.loaded.model), self.loaded.model.config, PruningPlan.from_dict(plan), state)
-            self._distil(model, folder, plan)
+            self._train(model, plan, name)
         return model
 
+    def done(self) -> None:
+        """The main process has nothing more to train: the other processes' `follow` returns."""
+        self._share(DONE)
+
     def _share(self, payload):
-        """The main process's (plan, weights, folder) for every process: only it prunes and measures."""
+        """The main process's payload for every process: only it prunes and measures."""
         if self.accelerator.num_processes == 1:
             return payload
         from accelerate.utils import broadcast_object_list
@@ -96,13 +114,19 @@ class Recovery:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
-    def _distil(self, model, folder: str, plan: dict):
-        # a rerun resumes from the checkpoint of the same member; a member re-planned otherwise starts afresh
+    def _distil(self, model, plan: PruningPlan, name: str):
+        """The main process's part: hand the model to the other processes, then train it with them."""
+        self._share((plan.to_dict(), model.state_dict(), name))
+        return self._train(model, plan.to_dict(), name)
+
+    def _train(self, model, plan: dict, name: str):
+        # a rerun resumes from the checkpoint of the same model; one re-planned otherwise starts afresh
         digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
-        checkpoint = self.workdir / f".train-{folder}-{digest}"
-        with stage(f"distil {folder}", f"{self.settings.train.tokens:,} tokens"):
-            return distil(model, self.loaded.model, self.loaded.kind, self.data, self.settings.train,
-                          self.accelerator, checkpoint, label=f"distil {folder}")
+        checkpoint = self.workdir / f".train-{name}-{digest}"
+        train = self.settings.step_train
+        with stage(f"distil {name}", f"{train.tokens:,} tokens"):
+            return distil(model, self.loaded.model, self.loaded.kind, self.data, train, self.accelerator, checkpoint,
+                          label=f"distil {name}")
 
     def finished(self, result: MemberResult) -> None:
         """The member is saved: its checkpoint is no longer needed."""

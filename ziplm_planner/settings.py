@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from pathlib import Path
 
@@ -73,10 +73,22 @@ class RecoverySettings:
     mode: str = NONE
     train_data: str | None = None  # a text, STS-B or GLUE file; default: the calibration file
     train: TrainSettings = field(default_factory=TrainSettings)
+    # gradual: prune-and-distil steps per member, through intermediate speedups; the budget is split over them
+    prune_steps: int = 1
 
     def __post_init__(self):
         if self.mode not in RECOVERY_MODES:
             raise UserError(f"unknown recovery {self.mode!r}: choose one of {', '.join(RECOVERY_MODES)}")
+        if self.prune_steps < 1:
+            raise UserError(f"prune steps per member must be at least 1, got {self.prune_steps}")
+        if self.prune_steps > 1 and self.mode != GRADUAL:
+            raise UserError(f"--prune-steps {self.prune_steps} prunes each member in steps from the last one: "
+                            "it needs --recovery gradual")
+
+    @property
+    def step_train(self) -> TrainSettings:
+        """Training at each pruning step: the member's budget split evenly over its steps."""
+        return replace(self.train, tokens=math.ceil(self.train.tokens / self.prune_steps))
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class MemberResult:
         if self.recovery is None:
             return {"recovery": "none"}
         r = self.recovery
-        return {"recovery": r["mode"], "train_steps": r["steps"], "train_tokens": r["tokens"],
+        return {"recovery": r["mode"], "prune_steps": len(r.get("prune_steps", ())) or 1,
+                "train_steps": r["steps"], "train_tokens": r["tokens"],
                 "train_seconds": round(r["seconds"], 1), "train_tokens_per_second": r["tokens_per_second"],
                 "calibration_loss_before_recovery": r["calibration_loss_before"],
                 **{f"train_final_{name}": round(value, 6) for name, value in r["final"].items()}}
