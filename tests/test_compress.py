@@ -68,6 +68,31 @@ def test_second_run_with_a_new_target_reuses_the_level_database(setup, tmp_path)
     assert second.metadata["level_database"]["cached"]
 
 
+def test_held_out_scoring_scores_on_samples_the_hessians_never_saw(setup, tmp_path, caplog):
+    from ziplm_planner.calibrate import CalibrationLoss
+    from ziplm_planner.oneshot import score_batches
+
+    loaded, table, calib = setup
+    calibration = load_calibration(loaded, str(calib), 16, 32, held_out=8)
+    assert torch.equal(calibration.tokens.input_ids, load_calibration(loaded, str(calib), 16, 32).tokens.input_ids)
+    seen = {tuple(row) for row in calibration.tokens.input_ids.tolist()}
+    scored = [tuple(row) for batch in score_batches(calibration, fast_settings(tmp_path, score_samples=8,
+                                                                              score_on="held-out"))
+              for row in batch["input_ids"].tolist()]
+    assert len(scored) == 8 and not seen & set(scored)
+    with caplog.at_level("WARNING"):
+        assert len(score_batches(calibration, fast_settings(tmp_path, score_samples=12, score_on="held-out"))[0]
+                   ["input_ids"]) == 8
+    assert "8 samples beyond the 32 the Hessians use, fewer than the 12" in caplog.text
+
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0, score_on="held-out")
+    report = compress_model(loaded, table, [1.2], str(calib), tmp_path / "family", settings)
+    held_out = load_calibration(loaded, str(calib), 16, 48, held_out=16).batches(16, held_out=True)
+    member = load_pruned(tmp_path / "family" / report.rows[1]["folder"])
+    loss = CalibrationLoss(loaded.model, loaded.kind, held_out)(member)
+    assert loss > 0 and report.rows[1]["calibration_loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_level_database_errors_and_stitching(setup):
     loaded, table, calib = setup
     calibration = load_calibration(loaded, str(calib), 16, 32)

@@ -8,6 +8,7 @@ import torch
 from ziplm_planner.data import (
     TextDataset,
     calibration_texts,
+    draw,
     read_dataset,
     tokenize_sentences,
     tokenize_stream,
@@ -182,6 +183,16 @@ def test_calibration_texts_deterministic_and_sized():
         calibration_texts(ds, 0, seed=0)
 
 
+def test_held_out_samples_are_others_and_leave_the_calibration_sample_as_it_was():
+    ds = TextDataset([f"s{i}" for i in range(50)], None, None, "text", "mem")
+    for seed in (0, 3):
+        with_held = calibration_texts(ds, 10, seed, held_out=15)
+        assert with_held[:10] == calibration_texts(ds, 10, seed) and len(with_held) == 25
+        assert not set(with_held[:10]) & set(with_held[10:]) and len(set(with_held)) == 25
+    assert len(calibration_texts(ds, 40, 0, held_out=15)) == 50  # only what is left
+    assert draw(5, 10, 0, held_out=3) == draw(5, 10, 0)  # nothing left to hold out
+
+
 # --- tokenisation -------------------------------------------------------------------------
 
 
@@ -220,6 +231,9 @@ def test_tokenize_stream_windows(gpt_like_tok):
     assert not torch.equal(tb.input_ids, tokenize_stream(gpt_like_tok, texts, 4, 5, seed=1).input_ids)
     assert len({tuple(r) for r in tb.input_ids.tolist()}) > 1  # windows really differ by offset
     assert tokenize_stream(gpt_like_tok, texts, 4, 100, seed=0).input_ids.shape == (12, 4)
+    first, held = tokenize_stream(gpt_like_tok, texts, 4, 5, seed=0, held_out=4).split(5)
+    assert torch.equal(first.input_ids, tb.input_ids) and held.input_ids.shape == (4, 4)
+    assert tokenize_stream(gpt_like_tok, texts, 4, 12, seed=0, held_out=4).split(12)[1] is None
     with pytest.raises(UserError, match="has 3 tokens, fewer than one window of seq_len=4"):
         tokenize_stream(gpt_like_tok, ["a b c"], seq_len=4, num_samples=1, seed=0)
 

@@ -22,14 +22,17 @@ BATCH_SIZE = 16
 
 @dataclass
 class Calibration:
-    tokens: TokenBatches
+    tokens: TokenBatches  # the samples the Hessians (and block Fisher) are computed on
     source: str
     seq_len: int
+    held_out: TokenBatches | None = None  # samples of the same data the Hessians never saw
 
-    def batches(self, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Batches trimmed to their longest sample; the first `limit` samples if given."""
+    def batches(self, limit: int | None = None, held_out: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Batches trimmed to their longest sample; the first `limit` samples if given. held_out: of
+        the held-out samples, when there are any."""
+        tokens = self.held_out if held_out and self.held_out is not None else self.tokens
         batches, seen = [], 0
-        for batch in self.tokens.batches(BATCH_SIZE, trim=True):
+        for batch in tokens.batches(BATCH_SIZE, trim=True):
             if limit is not None and seen >= limit:
                 break
             batches.append(batch)
@@ -41,14 +44,17 @@ class Calibration:
         return len(self.tokens.input_ids)
 
 
-def load_calibration(loaded: LoadedModel, path: str, seq_len: int, num_samples: int, seed: int = 0) -> Calibration:
-    """Tokenise calibration data at the table's sequence length (windows of running text for LMs)."""
+def load_calibration(loaded: LoadedModel, path: str, seq_len: int, num_samples: int, seed: int = 0,
+                     held_out: int = 0) -> Calibration:
+    """Tokenise calibration data at the table's sequence length (windows of running text for LMs):
+    `num_samples` samples, and up to `held_out` others of the same data, for scores that the
+    Hessians' samples would flatter."""
     dataset = read_dataset(path)
     if loaded.kind == CAUSAL_LM:
         texts = dataset.texts + [s for pair in dataset.pairs or [] for s in pair[1:]]
-        tokens = tokenize_stream(loaded.tokenizer, texts, seq_len, num_samples, seed)
+        tokens = tokenize_stream(loaded.tokenizer, texts, seq_len, num_samples, seed, held_out)
     else:
-        texts = calibration_texts(dataset, num_samples, seed)
+        texts = calibration_texts(dataset, num_samples, seed, held_out)
         labels = None
         if loaded.kind == CLASSIFICATION and dataset.labels is not None and dataset.pairs is None:
             by_text = dict(zip(dataset.texts, dataset.labels))
@@ -56,7 +62,8 @@ def load_calibration(loaded: LoadedModel, path: str, seq_len: int, num_samples: 
         tokens = tokenize_sentences(loaded.tokenizer, texts, seq_len, labels)
     if tokens.num_tokens == 0:
         raise UserError(f"calibration data {path} holds no tokens")
-    return Calibration(tokens, str(path), seq_len)
+    samples, unseen = tokens.split(num_samples)
+    return Calibration(samples, str(path), seq_len, unseen)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, RECOVERY_MODES, CompressSettings, LossWeights,
+from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, RECOVERY_MODES, SCORE_ON, CompressSettings, LossWeights,
                        ProfileSettings, RecoverySettings, TrainSettings, default)
 from .timing import ESTIMATORS
 
@@ -128,6 +128,9 @@ def profile_show(table_path) -> None:
               show_default=True, help="SPDY: models scored per target.")
 @click.option("--score-samples", type=int, default=default(CompressSettings, "score_samples"), show_default=True,
               help="Calibration samples each SPDY candidate is scored on.")
+@click.option("--score-on", type=click.Choice(SCORE_ON), default=default(CompressSettings, "score_on"), show_default=True,
+              help="held-out: score candidates on calibration samples the Hessians did not see (drawn from the rest of "
+                   "--calib); calibration: on the Hessians' own samples.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
@@ -153,7 +156,7 @@ def profile_show(table_path) -> None:
               help="Recovery: distillation temperature of the KL term.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
-             search_evaluations, score_samples, no_onnx, overwrite, cache_dir, recovery, prune_steps, train_data,
+             search_evaluations, score_samples, score_on, no_onnx, overwrite, cache_dir, recovery, prune_steps, train_data,
              train_tokens, train_batch_size, learning_rate, warmup, loss_weights, temperature, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
@@ -163,7 +166,7 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
     report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
                           calibration_inputs=calibration_inputs, block_errors=block_errors,
                           search_evaluations=search_evaluations,
-                          score_samples=score_samples, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
+                          score_samples=score_samples, score_on=score_on, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
                           recovery=recovery, train_data=train_data, train=train, prune_steps=prune_steps)
     if report is None:  # another process of a distributed run: the main process reports
         return

@@ -69,14 +69,23 @@ def read_dataset(path: str | os.PathLike, fmt: str | None = None) -> TextDataset
     return ds
 
 
-def calibration_texts(dataset: TextDataset, num_samples: int, seed: int) -> list[str]:
-    """`num_samples` texts drawn without replacement (both sentences of a pair count); all if fewer."""
+def draw(population: int, count: int, seed: int, held_out: int = 0) -> list[int]:
+    """`count` of range(population) at random without replacement (deterministic in `seed`; all if
+    fewer), then up to `held_out` more from those left: samples the first `count` never showed."""
+    chosen = random.Random(seed).sample(range(population), min(count, population))
+    rest = sorted(set(range(population)).difference(chosen))
+    return chosen + random.Random(seed + 1).sample(rest, min(held_out, len(rest)))
+
+
+def calibration_texts(dataset: TextDataset, num_samples: int, seed: int, held_out: int = 0) -> list[str]:
+    """`num_samples` texts drawn without replacement (both sentences of a pair count; all if fewer),
+    then up to `held_out` texts more that are not among them."""
     if num_samples < 1:
         raise UserError(f"number of calibration samples must be >= 1, got {num_samples}")
     pool = dataset.texts if dataset.pairs is None else [s for pair in dataset.pairs for s in pair]
     if len(pool) < num_samples:
         log.warning("%s has %d samples, fewer than the %d asked for; using all", dataset.source, len(pool), num_samples)
-    return random.Random(seed).sample(pool, min(num_samples, len(pool)))
+    return [pool[i] for i in draw(len(pool), num_samples, seed, held_out)]
 
 
 def _detect(path: Path, lines: list[str]) -> str:
@@ -221,6 +230,13 @@ class TokenBatches:
                 batch["labels"] = self.labels[i : i + batch_size]
             yield batch
 
+    def split(self, first: int) -> tuple[TokenBatches, TokenBatches | None]:
+        """The first `first` samples, and the rest (None if there are none)."""
+        parts = [TokenBatches(self.input_ids[rows], self.attention_mask[rows],
+                              None if self.labels is None else self.labels[rows])
+                 for rows in (slice(None, first), slice(first, None))]
+        return parts[0], parts[1] if len(parts[1].input_ids) else None
+
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens."""
@@ -263,10 +279,11 @@ def tokenize_sentences(tokenizer, texts: Sequence[str], seq_len: int, labels=Non
     return TokenBatches(enc["input_ids"].long(), enc["attention_mask"].long(), y)
 
 
-def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: int | None, seed: int) -> TokenBatches:
+def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: int | None, seed: int,
+                    held_out: int = 0) -> TokenBatches:
     """Causal-LM inputs: texts joined by blank lines, cut into non-overlapping `seq_len` windows,
-    `num_samples` of them chosen at random (deterministic in `seed`), or all of them for None; no
-    special tokens added."""
+    `num_samples` of them chosen at random (deterministic in `seed`), or all of them for None, then
+    up to `held_out` windows more that are not among them; no special tokens added."""
     _check(texts, seq_len)
     if num_samples is not None and num_samples < 1:
         raise UserError(f"number of samples must be >= 1, got {num_samples}")
@@ -281,7 +298,6 @@ def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: 
         num_samples = n_windows
     elif n_windows < num_samples:
         log.warning("only %d windows of %d tokens available, fewer than %d asked for", n_windows, seq_len, num_samples)
-    chosen = random.Random(seed).sample(range(n_windows), min(num_samples, n_windows))
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
-    input_ids = windows[chosen]  # (num_samples, seq_len)
+    input_ids = windows[draw(n_windows, num_samples, seed, held_out)]  # (samples, seq_len)
     return TokenBatches(input_ids, torch.ones_like(input_ids), None)

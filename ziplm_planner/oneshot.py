@@ -32,7 +32,7 @@ from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
 from .recovery import Recovery
-from .settings import CORRECTED, FISHER, GRADUAL, NONE, SEQUENTIAL, ZIPLM, CompressSettings
+from .settings import CORRECTED, FISHER, GRADUAL, HELD_OUT, NONE, SEQUENTIAL, ZIPLM, CompressSettings
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
 
@@ -221,6 +221,18 @@ def dense_member(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, ve
 # --- the whole run -------------------------------------------------------------------------------------
 
 
+def score_batches(calibration: Calibration, settings: CompressSettings) -> list[dict]:
+    """What SPDY scores candidates (and the report scores members) on: held-out samples where asked
+    for and the data has them, else the first of the Hessians' own."""
+    held_out = settings.score_on == HELD_OUT
+    available = 0 if calibration.held_out is None else len(calibration.held_out.input_ids)
+    if held_out and available < settings.score_samples:
+        log.warning("calibration data %s has %d samples beyond the %d the Hessians use, fewer than the %d to score "
+                    "on: %s", calibration.source, available, calibration.num_samples, settings.score_samples,
+                    f"scoring on {available}" if available else "scoring on the Hessians' own samples")
+    return calibration.batches(settings.score_samples, held_out=held_out)
+
+
 def intermediate_speedups(start: float, target: float, steps: int) -> list[float]:
     """Where a gradual run prunes to on its way from the speedup `start` to `target` in `steps` steps, the
     target itself excluded: evenly spaced in log speedup, so every step takes a like share of the runtime."""
@@ -269,7 +281,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     with stage("calibration", f"{settings.num_samples} samples of {calibration_length(table)} tokens, "
                               f"from {calibration_path}"):
         calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
-                                       settings.seed)
+                                       settings.seed, settings.score_samples if settings.score_on == HELD_OUT else 0)
     recovery = None  # its training data is read now: a bad file fails before any pruning
     if settings.recovery.mode != NONE:
         recovery = Recovery(loaded, settings.recovery, calibration_path, calibration_length(table), output,
@@ -285,7 +297,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"}, default=str))}}
     resumed = prepare_family_dir(output, manifest, overwrite)
 
-    score_loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))
+    score_loss = CalibrationLoss(loaded.model, loaded.kind, score_batches(calibration, settings))
     planning = {}
     if settings.method == ZIPLM:
         key = database_key(fingerprint, calibration, table, settings.dampening, settings.num_samples,

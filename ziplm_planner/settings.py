@@ -22,6 +22,9 @@ CALIBRATION_INPUTS = (DENSE, SEQUENTIAL, CORRECTED)
 # the calibration loss (loss units, comparable across blocks), or the relative error alone (the paper's)
 FISHER, RELATIVE = "fisher", "relative"
 BLOCK_ERRORS = (FISHER, RELATIVE)
+# what SPDY scores candidates on: calibration samples the Hessians never saw, or the Hessians' own
+HELD_OUT, CALIBRATION = "held-out", "calibration"
+SCORE_ON = (HELD_OUT, CALIBRATION)
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
@@ -101,6 +104,7 @@ class CompressSettings:
     block_errors: str = FISHER  # one of BLOCK_ERRORS
     search_evaluations: int = 30  # SPDY: stitched models scored per target
     score_samples: int = 128  # calibration samples the SPDY score uses
+    score_on: str = CALIBRATION  # one of SCORE_ON
     verify_rounds: int = 20
     max_replans: int = 3
     onnx: bool = True
@@ -115,6 +119,8 @@ class CompressSettings:
                             f"got {self.calibration_inputs!r}")
         if self.block_errors not in BLOCK_ERRORS:
             raise UserError(f"block errors must be one of {', '.join(BLOCK_ERRORS)}, got {self.block_errors!r}")
+        if self.score_on not in SCORE_ON:
+            raise UserError(f"score on must be one of {', '.join(SCORE_ON)}, got {self.score_on!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
             raise UserError("number of samples, search evaluations and score samples must be at least 1")
         if self.recovery.mode == GRADUAL and self.calibration_inputs == SEQUENTIAL:
