@@ -110,6 +110,15 @@ def test_prediction_is_the_sum_of_block_times(table):
     assert table.block_budget(table.predict([(two, 32), (REMOVED_ATTENTION, 0)])) == pytest.approx(attn + ffn)
 
 
+def test_lookups_follow_a_new_record_list():
+    fresh = profile_model(tiny_loaded("bert"), InferenceSpec(batch_size=2, seq_len=16, threads=1), FAST)
+    before = fresh.time(FFN, 32)
+    fresh.records = [{**r, "time_ms": 2 * r["time_ms"]} for r in fresh.records]
+    assert fresh.time(FFN, 32) == pytest.approx(2 * before)
+    fresh.records = [r for r in fresh.records if r["block"] != FFN or r["level"] != 32]
+    assert 32 not in fresh.levels(FFN)
+
+
 def test_table_refuses_another_model_naming_the_fields(table):
     other = model_shape(tiny_loaded("llama", causal_lm=True).model.config)
     with pytest.raises(UserError, match="model_type: bert != llama"):

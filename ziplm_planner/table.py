@@ -51,12 +51,24 @@ class LatencyTable:
     scale: float = 1.0  # whole model ms = scale * block sum + offset_ms, fitted on measured whole models,
     offset_ms: float = 0.0  # for block sums from line_from_ms up; below it, proportional to the block sum
     line_from_ms: float = 0.0
+    # (the records list it was made from, {block: (levels, times)}): searches and baselines look up
+    # block times thousands of times per plan; a new records list makes it anew
+    _lookup: tuple = field(default=(None, {}), init=False, repr=False, compare=False)
 
     # --- lookups ---------------------------------------------------------------------------
 
+    def _timed(self, block: str) -> tuple[list, list[float]]:
+        if self._lookup[0] is not self.records:
+            self._lookup = (self.records, {})
+        by_block = self._lookup[1]
+        if block not in by_block:
+            pairs = sorted((record_level(r, self.shape), r["time_ms"]) for r in self.records if r["block"] == block)
+            by_block[block] = ([level for level, _ in pairs], [ms for _, ms in pairs])
+        return by_block[block]
+
     def levels(self, block: str) -> list:
         """The sizes timed: `AttentionLevel`s for attention, neuron counts for the FFN, ascending."""
-        return sorted(record_level(r, self.shape) for r in self.records if r["block"] == block)
+        return list(self._timed(block)[0])
 
     def choices(self, block: str) -> list:
         """Levels a search may choose: the block removed, and every size timed."""
@@ -64,8 +76,7 @@ class LatencyTable:
 
     def times(self, block: str) -> list[float]:
         """Estimated ms at each of `levels(block)`."""
-        by_level = {record_level(r, self.shape): r["time_ms"] for r in self.records if r["block"] == block}
-        return [by_level[level] for level in self.levels(block)]
+        return list(self._timed(block)[1])
 
     def time(self, block: str, kept: AttentionLevel | int) -> float:
         """Block time at a level; FFN sizes between table levels interpolate linearly, attention levels
@@ -75,11 +86,12 @@ class LatencyTable:
         if block == ATTENTION:
             if not isinstance(kept, AttentionLevel):
                 kept = self.shape.whole_groups(kept)
+            levels, times = self._timed(ATTENTION)
             try:
-                return self.times(ATTENTION)[self.levels(ATTENTION).index(kept)]
+                return times[levels.index(kept)]
             except ValueError:
                 raise ValueError(f"attention level {kept} was not timed in this table") from None
-        return float(np.interp(kept, self.levels(block), self.times(block)))
+        return float(np.interp(kept, *self._timed(block)))
 
     @property
     def fixed_ms(self) -> float:
