@@ -676,11 +676,15 @@ def test_gradual_recovery_in_steps_reaches_each_member_through_intermediate_ones
         assert set(b["attention"]) <= set(a["attention"]) and set(b["ffn"]) <= set(a["ffn"])
     for row, start, target in zip(report.rows[1:], [1.0, targets[0]], targets):
         assert row["prune_steps"] == 2
-        steps = json.loads((out / row["folder"] / "measurement.json").read_text())["training"]["prune_steps"]
+        training = json.loads((out / row["folder"] / "measurement.json").read_text())["training"]
+        steps = training["prune_steps"]
         assert [step["speedup"] for step in steps] == pytest.approx([(start * target) ** 0.5, target], abs=1e-4)
         assert steps[0]["predicted_speedup"] >= steps[0]["speedup"] - 1e-4  # planned within its budget
         assert row["train_tokens"] == sum(step["tokens"] for step in steps)
         assert all(step["tokens"] >= train.tokens / 2 for step in steps)  # the budget, split evenly
+        curve = training["curve"]  # one curve over both steps, counted from the first
+        assert {point["prune_step"] for point in curve} == {1, 2}
+        assert [p["tokens"] for p in curve] == sorted(p["tokens"] for p in curve) and curve[-1]["tokens"] == row["train_tokens"]
     assert not list(out.glob(".train-*"))  # the steps' checkpoints go with the member's
 
 

@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 DONE = "done"  # what the main process shares when nothing more is to be trained
 
 
+def joined(parts: list[dict]) -> dict:
+    """The training of a member reached in steps: totals, one loss curve with steps and tokens counted
+    from the first step on (each point names its `prune_step`), and each step without its curve."""
+    totals, curve = {"steps": 0, "tokens": 0, "seconds": 0.0}, []
+    for number, part in enumerate(parts, 1):
+        curve += [{**point, "step": point["step"] + totals["steps"], "tokens": point["tokens"] + totals["tokens"],
+                   "prune_step": number} for point in part["curve"]]
+        totals = {name: total + part[name] for name, total in totals.items()}
+    return {**totals, "tokens_per_second": round(totals["tokens"] / max(totals["seconds"], 1e-9), 1), "curve": curve,
+            "prune_steps": [{k: v for k, v in part.items() if k != "curve"} for part in parts]}
+
+
 def summary(record: TrainRecord) -> dict:
     """A training run in a member's report: its size and where its loss ended (the curve stays out)."""
     return {"steps": record.steps, "tokens": record.tokens, "seconds": round(record.seconds, 1),
@@ -76,10 +88,7 @@ class Recovery:
             result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
         recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
         if steps:  # the member's budget went into every step: report it whole, and each step's share
-            parts = [*steps, {"speedup": result.target, **summary(record)}]
-            recovery.update({name: sum(part[name] for part in parts) for name in ("steps", "tokens", "seconds")},
-                            prune_steps=parts)
-            recovery["tokens_per_second"] = round(recovery["tokens"] / max(recovery["seconds"], 1e-9), 1)
+            recovery.update(joined([*steps, {"speedup": result.target, **summary(record), "curve": record.curve}]))
         return dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
                                    recovery=recovery)
 
@@ -87,7 +96,8 @@ class Recovery:
         """Distil a model pruned to an intermediate speedup on the way to a member (gradual, --prune-steps);
         returns the step's summary for the member's report."""
         record = self._distil(model, plan, name)
-        return {"speedup": round(speedup, 4), "predicted_speedup": round(predicted_speedup, 4), **summary(record)}
+        return {"speedup": round(speedup, 4), "predicted_speedup": round(predicted_speedup, 4), **summary(record),
+                "curve": record.curve}
 
     def follow(self):
         """The other processes' part of a run: take each model the main process pruned (a member or an
