@@ -5,7 +5,8 @@ from STS-B train sentences and a latency table. Causal LMs: WikiText-2 perplexit
 --calibration-inputs (comma-separated) make one family each, in turn, on one level database.
 `--attention-levels all,whole-groups` also makes each family from the table without its levels
 that keep fewer than all query heads of a KV group: what removing query heads inside groups buys.
-`--block-errors fisher,relative` makes each family with both block error weightings.
+`--block-errors fisher,relative` makes each family with both block error weightings, and
+`--score-on held-out,calibration` with SPDY scoring on held-out samples and on the Hessians' own.
 
     python scripts/bench_compress.py --profile profiles/minilm-cpu2-onnxruntime-b8s128.json \
         --targets 1.5,2,3,5 --calib ../shared/data/stsb/sts-train.csv --eval ../shared/data/stsb/sts-dev.csv \
@@ -26,6 +27,7 @@ from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
+from ziplm_planner.settings import CompressSettings
 from ziplm_planner.table import LatencyTable, record_level
 
 ATTENTION_LEVELS = ("all", "whole-groups")
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--calibration-inputs", default="dense")
     parser.add_argument("--attention-levels", default="all", help=f"comma-separated, of {', '.join(ATTENTION_LEVELS)}")
     parser.add_argument("--block-errors", default="fisher", help="comma-separated, of fisher, relative")
+    parser.add_argument("--score-on", default=CompressSettings().score_on, help="comma-separated, of held-out, calibration")
     parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--score-samples", type=int, default=128)
     parser.add_argument("--eval-seq-len", type=int, default=512)
@@ -73,23 +76,25 @@ def main() -> None:
     dense_score = score(loaded.model, loaded, args)
     metric = "perplexity" if loaded.kind == CAUSAL_LM else "STS-B Spearman"
     summary = {}
-    choices = [args.calibration_inputs.split(","), args.attention_levels.split(","), args.block_errors.split(",")]
+    choices = [args.calibration_inputs.split(","), args.attention_levels.split(","), args.block_errors.split(","),
+               args.score_on.split(",")]
     variants = list(itertools.product(*choices))
-    if unknown := {levels for _, levels, _ in variants} - set(ATTENTION_LEVELS):
+    if unknown := {levels for _, levels, _, _ in variants} - set(ATTENTION_LEVELS):
         parser.error(f"--attention-levels {', '.join(sorted(unknown))}: expected {', '.join(ATTENTION_LEVELS)}")
     varied = [len(c) > 1 for c in choices]
     labels = [", ".join(v for v, shown in zip(variant, varied) if shown) or variant[0] for variant in variants]
-    for (inputs, levels, block_errors), label in zip(variants, labels):
+    for (inputs, levels, block_errors, score_on), label in zip(variants, labels):
         folder = out / label.replace(", ", "-")
         profile = table_for(args.profile, levels, cache)
         common = dict(num_samples=args.num_samples, calibration_inputs=inputs, block_errors=block_errors,
-                      search_evaluations=args.search_evaluations, score_samples=args.score_samples, cache_dir=cache,
-                      overwrite=True)
+                      search_evaluations=args.search_evaluations, score_samples=args.score_samples, score_on=score_on,
+                      cache_dir=cache, overwrite=True)
         started = time.perf_counter()
         report = zp.compress(loaded, profile, targets, args.calib, folder, **common)
         seconds = time.perf_counter() - started
         print(f"\nmodel {args.model}, {args.num_samples} calibration samples from {args.calib}, "
-              f"calibration inputs {inputs}, attention levels {levels}, block errors {block_errors}, table {args.profile}")
+              f"calibration inputs {inputs}, attention levels {levels}, block errors {block_errors}, "
+              f"SPDY scored on {score_on} samples, table {args.profile}")
         print(f"| member | target | predicted | measured (p10) | measured (median) | met | params | {metric} | retained |")
         print("|---|---|---|---|---|---|---|---|---|")
         for row in report.rows:
@@ -108,7 +113,7 @@ def main() -> None:
             again = time.perf_counter() - started
             print(f"adding target {args.extra_target:g}x to the cached run: {again:.1f} s "
                   f"({again / seconds - 1:+.0%} vs the first run)")
-    print(f"\n{metric} by calibration inputs and attention levels (measured speedup in brackets)")
+    print(f"\n{metric} by variant (measured speedup in brackets)")
     print("| member | " + " | ".join(labels) + " |")
     print("|---|" + "---|" * len(labels))
     for member, cells in summary.items():
