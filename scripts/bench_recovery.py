@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--train-data", default=None, help="default: the calibration file")
     parser.add_argument("--eval", required=True)
     parser.add_argument("--families", default="ziplm:none,ziplm:oneshot,ziplm:gradual,magnitude:gradual",
-                        help="method:recovery[:prune steps] (gradual only); magnitude:gradual is GMP*")
+                        help="method:recovery[:prune steps] (gradual only); magnitude:gradual is GMP*; empty: only "
+                             "--compare")
     parser.add_argument("--train-tokens", type=int, default=100_000)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
@@ -49,7 +50,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
-                        help="families of earlier runs, already evaluated, to put beside these in the table and plot")
+                        help="families of earlier runs to put beside these in the table and plot (scored here if "
+                             "their reports are not)")
     args = parser.parse_args()
 
     loaded = zp.load_model(args.model)
@@ -57,11 +59,12 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size)
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}; "
-          f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}, "
-          f"batch {args.batch_size}, learning rate {args.learning_rate:g}")
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}")
+    if args.families:
+        print(f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}, "
+              f"batch {args.batch_size}, learning rate {args.learning_rate:g}")
     folders = []
-    for family in args.families.split(","):
+    for family in filter(None, args.families.split(",")):
         method, mode, *steps = family.split(":")
         prune_steps = int(steps[0]) if steps else 1
         folder = args.out / (f"{method}-{mode}" + (f"-{prune_steps}steps" if prune_steps > 1 else ""))
@@ -77,6 +80,9 @@ def main() -> None:
         print(f"{family}: this run {seconds:.0f} s (members reused from an earlier run cost nothing here)"
               + (f"; training {sum(r['train_seconds'] for r in trained):.0f} s, {speed:.0f} tokens/s" if trained else ""))
         folders.append(folder)
+    for folder in args.compare:  # a family of another script may not be scored in its report yet
+        if any(task not in (row.get("scores") or {}) for row in read_report(folder)["members"]):
+            evaluate_family(folder, task, args.eval, max_tokens=args.eval_tokens)
     folders += args.compare
     rows = {folder.name: {row["folder"]: row for row in read_report(folder)["members"]} for folder in folders}
     members = list(rows[folders[0].name])

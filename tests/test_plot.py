@@ -224,4 +224,5 @@ def test_scores_spanning_orders_of_magnitude_get_a_log_axis():
     from ziplm_planner.plot import wide_positive
 
     assert wide_positive([29.7, 60.9, 2.3e10])  # collapsed baselines beside a good method
+    assert wide_positive([29.7, 38.8, 908.3])  # a baseline without recovery beside recovered members
     assert not wide_positive([29.7, 60.9, 225.3]) and not wide_positive([0.8, 0.86]) and not wide_positive([-1.0, 500.0])

@@ -32,7 +32,8 @@ REQUIRED = ("target", "folder", "met_target", "measured_ms", "measured_speedup",
             "kept_attention", "kept_ffn")
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss")  # task names whose scores fall as models improve
 DENSE_COLOR = "gold"  # one star for the dense reference, shared by every family
-LOG_SCALE_SPAN = 100  # max / min of the scores above which the score axis is logarithmic
+LEGEND_COLUMNS = 4  # the legend under the frontier wraps after this many entries, not past the figure
+LOG_SCALE_SPAN = 10  # max / min of the scores above which the score axis is logarithmic
 
 
 @dataclass(frozen=True)
@@ -170,13 +171,14 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
         ax.grid(alpha=0.3)
     handles += [Line2D([], [], ls="", marker="*", ms=13, color=DENSE_COLOR, mec="black", mew=0.6, label="dense"),
                 Line2D([], [], ls="", marker="o", mfc="white", color="0.4", label="missed its target")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), LEGEND_COLUMNS), frameon=False)
     fig.suptitle(spec_title(families))
     return save_figure(fig, paths)
 
 
 def wide_positive(values: list[float]) -> bool:
-    """Positive values spanning more than two orders of magnitude: only a log axis shows them all."""
+    """Positive values spanning more than an order of magnitude: on a linear axis the largest flatten the
+    rest (a baseline's perplexity of 900 beside recovered members at 30-90)."""
     return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SCALE_SPAN
 
 
