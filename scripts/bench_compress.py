@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import ziplm_planner as zp
+from benchlib import scratch_dir
 from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
@@ -70,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = zp.load_model(args.model)
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench-family-"))
-    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    out = args.out or scratch_dir("bench-family-")  # without --out the families are scratch too
+    cache = scratch_dir("bench-cache-")
     targets = parse_targets(args.targets)
     dense_score = score(loaded.model, loaded, args)
     metric = "perplexity" if loaded.kind == CAUSAL_LM else "STS-B Spearman"

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import ziplm_planner as zp
+from benchlib import scratch_dir
 from ziplm_planner.evaluate import evaluate_family
 from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.settings import METHODS
@@ -41,7 +41,7 @@ def main() -> None:
 
     loaded = zp.load_model(args.model)
     targets = parse_targets(args.targets)
-    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    cache = scratch_dir("bench-cache-")
     scores, costs, speedups = {}, {}, {}
     for method in args.methods.split(","):
         family = args.out / method

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import ziplm_planner as zp
+from benchlib import scratch_dir
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import evaluate_family
 from ziplm_planner.family import read_report
@@ -56,7 +56,7 @@ def main() -> None:
 
     loaded = zp.load_model(args.model)
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
-    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    cache = scratch_dir("bench-cache-")
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size)
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}")

@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import ziplm_planner as zp
+from benchlib import scratch_dir
 from ziplm_planner.backends import (export_model_onnx, export_onnx, input_names, model_call, model_output, onnx_runner,
                                    padded_for_tracing, random_inputs)
 from ziplm_planner.environment import machine_info
@@ -74,10 +74,9 @@ def main() -> None:
     targets = parse_targets(args.targets)
     reports = []
     for name in ("run-a", "run-b"):
-        cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+        cache = scratch_dir("bench-cache-")
         started = time.perf_counter()
         reports.append(zp.compress(loaded, table, targets, args.calib, args.out / name, cache_dir=cache, overwrite=True))
-        shutil.rmtree(cache)
         print(f"{name}: {time.perf_counter() - started:.0f} s; " + "; ".join(
             f"{r['folder']} {r['measured_speedup']:.3f}x {r['status']} after {r['replans']} re-plans "
             f"(tried {r['speedups_tried']})" for r in reports[-1].rows[1:]))
