@@ -46,9 +46,9 @@ def joined(parts: list[dict]) -> dict:
 
 
 def summary(record: TrainRecord) -> dict:
-    """A training run in a member's report: its size and where its loss ended (the curve stays out)."""
+    """One prune step's training, as `joined` takes it: its size, where its loss ended, its curve."""
     return {"steps": record.steps, "tokens": record.tokens, "seconds": round(record.seconds, 1),
-            "final": record.final}
+            "final": record.final, "curve": record.curve}
 
 
 def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int) -> TokenBatches:
@@ -88,7 +88,7 @@ class Recovery:
             result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
         recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
         if steps:  # the member's budget went into every step: report it whole, and each step's share
-            recovery.update(joined([*steps, {"speedup": result.target, **summary(record), "curve": record.curve}]))
+            recovery.update(joined([*steps, {"speedup": result.target, **summary(record)}]))
         return dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
                                    recovery=recovery)
 
@@ -96,8 +96,7 @@ class Recovery:
         """Distil a model pruned to an intermediate speedup on the way to a member (gradual, --prune-steps);
         returns the step's summary for the member's report."""
         record = self._distil(model, plan, name)
-        return {"speedup": round(speedup, 4), "predicted_speedup": round(predicted_speedup, 4), **summary(record),
-                "curve": record.curve}
+        return {"speedup": round(speedup, 4), "predicted_speedup": round(predicted_speedup, 4), **summary(record)}
 
     def follow(self):
         """The other processes' part of a run: take each model the main process pruned (a member or an

@@ -53,7 +53,7 @@ class LatencyTable:
     line_from_ms: float = 0.0
     # (the records list it was made from, {block: (levels, times)}): searches and baselines look up
     # block times thousands of times per plan; a new records list makes it anew
-    _lookup: tuple = field(default=(None, {}), init=False, repr=False, compare=False)
+    _lookup: tuple = field(default_factory=lambda: (None, {}), init=False, repr=False, compare=False)
 
     # --- lookups ---------------------------------------------------------------------------
 
