@@ -720,25 +720,41 @@ def test_gradual_recovery_refuses_sequential_inputs(tmp_path):
         fast_settings(tmp_path, recovery=RecoverySettings("gradual"), calibration_inputs="sequential")
 
 
-def test_gradual_family_on_two_processes_is_complete_and_both_end_with_the_same_weights(setup, tmp_path):
-    """torchrun, two CPU ranks over gloo: the main rank prunes, measures and writes; both train."""
+def run_on_two_processes(setup, folder):
+    """tests/distributed_compress.py under torchrun, two CPU ranks over gloo, on `folder`."""
     import subprocess
     import sys
     from pathlib import Path
 
     loaded, table, calib = setup
-    table.save(tmp_path / "table.json")
-    (tmp_path / "calib.txt").write_text(calib.read_text())
-    targets = f"1.2,{within(table, 1.8)}"
+    table.save(folder / "table.json")
+    (folder / "calib.txt").write_text(calib.read_text())
     root = Path(__file__).parents[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             str(root / "tests" / "distributed_compress.py"), str(tmp_path), targets],
-                            cwd=root, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(root / "tests" / "distributed_compress.py"), str(folder), f"1.2,{within(table, 1.8)}"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+
+
+def test_gradual_family_on_two_processes_is_complete_and_both_end_with_the_same_weights(setup, tmp_path):
+    """The main rank prunes, measures and writes; both train."""
+    result = run_on_two_processes(setup, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "family" / "report.json").read_text())
     assert [row["recovery"] for row in report["members"]] == ["none", "gradual", "gradual"]
     assert [row.get("prune_steps") for row in report["members"]] == [None, 2, 2]  # intermediate models shared too
     assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()
+
+
+def test_when_the_main_process_fails_the_others_stop_with_it(setup, tmp_path):
+    """An output folder holding other files stops the main process after the others began waiting for
+    the first model: they are told, and the run ends at once instead of at the process group's timeout."""
+    (tmp_path / "family").mkdir()
+    (tmp_path / "family" / "notes.txt").write_text("not a family")
+    result = run_on_two_processes(setup, tmp_path)
+    assert result.returncode != 0
+    assert "already holds a different family" in result.stderr
+    assert "the main process stopped on an error" in result.stderr
+    assert not list(tmp_path.glob("rank*.sha256"))
 
 
 @pytest.mark.parametrize("prune_steps", [1, 2])

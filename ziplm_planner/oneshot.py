@@ -13,6 +13,7 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -289,68 +290,72 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         if not recovery.accelerator.is_main_process:  # several processes: only the main one prunes and writes
             recovery.follow()
             return None
-    fingerprint = model_fingerprint(loaded)
-    # what a member depends on: a rerun with all of it the same continues the family and reuses members
-    manifest = {"format": FAMILY_FORMAT, "source": {
-        "model": fingerprint["location"], "method": settings.method, "table": table.spec.to_dict(),
-        "table_created": table.metadata.get("created"), "shape": asdict(shape), "calibration": data_identity(calibration_path),
-        "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"}, default=str))}}
-    resumed = prepare_family_dir(output, manifest, overwrite)
+    with recovery.leading() if recovery is not None else nullcontext():  # the others stop if this one fails
+        fingerprint = model_fingerprint(loaded)
+        # what a member depends on: a rerun with all of it the same continues the family and reuses members
+        manifest = {"format": FAMILY_FORMAT, "source": {
+            "model": fingerprint["location"], "method": settings.method, "table": table.spec.to_dict(),
+            "table_created": table.metadata.get("created"), "shape": asdict(shape),
+            "calibration": data_identity(calibration_path),
+            "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"},
+                                              default=str))}}
+        resumed = prepare_family_dir(output, manifest, overwrite)
 
-    score_loss = CalibrationLoss(loaded.model, loaded.kind, score_batches(calibration, settings))
-    planning = {}
-    if settings.method == ZIPLM:
-        key = database_key(fingerprint, calibration, table, settings.dampening, settings.num_samples,
-                           settings.seed, settings.block_errors)
-        with stage("level database", f"{shape.num_layers} layers, {calibration.num_samples} samples") as step:
-            db = cached_database(settings.cache_dir, key,
-                                 lambda: build_database(loaded.model, calibration, table, settings.dampening,
-                                                        kind=fisher_kind(loaded, settings)))
-            step.outcome = "from the cache" if db.metadata.get("cached") else f"cached in {settings.cache_dir}"
-        planning["level_database"] = {**db.metadata, "seconds_this_run": round(time.perf_counter() - started, 2)}
-        planner = ZipLMPlanner(loaded, table, db, calibration, settings, score_loss)
-    else:
-        from .baselines import baseline_planner
+        score_loss = CalibrationLoss(loaded.model, loaded.kind, score_batches(calibration, settings))
+        planning = {}
+        if settings.method == ZIPLM:
+            key = database_key(fingerprint, calibration, table, settings.dampening, settings.num_samples,
+                               settings.seed, settings.block_errors)
+            with stage("level database", f"{shape.num_layers} layers, {calibration.num_samples} samples") as step:
+                db = cached_database(settings.cache_dir, key,
+                                     lambda: build_database(loaded.model, calibration, table, settings.dampening,
+                                                            kind=fisher_kind(loaded, settings)))
+                step.outcome = "from the cache" if db.metadata.get("cached") else f"cached in {settings.cache_dir}"
+            planning["level_database"] = {**db.metadata, "seconds_this_run": round(time.perf_counter() - started, 2)}
+            planner = ZipLMPlanner(loaded, table, db, calibration, settings, score_loss)
+        else:
+            from .baselines import baseline_planner
 
-        with stage(f"{settings.method} baseline"):
-            planner = baseline_planner(settings.method, loaded, table, calibration, settings.seed)
-        planning["baseline_setup_seconds"] = round(time.perf_counter() - started, 2)
-    results, planning_seconds = [], 0.0
-    with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
-        with stage("dense reference", f"timed on {table.spec.backend}"):
-            verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
-            results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
-                                        resumed))
-        previous, reached = None, 1.0  # gradual: the last member, its plan and its target
-        for number, target in enumerate(targets, 1):
-            with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
-                member_started = time.perf_counter()
-                folder = output / member_name(target)
-                if resumed and (result := saved_result(folder, target, table, settings.onnx)):
-                    log.info("reusing %s from an earlier run of this family", folder)  # never made twice
-                    model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None  # the next is cut from it
-                else:
-                    if previous is not None:  # gradual: on from the last member, recovered
-                        planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
-                    steps = []
-                    for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
-                        step_model, plan, counts = planner.build(table.dense_ms / speedup)
-                        steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
-                                                           speedup, table.dense_ms / table.predict(counts)))
-                        planner = gradual_planner(loaded, step_model, plan, table, calibration, settings, score_loss)
-                    result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
-                    if recovery is not None:
-                        result = recovery.recover(result, model, verifier, score_loss, steps)
-                    save_result(output, model, loaded, result, settings, table)
-                    if recovery is not None:
-                        recovery.finished(result)
-                planning_seconds += time.perf_counter() - member_started
-                if settings.recovery.mode == GRADUAL:
-                    previous, reached = (model, result.plan), target
-                step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
-            results.append(result)
-        if recovery is not None:
-            recovery.done()
+            with stage(f"{settings.method} baseline"):
+                planner = baseline_planner(settings.method, loaded, table, calibration, settings.seed)
+            planning["baseline_setup_seconds"] = round(time.perf_counter() - started, 2)
+        results, planning_seconds = [], 0.0
+        with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
+            with stage("dense reference", f"timed on {table.spec.backend}"):
+                verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
+                results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
+                                            resumed))
+            previous, reached = None, 1.0  # gradual: the last member, its plan and its target
+            for number, target in enumerate(targets, 1):
+                with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
+                    member_started = time.perf_counter()
+                    folder = output / member_name(target)
+                    if resumed and (result := saved_result(folder, target, table, settings.onnx)):
+                        log.info("reusing %s from an earlier run of this family", folder)  # never made twice
+                        # gradual: the next member is cut from it
+                        model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None
+                    else:
+                        if previous is not None:  # gradual: on from the last member, recovered
+                            planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
+                        steps = []
+                        for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
+                            step_model, plan, counts = planner.build(table.dense_ms / speedup)
+                            steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
+                                                               speedup, table.dense_ms / table.predict(counts)))
+                            planner = gradual_planner(loaded, step_model, plan, table, calibration, settings,
+                                                      score_loss)
+                        result, model = verified_member(planner, target, table, verifier, score_loss,
+                                                        settings.max_replans)
+                        if recovery is not None:
+                            result = recovery.recover(result, model, verifier, score_loss, steps)
+                        save_result(output, model, loaded, result, settings, table)
+                        if recovery is not None:
+                            recovery.finished(result)
+                    planning_seconds += time.perf_counter() - member_started
+                    if settings.recovery.mode == GRADUAL:
+                        previous, reached = (model, result.plan), target
+                    step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
+                results.append(result)
     report = FamilyReport([r.row(table.dense_ms) for r in results], {
         "model": loaded.source.reference, "model_kind": loaded.kind, "method": settings.method,
         "table": table.metadata.get("model"), "spec": table.spec.to_dict(), "estimator": table.estimator,

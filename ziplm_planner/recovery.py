@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .calibrate import CalibrationLoss
@@ -31,6 +32,7 @@ from .verify import MemberResult, Verifier
 log = logging.getLogger(__name__)
 
 DONE = "done"  # what the main process shares when nothing more is to be trained
+FAILED = "failed"  # ... and when it stopped on an error
 
 
 def joined(parts: list[dict]) -> dict:
@@ -76,6 +78,7 @@ class Recovery:
             raise UserError(f"training data {path} has {len(self.data.input_ids)} samples, fewer than one batch of "
                             f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
         self.accelerator = make_accelerator()
+        self._training = False  # the main process is training with the others: they are in the same collectives
 
     def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss,
                 steps: list[dict] = ()) -> MemberResult:
@@ -104,13 +107,25 @@ class Recovery:
         write nothing. Returns the last model trained."""
         model = None
         while (shared := self._share(None)) != DONE:  # pickled across processes: equal, not the same object
+            if shared == FAILED:
+                raise UserError("the main process stopped on an error (its output says which): this one stops too")
             plan, state, name = shared
             model = build_pruned(type(self.loaded.model), self.loaded.model.config, PruningPlan.from_dict(plan), state)
             self._train(model, plan, name)
         return model
 
-    def done(self) -> None:
-        """The main process has nothing more to train: the other processes' `follow` returns."""
+    @contextmanager
+    def leading(self):
+        """The main process's run. At its end the other processes' `follow` returns; if it fails while
+        they wait for the next model, they are told and stop with it, rather than wait until the
+        process group times out (hours). A failure during training leaves them to the collective's own
+        timeout: they are inside the same calls, not waiting on a message."""
+        try:
+            yield
+        except Exception:  # not an interrupt: that reaches every process, and they are gone
+            if not self._training:
+                self._share(FAILED)
+            raise
         self._share(DONE)
 
     def _share(self, payload):
@@ -126,7 +141,10 @@ class Recovery:
     def _distil(self, model, plan: PruningPlan, name: str):
         """The main process's part: hand the model to the other processes, then train it with them."""
         self._share((plan.to_dict(), model.state_dict(), name))
-        return self._train(model, plan.to_dict(), name)
+        self._training = True
+        record = self._train(model, plan.to_dict(), name)
+        self._training = False
+        return record
 
     def _train(self, model, plan: dict, name: str):
         # a rerun resumes from the checkpoint of the same model; one re-planned otherwise starts afresh
