@@ -103,6 +103,15 @@ def test_bad_training_settings_are_refused(bad):
         settings(**bad)
 
 
+@pytest.mark.parametrize("bad", [dict(text="1,1"), dict(text="1,-1,1"), dict(temperature=0.0),
+                                 dict(squarehead_norm="batch")])
+def test_bad_loss_weights_are_refused(bad):
+    from ziplm_planner.settings import LossWeights
+
+    with pytest.raises(UserError):
+        LossWeights.parse(**{"text": "1,1,1", **bad})
+
+
 def test_too_little_training_data_is_refused():
     student, teacher = tiny_pair()
     with pytest.raises(UserError, match="fewer than one batch"):

@@ -1,0 +1,89 @@
+"""Benchmark distillation losses: recover one pruned member with each weighting, same tokens and data.
+
+Every variant starts from the same saved member and trains on the same batches (one seed) for the
+same budget; only the loss weights (task, KL, SquareHead), temperature or learning rate differ.
+Each trained copy is scored on the evaluation data (perplexity for causal LMs, STS-B Spearman
+otherwise), beside the member as pruned. This is how the recovery defaults are chosen.
+
+    python scripts/bench_distil.py --model smollm2 --member runs/samples512-smollm2/held-out/x1.25 \
+        --train-data ../shared/data/wikitext2/wiki.train.head.raw --eval ../shared/data/wikitext2/wiki.valid.raw \
+        --variants "1,1,1:2;0,1,0:1;1,1,0:1" --tokens 32000 --batch-size 4 --eval-tokens 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import ziplm_planner as zp
+from ziplm_planner.environment import machine_info
+from ziplm_planner.evaluate import perplexity, stsb_spearman
+from ziplm_planner.export import load_pruned
+from ziplm_planner.models import CAUSAL_LM
+from ziplm_planner.recovery import load_training_data
+from ziplm_planner.settings import LAYER, LossWeights, TrainSettings
+from ziplm_planner.train import distil, make_accelerator
+
+
+def parse_variants(text: str) -> list[tuple[LossWeights, float | None]]:
+    """'1,1,1:2;0,1,0:1@3e-4;1,1,1:2:token' -> (loss weights, learning rate or None) per variant: three
+    weights, then the temperature and the SquareHead normalisation after colons, optionally @ a learning
+    rate; variants split by ';'."""
+    variants = []
+    for item in filter(None, text.split(";")):
+        item, _, rate = item.partition("@")
+        weights, temperature, norm = (item.split(":") + ["", ""])[:3]
+        variants.append((LossWeights.parse(weights, float(temperature or 2.0), norm or LAYER),
+                         float(rate) if rate else None))
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", help="the dense model: the teacher")
+    parser.add_argument("--member", type=Path, required=True, help="a member folder of a family of --model")
+    parser.add_argument("--train-data", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--variants", default="1,1,1:2",
+                        help="task,kl,squarehead[:temperature[:layer|token]][@learning rate], separated by ';'")
+    parser.add_argument("--tokens", type=int, default=32_000)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
+    parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sample")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
+    args = parser.parse_args()
+
+    loaded = zp.load_model(args.model)
+    causal = loaded.kind == CAUSAL_LM
+    metric = "perplexity" if causal else "STS-B Spearman x100"
+
+    def score(model) -> float:
+        if causal:
+            return perplexity(model, loaded.tokenizer, args.eval, max_tokens=args.eval_tokens)
+        return 100 * stsb_spearman(model, loaded.tokenizer, args.eval)
+
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
+    data = load_training_data(loaded, args.train_data, args.seq_len, seed=0)
+    accelerator = make_accelerator()
+    print(f"{args.tokens:,} tokens per variant from {args.train_data}, batch {args.batch_size}")
+    rows = [("dense", "", score(loaded.model), 0.0), ("as pruned", "", score(load_pruned(args.member)), 0.0)]
+    print(f"dense {rows[0][2]:.2f}, member as pruned {rows[1][2]:.2f} ({metric})")
+    for weights, rate in parse_variants(args.variants):
+        student = load_pruned(args.member)
+        settings = TrainSettings(tokens=args.tokens, batch_size=args.batch_size,
+                                 learning_rate=rate or args.learning_rate, weights=weights)
+        started = time.perf_counter()
+        record = distil(student, loaded.model, loaded.kind, data, settings, accelerator)
+        label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g} "
+                 f"({weights.squarehead_norm}), T {weights.temperature:g}, lr {settings.learning_rate:g}")
+        rows.append((label, f"{record.tokens:,}", score(student), time.perf_counter() - started))
+        print(f"{label}: {rows[-1][2]:.2f} after {record.tokens:,} tokens, {record.tokens_per_second:.0f} tok/s")
+    print(f"\n| variant | tokens | {metric} | seconds |\n|---|---|---|---|")
+    for label, tokens, value, seconds in rows:
+        print(f"| {label} | {tokens} | {value:.2f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
