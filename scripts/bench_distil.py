@@ -22,19 +22,18 @@ from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.recovery import load_training_data
-from ziplm_planner.settings import LAYER, LossWeights, TrainSettings
+from ziplm_planner.settings import LossWeights, TrainSettings, default
 from ziplm_planner.train import distil, make_accelerator
 
 
 def parse_variants(text: str) -> list[tuple[LossWeights, float | None]]:
-    """'1,1,1:2;0,1,0:1@3e-4;1,1,1:2:token' -> (loss weights, learning rate or None) per variant: three
-    weights, then the temperature and the SquareHead normalisation after colons, optionally @ a learning
-    rate; variants split by ';'."""
+    """'1,1,1:2;0,1,0:1@3e-4' -> (loss weights, learning rate or None) per variant: the three weights,
+    optionally a colon and the temperature, optionally @ a learning rate; variants split by ';'."""
     variants = []
     for item in filter(None, text.split(";")):
         item, _, rate = item.partition("@")
-        weights, temperature, norm = (item.split(":") + ["", ""])[:3]
-        variants.append((LossWeights.parse(weights, float(temperature or 2.0), norm or LAYER),
+        weights, _, temperature = item.partition(":")
+        variants.append((LossWeights.parse(weights, float(temperature or default(LossWeights, "temperature"))),
                          float(rate) if rate else None))
     return variants
 
@@ -46,7 +45,7 @@ def main() -> None:
     parser.add_argument("--train-data", required=True)
     parser.add_argument("--eval", required=True)
     parser.add_argument("--variants", default="1,1,1:2",
-                        help="task,kl,squarehead[:temperature[:layer|token]][@learning rate], separated by ';'")
+                        help="task,kl,squarehead[:temperature][@learning rate], separated by ';'")
     parser.add_argument("--tokens", type=int, default=32_000)
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
@@ -76,8 +75,8 @@ def main() -> None:
                                  learning_rate=rate or args.learning_rate, weights=weights)
         started = time.perf_counter()
         record = distil(student, loaded.model, loaded.kind, data, settings, accelerator)
-        label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g} "
-                 f"({weights.squarehead_norm}), T {weights.temperature:g}, lr {settings.learning_rate:g}")
+        label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g}, "
+                 f"T {weights.temperature:g}, lr {settings.learning_rate:g}")
         rows.append((label, f"{record.tokens:,}", score(student), time.perf_counter() - started))
         print(f"{label}: {rows[-1][2]:.2f} after {record.tokens:,} tokens, {record.tokens_per_second:.0f} tok/s")
     print(f"\n| variant | tokens | {metric} | seconds |\n|---|---|---|---|")

@@ -44,27 +44,6 @@ def test_squarehead_ignores_padding_and_the_scale_of_a_layer():
     assert float(squarehead(teacher, teacher, mask)) == 0.0
 
 
-def test_token_squarehead_divides_each_token_by_its_own_norm():
-    student, teacher, mask = padded_pair()
-    expected = 0.0
-    for s, t in zip(student, teacher):
-        real_s, real_t = torch.cat([s[0], s[1, :3]]), torch.cat([t[0], t[1, :3]])
-        expected += float((((real_s - real_t) ** 2).sum(-1) / (real_t ** 2).sum(-1)).mean())
-    assert float(squarehead(student, teacher, mask, "token")) == pytest.approx(expected, rel=1e-6)
-
-
-def test_token_squarehead_sees_errors_beside_a_massive_activation():
-    """Decoders keep most of a layer's energy in one token's few huge activations (SmolLM2: 99% in
-    layers 12-28). Divided by the layer's mean square, the error of every other token vanishes; divided
-    by each token's own, it does not."""
-    _, teacher, mask = padded_pair(layers=1)
-    teacher[0][0, 0, 0] = 1e4  # the first token's massive activation
-    student = [teacher[0] + 0.5 * torch.randn_like(teacher[0])]
-    student[0][0, 0] = teacher[0][0, 0]  # every other token is off by half its scale
-    assert float(squarehead(student, teacher, mask)) < 1e-3
-    assert float(squarehead(student, teacher, mask, "token")) > 0.1
-
-
 def test_kl_is_zero_for_equal_logits_and_matches_kl_div():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)

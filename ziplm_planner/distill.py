@@ -18,22 +18,16 @@ import torch.nn.functional as F
 
 from .calibrate import mean_pool
 from .models import CAUSAL_LM, CLASSIFICATION
-from .settings import LAYER, TOKEN, LossWeights
+from .settings import LossWeights
 
 
-def squarehead(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor,
-               norm: str = LAYER) -> torch.Tensor:
-    """Σ_l mean_tokens (s_l - t_l)^2 / mean_tokens t_l^2 over real tokens (norm "layer", the paper's), or
-    Σ_l mean_tokens ||s_l - t_l||^2 / ||t_l||^2, each token by its own norm (norm "token").
+def squarehead(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Σ_l mean_tokens (s_l - t_l)^2 / mean_tokens t_l^2 over real tokens.
 
     student, teacher: one (batch, seq, hidden) tensor per layer output; mask: (batch, seq) of real tokens."""
     real = mask.bool()
-    if norm == TOKEN:
-        terms = [((s[real] - t[real]).pow(2).sum(-1) / t[real].pow(2).sum(-1).clamp_min(1e-12)).mean()
-                 for s, t in zip(student, teacher, strict=True)]
-    else:
-        terms = [(s[real] - t[real]).pow(2).mean() / t[real].pow(2).mean().clamp_min(1e-12)
-                 for s, t in zip(student, teacher, strict=True)]
+    terms = [(s[real] - t[real]).pow(2).mean() / t[real].pow(2).mean().clamp_min(1e-12)
+             for s, t in zip(student, teacher, strict=True)]
     return torch.stack(terms).sum()
 
 
@@ -66,8 +60,7 @@ def distillation_terms(kind: str, student_out, teacher_out, batch: dict[str, tor
     """Every weighted term and their sum ("loss"); outputs carry hidden_states (output_hidden_states=True)."""
     mask = batch["attention_mask"]
     # hidden_states[0] is the embedding output; SquareHead is on every layer's output
-    terms = {"squarehead": squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], mask,
-                                      weights.squarehead_norm)}
+    terms = {"squarehead": squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], mask)}
     if kind == CAUSAL_LM:
         terms["kl"] = kl_divergence(student_out.logits, teacher_out.logits, weights.temperature, mask)
         terms["task"] = causal_lm_loss(student_out.logits, batch["input_ids"], mask)

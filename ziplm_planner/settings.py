@@ -27,10 +27,6 @@ HELD_OUT, CALIBRATION = "held-out", "calibration"
 SCORE_ON = (HELD_OUT, CALIBRATION)
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
-# what SquareHead divides a layer's squared error by: the layer's mean square (the paper's), or each
-# token's own (robust to the few massive activations in which decoders keep most of a layer's energy)
-LAYER, TOKEN = "layer", "token"
-SQUAREHEAD_NORMS = (LAYER, TOKEN)
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
 
 
@@ -40,15 +36,9 @@ class LossWeights:
     kl: float = 1.0  # T^2 KL(teacher || student) on logits; pooled-embedding distance for embedding models
     squarehead: float = 1.0  # per-layer normalised hidden-state error, summed over layers
     temperature: float = 2.0
-    squarehead_norm: str = LAYER  # one of SQUAREHEAD_NORMS
-
-    def __post_init__(self):
-        if self.squarehead_norm not in SQUAREHEAD_NORMS:
-            raise UserError(f"SquareHead normalisation must be one of {', '.join(SQUAREHEAD_NORMS)}, "
-                            f"got {self.squarehead_norm!r}")
 
     @classmethod
-    def parse(cls, text: str, temperature: float = 2.0, squarehead_norm: str = LAYER) -> LossWeights:
+    def parse(cls, text: str, temperature: float = 2.0) -> LossWeights:
         """'1,1,1' -> the task, KL and SquareHead weights, each a finite number >= 0."""
         try:
             values = [float(item) for item in text.split(",")]
@@ -58,7 +48,7 @@ class LossWeights:
             raise UserError(f"loss weights are {len(LOSS_TERMS)} numbers >= 0 for {', '.join(LOSS_TERMS)}, got {text!r}")
         if not math.isfinite(temperature) or temperature <= 0:
             raise UserError(f"the distillation temperature must be a number > 0, got {temperature}")
-        return cls(*values, temperature=temperature, squarehead_norm=squarehead_norm)
+        return cls(*values, temperature=temperature)
 
 
 @dataclass(frozen=True)
