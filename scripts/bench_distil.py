@@ -7,7 +7,7 @@ otherwise), beside the member as pruned. This is how the recovery defaults are c
 
     python scripts/bench_distil.py --model smollm2 --member runs/samples512-smollm2/held-out/x1.25 \
         --train-data ../shared/data/wikitext2/wiki.train.head.raw --eval ../shared/data/wikitext2/wiki.valid.raw \
-        --variants "1,1,1:2;0,1,0:1;1,1,0:1" --tokens 32000 --batch-size 4 --eval-tokens 16384
+        --variants "1,1,1:2;1,1,0:2;0,1,0:1;1,1,1:2@3e-4" --tokens 32000 --batch-size 4 --eval-tokens 16384
 """
 
 from __future__ import annotations
