@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .calibrate import CalibrationLoss
@@ -124,7 +124,8 @@ class Recovery:
             yield
         except Exception:  # not an interrupt: that reaches every process, and they are gone
             if not self._training:
-                self._share(FAILED)
+                with suppress(Exception):  # the error to show is the first one, not a broken group's
+                    self._share(FAILED)
             raise
         self._share(DONE)
 
