@@ -290,7 +290,9 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         if not recovery.accelerator.is_main_process:  # several processes: only the main one prunes and writes
             recovery.follow()
             return None
-    with recovery.leading() if recovery is not None else nullcontext():  # the others stop if this one fails
+    # the others stop if this one fails; the temporary folder holds candidate exports while they are timed
+    with (recovery.leading() if recovery is not None else nullcontext(),
+          tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp):
         fingerprint = model_fingerprint(loaded)
         # what a member depends on: a rerun with all of it the same continues the family and reuses members
         manifest = {"format": FAMILY_FORMAT, "source": {
@@ -320,42 +322,38 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                 planner = baseline_planner(settings.method, loaded, table, calibration, settings.seed)
             planning["baseline_setup_seconds"] = round(time.perf_counter() - started, 2)
         results, planning_seconds = [], 0.0
-        with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
-            with stage("dense reference", f"timed on {table.spec.backend}"):
-                verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
-                results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
-                                            resumed))
-            previous, reached = None, 1.0  # gradual: the last member, its plan and its target
-            for number, target in enumerate(targets, 1):
-                with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
-                    member_started = time.perf_counter()
-                    folder = output / member_name(target)
-                    if resumed and (result := saved_result(folder, target, table, settings.onnx)):
-                        log.info("reusing %s from an earlier run of this family", folder)  # never made twice
-                        # gradual: the next member is cut from it
-                        model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None
-                    else:
-                        if previous is not None:  # gradual: on from the last member, recovered
-                            planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
-                        steps = []
-                        for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
-                            step_model, plan, counts = planner.build(table.dense_ms / speedup)
-                            steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
-                                                               speedup, table.dense_ms / table.predict(counts)))
-                            planner = gradual_planner(loaded, step_model, plan, table, calibration, settings,
-                                                      score_loss)
-                        result, model = verified_member(planner, target, table, verifier, score_loss,
-                                                        settings.max_replans)
-                        if recovery is not None:
-                            result = recovery.recover(result, model, verifier, score_loss, steps)
-                        save_result(output, model, loaded, result, settings, table)
-                        if recovery is not None:
-                            recovery.finished(result)
-                    planning_seconds += time.perf_counter() - member_started
-                    if settings.recovery.mode == GRADUAL:
-                        previous, reached = (model, result.plan), target
-                    step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
-                results.append(result)
+        with stage("dense reference", f"timed on {table.spec.backend}"):
+            verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
+            results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
+                                        resumed))
+        previous, reached = None, 1.0  # gradual: the last member, its plan and its target
+        for number, target in enumerate(targets, 1):
+            with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
+                member_started = time.perf_counter()
+                folder = output / member_name(target)
+                if resumed and (result := saved_result(folder, target, table, settings.onnx)):
+                    log.info("reusing %s from an earlier run of this family", folder)  # never made twice
+                    model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None  # the next is cut from it
+                else:
+                    if previous is not None:  # gradual: on from the last member, recovered
+                        planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
+                    steps = []
+                    for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
+                        step_model, plan, counts = planner.build(table.dense_ms / speedup)
+                        steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
+                                                           speedup, table.dense_ms / table.predict(counts)))
+                        planner = gradual_planner(loaded, step_model, plan, table, calibration, settings, score_loss)
+                    result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
+                    if recovery is not None:
+                        result = recovery.recover(result, model, verifier, score_loss, steps)
+                    save_result(output, model, loaded, result, settings, table)
+                    if recovery is not None:
+                        recovery.finished(result)
+                planning_seconds += time.perf_counter() - member_started
+                if settings.recovery.mode == GRADUAL:
+                    previous, reached = (model, result.plan), target
+                step.outcome = f"measured {result.speedup:.2f}x, {result.status}"
+            results.append(result)
     report = FamilyReport([r.row(table.dense_ms) for r in results], {
         "model": loaded.source.reference, "model_kind": loaded.kind, "method": settings.method,
         "table": table.metadata.get("model"), "spec": table.spec.to_dict(), "estimator": table.estimator,
