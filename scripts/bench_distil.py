@@ -22,7 +22,7 @@ from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.recovery import load_training_data
-from ziplm_planner.settings import LossWeights, TrainSettings, default
+from ziplm_planner.settings import PRECISIONS, LossWeights, TrainSettings, default
 from ziplm_planner.train import distil, make_accelerator
 
 
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sample")
+    parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision,
+                        help="training autocast, the same for every variant (accelerate fixes it per process)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
     args = parser.parse_args()
 
@@ -65,14 +67,15 @@ def main() -> None:
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
     data = load_training_data(loaded, args.train_data, args.seq_len, seed=0)
-    accelerator = make_accelerator()
-    print(f"{args.tokens:,} tokens per variant from {args.train_data}, batch {args.batch_size}")
+    accelerator = make_accelerator(precision=args.precision)
+    print(f"{args.tokens:,} tokens per variant from {args.train_data}, batch {args.batch_size}, "
+          f"autocast {accelerator.mixed_precision}")
     rows = [("dense", "", score(loaded.model), 0.0), ("as pruned", "", score(load_pruned(args.member)), 0.0)]
     print(f"dense {rows[0][2]:.2f}, member as pruned {rows[1][2]:.2f} ({metric})")
     for weights, rate in parse_variants(args.variants):
         student = load_pruned(args.member)
         settings = TrainSettings(tokens=args.tokens, batch_size=args.batch_size,
-                                 learning_rate=rate or args.learning_rate, weights=weights)
+                                 learning_rate=rate or args.learning_rate, weights=weights, precision=args.precision)
         started = time.perf_counter()
         record = distil(student, loaded.model, loaded.kind, data, settings, accelerator)
         label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g}, "

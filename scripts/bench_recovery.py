@@ -27,7 +27,7 @@ from ziplm_planner.family import read_report
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.plot import plot_frontier, read_families
-from ziplm_planner.settings import TrainSettings
+from ziplm_planner.settings import PRECISIONS, TrainSettings
 
 
 def main() -> None:
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=100_000)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
+    parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision, help="training autocast")
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--score-samples", type=int, default=128)
@@ -57,12 +58,13 @@ def main() -> None:
     loaded = zp.load_model(args.model)
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
     cache = scratch_dir("bench-cache-")
-    train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size)
+    train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                          precision=args.precision)
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}")
     if args.families:
         print(f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}, "
-              f"batch {args.batch_size}, learning rate {args.learning_rate:g}")
+              f"batch {args.batch_size}, learning rate {args.learning_rate:g}, precision {args.precision}")
     folders = []
     for family in filter(None, args.families.split(",")):
         method, mode, *steps = family.split(":")

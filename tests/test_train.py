@@ -15,7 +15,7 @@ from ziplm_planner.errors import UserError
 from ziplm_planner.models import EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
 from ziplm_planner.settings import TrainSettings
-from ziplm_planner.train import distil, make_accelerator, planned_steps
+from ziplm_planner.train import autocast_precision, distil, make_accelerator, planned_steps
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).parents[1]
@@ -97,7 +97,8 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
                tmp_path / "c")
 
 
-@pytest.mark.parametrize("bad", [dict(tokens=0), dict(batch_size=0), dict(learning_rate=0.0), dict(warmup=1.0)])
+@pytest.mark.parametrize("bad", [dict(tokens=0), dict(batch_size=0), dict(learning_rate=0.0), dict(warmup=1.0),
+                                 dict(precision="fp8")])
 def test_bad_training_settings_are_refused(bad):
     with pytest.raises(UserError):
         settings(**bad)
@@ -134,3 +135,17 @@ def test_gpu_processes_asked_for_on_a_machine_without_one_are_refused(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="no GPU"):
         make_accelerator()
+
+
+def test_auto_precision_is_bf16_only_where_matrix_units_run_it():
+    assert autocast_precision("auto", gpu=False) == ("bf16" if torch.cpu._is_amx_tile_supported() else "no")
+    assert autocast_precision("no", gpu=False) == "no" and autocast_precision("bf16", gpu=False) == "bf16"
+    with pytest.raises(UserError, match="fp16 training needs a GPU"):
+        autocast_precision("fp16", gpu=False)
+
+
+def test_a_second_precision_in_one_process_is_refused():
+    """accelerate keeps one precision per process: a notebook that asks for another gets told, not a trace."""
+    current = make_accelerator(cpu=True).mixed_precision
+    with pytest.raises(UserError, match=f"already trained in {current}"):
+        make_accelerator(cpu=True, precision="bf16" if current == "no" else "no")

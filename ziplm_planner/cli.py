@@ -13,7 +13,7 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, RECOVERY_MODES, SCORE_ON, CompressSettings, LossWeights,
+from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, PRECISIONS, RECOVERY_MODES, SCORE_ON, CompressSettings, LossWeights,
                        ProfileSettings, RecoverySettings, TrainSettings, default)
 from .timing import ESTIMATORS
 
@@ -154,15 +154,19 @@ def profile_show(table_path) -> None:
               show_default=True, help=f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms.")
 @click.option("--temperature", type=float, default=default(LossWeights, "temperature"), show_default=True,
               help="Recovery: distillation temperature of the KL term.")
+@click.option("--train-precision", type=click.Choice(PRECISIONS), default=default(TrainSettings, "precision"),
+              show_default=True, help="Recovery: autocast dtype. auto: bf16 on GPUs that have it and on CPUs with "
+                                      "AMX, fp16 on other GPUs, float32 (no) on other CPUs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
              search_evaluations, score_samples, score_on, no_onnx, overwrite, cache_dir, recovery, prune_steps, train_data,
-             train_tokens, train_batch_size, learning_rate, warmup, loss_weights, temperature, output) -> None:
+             train_tokens, train_batch_size, learning_rate, warmup, loss_weights, temperature, train_precision,
+             output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 
     train = TrainSettings(tokens=train_tokens, batch_size=train_batch_size, learning_rate=learning_rate, warmup=warmup,
-                          weights=LossWeights.parse(loss_weights, temperature), seed=seed)
+                          weights=LossWeights.parse(loss_weights, temperature), precision=train_precision, seed=seed)
     report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
                           calibration_inputs=calibration_inputs, block_errors=block_errors,
                           search_evaluations=search_evaluations,

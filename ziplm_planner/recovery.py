@@ -77,7 +77,7 @@ class Recovery:
         if len(self.data.input_ids) < settings.train.batch_size:  # now, not after the first member is pruned
             raise UserError(f"training data {path} has {len(self.data.input_ids)} samples, fewer than one batch of "
                             f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator(precision=settings.train.precision)
         self._training = False  # the main process is training with the others: they are in the same collectives
 
     def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss,

@@ -28,6 +28,7 @@ SCORE_ON = (HELD_OUT, CALIBRATION)
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # training autocast; "no" is float32
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     weights: LossWeights = field(default_factory=LossWeights)
+    # autocast dtype: "auto" is bf16 where matrix units run it natively (bf16 GPUs, CPUs with AMX), fp16
+    # on other GPUs, float32 elsewhere
+    precision: str = "auto"
     seed: int = 0
     log_every: int = 10  # steps between points of the loss curve
     checkpoint_every: int = 200
@@ -69,6 +73,8 @@ class TrainSettings:
             raise UserError(f"the training budget must be at least 1 token, got {self.tokens}")
         if self.batch_size < 1 or self.learning_rate <= 0 or not 0 <= self.warmup < 1:
             raise UserError("training needs batch size >= 1, learning rate > 0 and warm-up in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown training precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,27 @@ class TrainRecord:
         return {**asdict(self), "tokens_per_second": round(self.tokens_per_second, 1)}
 
 
-def make_accelerator(cpu: bool = False):
+def autocast_precision(asked: str, gpu: bool) -> str:
+    """The accelerate mixed-precision mode for `asked` (TrainSettings.precision) on this machine."""
+    if asked == "auto":
+        if gpu:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # without AMX, oneDNN emulates bf16 matmuls and they run slower than float32
+        return "bf16" if torch.cpu._is_amx_tile_supported() else "no"
+    if asked == "fp16" and not gpu:
+        raise UserError("fp16 training needs a GPU: give --train-precision bf16 or no on a CPU")
+    if asked == "bf16" and gpu and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16: give --train-precision fp16 or no")
+    return asked
+
+
+def make_accelerator(cpu: bool = False, precision: str = "auto"):
     """The accelerator every process of a run builds: seedable shuffling (epoch e shuffles with seed + e,
-    so a resumed run sees the same batches), bf16 autocast on a GPU that has it."""
+    so a resumed run sees the same batches), autocast as `precision` (TrainSettings.precision) asks."""
     from datetime import timedelta
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     asked_for_gpus = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("false", "0", "no")  # `accelerate launch`
@@ -64,8 +79,10 @@ def make_accelerator(cpu: bool = False):
         raise UserError("accelerate launch asked for several GPU processes, but this machine has no GPU: add --cpu "
                         "(one process), or run `torchrun --nproc_per_node N -m ziplm_planner ...` for several CPU ones")
     cpu = cpu or not torch.cuda.is_available()  # accelerate runs several CPU processes only when told cpu=True
-    gpu = not cpu
-    precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else ("fp16" if gpu else "no")
+    precision = autocast_precision(precision, gpu=not cpu)
+    if is_initialized() and AcceleratorState().mixed_precision != precision:  # accelerate's state is per process
+        raise UserError(f"this Python process already trained in {AcceleratorState().mixed_precision}: "
+                        f"train in {precision} in a new one")
     # parts a loss never reaches (BERT's pooler under embedding distillation) get no gradient: DDP must
     # be told, or it waits for them
     return Accelerator(cpu=cpu, mixed_precision=precision,
