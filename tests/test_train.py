@@ -149,3 +149,26 @@ def test_a_second_precision_in_one_process_is_refused():
     current = make_accelerator(cpu=True).mixed_precision
     with pytest.raises(UserError, match=f"already trained in {current}"):
         make_accelerator(cpu=True, precision="bf16" if current == "no" else "no")
+
+
+BF16_DISTIL = """
+import copy, sys, torch
+sys.path.insert(0, "tests")
+from test_train import settings, tiny_data, tiny_pair
+from ziplm_planner.models import EMBEDDING
+from ziplm_planner.train import distil, make_accelerator
+student, teacher = tiny_pair()
+plain = copy.deepcopy(student)  # never prepared: its forward is the model's own
+distil(student, teacher, EMBEDDING, tiny_data(), settings(precision="bf16"), make_accelerator(cpu=True, precision="bf16"))
+plain.load_state_dict(student.state_dict())
+ids = torch.randint(3, 97, (2, 12))
+print(torch.equal(student(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state))
+"""
+
+
+def test_a_student_trained_in_bf16_runs_in_float32_afterwards():
+    """Scoring and the ONNX export of a member trained under autocast see its float32 forward.
+    In its own process: accelerate fixes one precision per process."""
+    result = subprocess.run([sys.executable, "-c", BF16_DISTIL], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "True"

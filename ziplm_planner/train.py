@@ -178,7 +178,9 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
                 if progress["step"] >= steps:
                     break
     accelerator.wait_for_everyone()
-    trained = accelerator.unwrap_model(model).eval()
+    # prepare() wrapped the student's forward in autocast; left on, every later forward (scoring, the
+    # ONNX trace) would run in bf16, and ONNX Runtime has no bf16 MatMul on CPU
+    trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     if trained is not student:  # DDP/FSDP wrap a copy on some setups: hand the caller its own module back
         student.load_state_dict(trained.state_dict())
     accelerator.free_memory()  # the accelerator serves the next member: let go of this one's model and optimiser
