@@ -7,7 +7,7 @@ otherwise), beside the member as pruned. This is how the recovery defaults are c
 
     python scripts/bench_distil.py --model smollm2 --member runs/samples512-smollm2/held-out/x1.25 \
         --train-data ../shared/data/wikitext2/wiki.train.head.raw --eval ../shared/data/wikitext2/wiki.valid.raw \
-        --variants "1,1,1:2;1,1,0:2;0,1,0:1;1,1,1:2@3e-4" --tokens 32000 --batch-size 4 --eval-tokens 16384
+        --variants "1,1,1:2;1,1,0:2;0,1,0:1;1,1,1:2@3e-4" --tokens 32000,128000 --batch-size 4 --eval-tokens 16384
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--eval", required=True)
     parser.add_argument("--variants", default="1,1,1:2",
                         help="task,kl,squarehead[:temperature][@learning rate], separated by ';'")
-    parser.add_argument("--tokens", type=int, default=32_000)
+    parser.add_argument("--tokens", default="32000",
+                        help="training budgets, comma-separated: every variant is trained afresh at each")
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sample")
@@ -68,23 +69,26 @@ def main() -> None:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
     data = load_training_data(loaded, args.train_data, args.seq_len, seed=0)
     accelerator = make_accelerator(precision=args.precision)
-    print(f"{args.tokens:,} tokens per variant from {args.train_data}, batch {args.batch_size}, "
+    print(f"{data.num_tokens:,} training tokens in {args.train_data}, batch {args.batch_size}, "
           f"autocast {accelerator.mixed_precision}")
-    rows = [("dense", "", score(loaded.model), 0.0), ("as pruned", "", score(load_pruned(args.member)), 0.0)]
+    rows = [("dense", "", score(loaded.model), "", 0.0), ("as pruned", "", score(load_pruned(args.member)), "", 0.0)]
     print(f"dense {rows[0][2]:.2f}, member as pruned {rows[1][2]:.2f} ({metric})")
-    for weights, rate in parse_variants(args.variants):
-        student = load_pruned(args.member)
-        settings = TrainSettings(tokens=args.tokens, batch_size=args.batch_size,
-                                 learning_rate=rate or args.learning_rate, weights=weights, precision=args.precision)
-        started = time.perf_counter()
-        record = distil(student, loaded.model, loaded.kind, data, settings, accelerator)
-        label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g}, "
-                 f"T {weights.temperature:g}, lr {settings.learning_rate:g}")
-        rows.append((label, f"{record.tokens:,}", score(student), time.perf_counter() - started))
-        print(f"{label}: {rows[-1][2]:.2f} after {record.tokens:,} tokens, {record.tokens_per_second:.0f} tok/s")
-    print(f"\n| variant | tokens | {metric} | seconds |\n|---|---|---|---|")
-    for label, tokens, value, seconds in rows:
-        print(f"| {label} | {tokens} | {value:.2f} | {seconds:.0f} |")
+    for budget in (int(tokens) for tokens in args.tokens.split(",")):
+        for weights, rate in parse_variants(args.variants):
+            student = load_pruned(args.member)
+            settings = TrainSettings(tokens=budget, batch_size=args.batch_size, learning_rate=rate or args.learning_rate,
+                                     weights=weights, precision=args.precision)
+            started = time.perf_counter()
+            record = distil(student, loaded.model, loaded.kind, data, settings, accelerator)
+            label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g}, "
+                     f"T {weights.temperature:g}, lr {settings.learning_rate:g}")
+            # the task loss of the last logged steps, on training text: beside the score, it shows over-fitting
+            train_task = f"{record.final['task']:.3f}" if "task" in record.final else ""
+            rows.append((label, f"{record.tokens:,}", score(student), train_task, time.perf_counter() - started))
+            print(f"{label}: {rows[-1][2]:.2f} after {record.tokens:,} tokens, {record.tokens_per_second:.0f} tok/s")
+    print(f"\n| variant | tokens | {metric} | final training task loss | seconds |\n|---|---|---|---|---|")
+    for label, tokens, value, train_task, seconds in rows:
+        print(f"| {label} | {tokens} | {value:.2f} | {train_task} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
