@@ -56,7 +56,7 @@ def autocast_precision(asked: str, gpu: bool) -> str:
     if asked == "auto":
         if gpu:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # without AMX, oneDNN emulates bf16 matmuls and they run slower than float32
+        # measured to pay with AMX (BENCHMARKS); without it oneDNN may emulate bf16, slower than float32
         return "bf16" if torch.cpu._is_amx_tile_supported() else "no"
     if asked == "fp16" and not gpu:
         raise UserError("fp16 training needs a GPU: give --train-precision bf16 or no on a CPU")
