@@ -162,13 +162,15 @@ plain = copy.deepcopy(student)  # never prepared: its forward is the model's own
 distil(student, teacher, EMBEDDING, tiny_data(), settings(precision="bf16"), make_accelerator(cpu=True, precision="bf16"))
 plain.load_state_dict(student.state_dict())
 ids = torch.randint(3, 97, (2, 12))
-print(torch.equal(student(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state))
+trained, own = student(input_ids=ids, output_hidden_states=True), plain(input_ids=ids, output_hidden_states=True)
+print(len(trained.hidden_states) == len(own.hidden_states) and torch.equal(trained.last_hidden_state, own.last_hidden_state))
 """
 
 
 def test_a_student_trained_in_bf16_runs_in_float32_afterwards():
-    """Scoring and the ONNX export of a member trained under autocast see its float32 forward.
-    In its own process: accelerate fixes one precision per process."""
+    """Scoring and the ONNX export of a member trained under autocast see its float32 forward, hidden
+    states and all (the next prune step reads them). In its own process: accelerate fixes one precision
+    per process."""
     result = subprocess.run([sys.executable, "-c", BF16_DISTIL], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "True"

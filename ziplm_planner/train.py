@@ -178,9 +178,13 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
                 if progress["step"] >= steps:
                     break
     accelerator.wait_for_everyone()
-    # prepare() wrapped the student's forward in autocast; left on, every later forward (scoring, the
-    # ONNX trace) would run in bf16, and ONNX Runtime has no bf16 MatMul on CPU
-    trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+    trained = accelerator.unwrap_model(model).eval()
+    # prepare() set an autocast-wrapped forward on the student; left on, every later forward (scoring, the
+    # ONNX trace) runs in bf16, and ONNX Runtime has no bf16 MatMul on CPU. Dropping it restores the
+    # class's forward; unwrap_model's keep_fp32_wrapper=False would also strip transformers' decorators
+    # (output_hidden_states stops working)
+    for name in ("forward", "_original_forward"):
+        trained.__dict__.pop(name, None)
     if trained is not student:  # DDP/FSDP wrap a copy on some setups: hand the caller its own module back
         student.load_state_dict(trained.state_dict())
     accelerator.free_memory()  # the accelerator serves the next member: let go of this one's model and optimiser
