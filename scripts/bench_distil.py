@@ -63,7 +63,7 @@ def main() -> None:
     def score(model) -> float:
         if causal:
             return perplexity(model, loaded.tokenizer, args.eval, max_tokens=args.eval_tokens)
-        return 100 * stsb_spearman(model, loaded.tokenizer, args.eval)
+        return stsb_spearman(model, loaded.tokenizer, args.eval)
 
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
