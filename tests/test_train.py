@@ -137,8 +137,10 @@ def test_gpu_processes_asked_for_on_a_machine_without_one_are_refused(monkeypatc
         make_accelerator()
 
 
-def test_auto_precision_is_bf16_only_where_matrix_units_run_it():
-    assert autocast_precision("auto", gpu=False) == ("bf16" if torch.cpu._is_amx_tile_supported() else "no")
+@pytest.mark.parametrize("amx,expected", [(True, "bf16"), (False, "no")])
+def test_auto_precision_is_bf16_only_where_matrix_units_run_it(monkeypatch, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert autocast_precision("auto", gpu=False) == expected
     assert autocast_precision("no", gpu=False) == "no" and autocast_precision("bf16", gpu=False) == "bf16"
     with pytest.raises(UserError, match="fp16 training needs a GPU"):
         autocast_precision("fp16", gpu=False)
