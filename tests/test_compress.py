@@ -797,6 +797,50 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, 
             assert (tmp_path / "whole" / member / name).read_bytes() == (tmp_path / "resumed" / member / name).read_bytes()
 
 
+def test_a_member_interrupted_in_training_is_trained_on_as_verified_when_the_machine_has_slowed(setup, tmp_path,
+                                                                                               monkeypatch):
+    """Stopped after the second member was verified and trained but before it was saved, the run is
+    resumed on a machine now slower than its table: verifying again would re-plan that member tighter
+    (the measured speedup would miss), losing its training. It is not verified again: the model the
+    first run verified is trained on from its checkpoint, and the family equals an uninterrupted run's."""
+    import ziplm_planner.oneshot as compress_module
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    verifiers = {"quiet": [1.0], "slower": [0.8, 1.0]}  # slower: a first plan measured now would miss
+    machine = {"now": "quiet"}
+    monkeypatch.setattr(compress_module, "Verifier",
+                        lambda loaded, table, *args: StubVerifier(table, verifiers[machine["now"]]))
+    train = TrainSettings(tokens=1500, batch_size=8, learning_rate=1e-3)
+    targets = [1.2, within(table, 1.8)]
+    second = f"x{targets[1]:g}"
+
+    def run(name):
+        settings = fast_settings(tmp_path, onnx=False, max_replans=2, cache_dir=tmp_path / f"cache-{name}",
+                                 recovery=RecoverySettings("gradual", None, train, 1))
+        return compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
+
+    run("whole")
+    real_save = compress_module.save_member
+
+    def stop_at_the_second_member(folder, *args, **kwargs):
+        if folder.name == second:
+            raise KeyboardInterrupt
+        return real_save(folder, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_member", stop_at_the_second_member)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    assert (tmp_path / "resumed" / f".verified-{second}").is_dir()
+    monkeypatch.setattr(compress_module, "save_member", real_save)
+    machine["now"] = "slower"
+    report = run("resumed")
+    assert report.rows[2]["replans"] == 0  # as the first run verified it
+    for name in ("pruning.json", "model.safetensors"):
+        assert (tmp_path / "whole" / second / name).read_bytes() == (tmp_path / "resumed" / second / name).read_bytes()
+    assert not list((tmp_path / "resumed").glob(".verified-*")) and not list((tmp_path / "resumed").glob(".train-*"))
+
+
 def test_a_rerun_with_other_settings_is_another_family(setup, tmp_path):
     loaded, table, calib = setup
     compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", fast_settings(tmp_path, onnx=False))

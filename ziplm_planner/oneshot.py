@@ -32,7 +32,7 @@ from .models import LoadedModel
 from .progress import bar, stage
 from .search import spdy_search, total_time
 from .surgery import PruningPlan, count_parameters
-from .recovery import Recovery
+from .recovery import Recovery, held_folder
 from .settings import CORRECTED, FISHER, GRADUAL, HELD_OUT, NONE, SEQUENTIAL, ZIPLM, CompressSettings
 from .verify import Measurement, MemberResult, Verifier, member_name, verified_member
 from .table import TRUST_ADVICE, LatencyTable
@@ -219,6 +219,32 @@ def dense_member(loaded: LoadedModel, shape: ModelShape, table: LatencyTable, ve
     return result
 
 
+def plan_identity(plan: PruningPlan | None) -> dict | None:
+    """A plan as JSON gives it back, to compare with one read from a file."""
+    return None if plan is None else json.loads(json.dumps(plan.to_dict()))
+
+
+def hold_verified(output: Path, model, loaded: LoadedModel, result: MemberResult, settings: CompressSettings,
+                  table: LatencyTable, cut_from: PruningPlan | None, steps: list[dict]) -> None:
+    """Keep a verified member, as pruned, until its training is done (recovery.held_folder): with the
+    plan it was cut from and the intermediate steps it was reached through."""
+    save_member(held_folder(output, result.folder), model, None, result.plan, loaded.kind,
+                {"target": result.target, "method": settings.method, "cut_from": plan_identity(cut_from),
+                 "intermediate_steps": steps}, onnx=False, measurement=measurement_record(result, table))
+
+
+def held_verified(output: Path, target: float, table: LatencyTable, cut_from: PruningPlan | None):
+    """(result, model, intermediate steps) of the member for `target` an earlier run of this family
+    verified and began to train, if it was cut from `cut_from`; else None, and it is planned again."""
+    folder = held_folder(output, member_name(target))
+    if (result := saved_result(folder, target, table, onnx=False)) is None:
+        return None
+    record = read_record(folder)
+    if record.get("cut_from") != plan_identity(cut_from):  # the member before it was made again, differently
+        return None
+    return result, load_pruned(folder), record["intermediate_steps"]
+
+
 # --- the whole run -------------------------------------------------------------------------------------
 
 
@@ -335,15 +361,23 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
                     log.info("reusing %s from an earlier run of this family", folder)  # never made twice
                     model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None  # the next is cut from it
                 else:
-                    if previous is not None:  # gradual: on from the last member, recovered
-                        planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
-                    steps = []
-                    for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
-                        step_model, plan, counts = planner.build(table.dense_ms / speedup)
-                        steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
-                                                           speedup, table.dense_ms / table.predict(counts)))
-                        planner = gradual_planner(loaded, step_model, plan, table, calibration, settings, score_loss)
-                    result, model = verified_member(planner, target, table, verifier, score_loss, settings.max_replans)
+                    cut_from = previous[1] if previous is not None else None
+                    if resumed and recovery is not None and (held := held_verified(output, target, table, cut_from)):
+                        log.info("training %s as an earlier run of this family verified it", folder.name)
+                        result, model, steps = held
+                    else:
+                        if previous is not None:  # gradual: on from the last member, recovered
+                            planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
+                        steps = []
+                        for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
+                            step_model, plan, counts = planner.build(table.dense_ms / speedup)
+                            steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
+                                                               speedup, table.dense_ms / table.predict(counts)))
+                            planner = gradual_planner(loaded, step_model, plan, table, calibration, settings, score_loss)
+                        result, model = verified_member(planner, target, table, verifier, score_loss,
+                                                        settings.max_replans)
+                        if recovery is not None:
+                            hold_verified(output, model, loaded, result, settings, table, cut_from, steps)
                     if recovery is not None:
                         result = recovery.recover(result, model, verifier, score_loss, steps)
                     save_result(output, model, loaded, result, settings, table)

@@ -35,6 +35,13 @@ DONE = "done"  # what the main process shares when nothing more is to be trained
 FAILED = "failed"  # ... and when it stopped on an error
 
 
+def held_folder(workdir: Path, name: str) -> Path:
+    """Where a verified member waits, as pruned, until it is trained and saved: a rerun after an
+    interruption trains this very model. Verifying again could re-plan another one on a machine whose
+    speed drifted meanwhile, and the training done so far would be lost."""
+    return workdir / f".verified-{name}"
+
+
 def joined(parts: list[dict]) -> dict:
     """The training of a member reached in steps: totals, one loss curve with steps and tokens counted
     from the first step on (each point names its `prune_step`), and each step without its curve."""
@@ -157,6 +164,6 @@ class Recovery:
                           label=f"distil {name}")
 
     def finished(self, result: MemberResult) -> None:
-        """The member is saved: its checkpoint is no longer needed."""
-        for checkpoint in self.workdir.glob(f".train-{result.folder}-*"):
+        """The member is saved: its checkpoints and its verified model are no longer needed."""
+        for checkpoint in [*self.workdir.glob(f".train-{result.folder}-*"), held_folder(self.workdir, result.folder)]:
             shutil.rmtree(checkpoint, ignore_errors=True)
