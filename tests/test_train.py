@@ -12,7 +12,7 @@ from ziplm_planner.adapters import model_shape
 from ziplm_planner.data import TokenBatches
 from ziplm_planner.distill import distillation_terms
 from ziplm_planner.errors import UserError
-from ziplm_planner.models import EMBEDDING
+from ziplm_planner.models import CAUSAL_LM, EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
 from ziplm_planner.settings import TrainSettings
 from ziplm_planner.train import autocast_precision, distil, make_accelerator, planned_steps
@@ -21,9 +21,9 @@ from tiny_models import tiny_model
 ROOT = Path(__file__).parents[1]
 
 
-def tiny_pair(seed=0):
-    """A dense tiny BERT and a copy with half its heads and neurons gone from the first layer."""
-    teacher = tiny_model("bert", seed=seed)
+def tiny_pair(seed=0, model_type="bert", causal_lm=False):
+    """A dense tiny model and a copy with half its heads and neurons gone from the first layer."""
+    teacher = tiny_model(model_type, causal_lm=causal_lm, seed=seed)
     shape = model_shape(teacher.config)
     plan = PruningPlan.dense(shape)
     plan.layers[0] = LayerPlan([0, 1], list(range(0, shape.intermediate_size, 2)))
@@ -61,11 +61,16 @@ def test_distillation_brings_a_pruned_student_closer_to_its_teacher():
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+# GPT-2 ties its output layer to the embeddings, as SmolLM2 does: a checkpoint stores the tied weight once
+@pytest.mark.parametrize("model_type,kind", [("bert", EMBEDDING), ("gpt2", CAUSAL_LM)])
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, model_type, kind):
     import ziplm_planner.train as train_module
 
-    whole, teacher = tiny_pair()
-    distil(whole, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+    def pair():
+        return tiny_pair(model_type=model_type, causal_lm=kind == CAUSAL_LM)
+
+    whole, teacher = pair()
+    distil(whole, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
            tmp_path / "whole")
     real_save, saves = train_module.save_checkpoint, []
 
@@ -75,18 +80,21 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         if len(saves) == 2:
             raise KeyboardInterrupt
 
-    resumed, _ = tiny_pair()
+    resumed, _ = pair()
     monkeypatch.setattr(train_module, "save_checkpoint", interrupt_after_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        distil(resumed, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+        distil(resumed, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
                tmp_path / "resumed")
     monkeypatch.undo()
-    resumed, _ = tiny_pair()  # a new process: the weights come from the checkpoint
-    record = distil(resumed, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+    resumed, _ = pair()  # a new process: the weights come from the checkpoint
+    record = distil(resumed, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
                     tmp_path / "resumed")
     assert record.steps == planned_steps(tiny_data(), settings(), 1)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
+    if kind == CAUSAL_LM:  # still tied: one tensor, not two that agree by chance
+        assert resumed.get_output_embeddings().weight is resumed.get_input_embeddings().weight
+    assert "Removed shared tensor" not in caplog.text  # accelerate's alarm at every checkpoint of a tied model
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
@@ -157,7 +165,7 @@ BF16_DISTIL = """
 import copy, sys, torch
 sys.path.insert(0, "tests")
 from test_train import settings, tiny_data, tiny_pair
-from ziplm_planner.models import EMBEDDING
+from ziplm_planner.models import CAUSAL_LM, EMBEDDING
 from ziplm_planner.train import distil, make_accelerator
 student, teacher = tiny_pair()
 plain = copy.deepcopy(student)  # never prepared: its forward is the model's own

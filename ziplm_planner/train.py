@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -217,8 +218,23 @@ def save_checkpoint(accelerator, folder: Path, progress: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PROGRESS).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(folder))
+    with tied_weights_stored_quietly():
+        accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (folder / PROGRESS).write_text(json.dumps(progress))
     accelerator.wait_for_everyone()
+
+
+@contextmanager
+def tied_weights_stored_quietly():
+    """accelerate warns at every checkpoint that a tied weight (the output layer of SmolLM2 or GPT-2)
+    was stored once, and asks to check the reload. Loading ties it again (tested), so during long runs
+    the warning would only alarm."""
+    logger = logging.getLogger("accelerate.utils.other")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
