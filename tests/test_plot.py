@@ -72,7 +72,8 @@ def test_frontier_writes_png_and_svg_with_labels(families, tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
     text = svg_text(paths)
     for label in ("ziplm", "magnitude", "dense", "missed its target", "STS-B Spearman x100 (higher is better)",
-                  "measured speedup over dense (p10 estimator)", "measured latency, ms", "1.5x", "3x",
+                  "measured speedup over dense (p10 estimator)",
+                  "latency, ms: the dense model's over each measured speedup", "1.5x", "3x",
                   "all-MiniLM-L6-v2", "batch 8 x seq 128"):
         assert label in text, label
     width, height = png_size(paths)
@@ -226,3 +227,17 @@ def test_scores_spanning_orders_of_magnitude_get_a_log_axis():
     assert wide_positive([29.7, 60.9, 2.3e10])  # collapsed baselines beside a good method
     assert wide_positive([29.7, 38.8, 908.3])  # a baseline without recovery beside recovered members
     assert not wide_positive([29.7, 60.9, 225.3]) and not wide_positive([0.8, 0.86]) and not wide_positive([-1.0, 500.0])
+
+
+def test_latencies_are_drawn_on_the_dense_models_clock(tmp_path):
+    """Members timed in rounds where the machine ran slow keep their place: latency is the dense model's
+    measured time over each member's speedup, not the member's own milliseconds."""
+    from ziplm_planner.plot import dense_clock_latencies, scored_rows
+
+    rows = ziplm_rows()
+    rows[1]["measured_ms"], rows[2]["measured_ms"] = 40.0, 45.0  # 1.53x and 2.04x, timed when dense took 61 and 92 ms
+    family = read_family(write_family(tmp_path / "drifted", rows, scores_meta=STSB))
+    points = scored_rows(family, "stsb")
+    assert dense_clock_latencies(family, points) == pytest.approx([40.0, 40 / 1.53, 40 / 2.04, 40 / 2.71])
+    without_dense = FamilyData("ziplm", rows[1:], family.metadata, family.folder)
+    assert dense_clock_latencies(without_dense, points[1:]) == [40.0, 45.0, 40 / 2.71]

@@ -165,7 +165,7 @@ BF16_DISTIL = """
 import copy, sys, torch
 sys.path.insert(0, "tests")
 from test_train import settings, tiny_data, tiny_pair
-from ziplm_planner.models import CAUSAL_LM, EMBEDDING
+from ziplm_planner.models import EMBEDDING
 from ziplm_planner.train import distil, make_accelerator
 student, teacher = tiny_pair()
 plain = copy.deepcopy(student)  # never prepared: its forward is the model's own

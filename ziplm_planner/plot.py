@@ -142,7 +142,7 @@ def spec_title(families: list[FamilyData]) -> str:
 
 
 def plot_frontier(families: list[FamilyData], output: Path, task: str | None = None) -> list[Path]:
-    """Score against measured speedup (left) and measured latency (right), one line per family."""
+    """Score against measured speedup (left) and latency (right, `dense_clock_latencies`), one line per family."""
     if not families:
         raise UserError("no family to plot: give at least one family directory")
     paths = output_paths(output)
@@ -156,8 +156,8 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
             log.warning("family %s has no %s values: left out of the plot", family.name, task or "calibration loss")
             continue
         color = f"C{index % 10}"
-        draw_family(by_speedup, points, "measured_speedup", color)
-        draw_family(by_latency, points, "measured_ms", color)
+        draw_family(by_speedup, points, [row["measured_speedup"] for row, _ in points], color)
+        draw_family(by_latency, points, dense_clock_latencies(family, points), color)
         handles.append(Line2D([], [], color=color, marker="o", label=family.name))
         scores += [y for _, y in points]
     if wide_positive(scores):  # perplexities of collapsed baselines: 30 and 1e10 on one axis
@@ -165,7 +165,7 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
     draw_target_guides(by_speedup, families)
     estimator = "/".join(dict.fromkeys(str(f.metadata.get("estimator", "p10")) for f in families))
     by_speedup.set_xlabel(f"measured speedup over dense ({estimator} estimator)")
-    by_latency.set_xlabel(f"measured latency, ms ({estimator} estimator)")
+    by_latency.set_xlabel(f"latency, ms: the dense model's over each measured speedup ({estimator} estimator)")
     by_speedup.set_ylabel(score_label(families, task))
     for ax in (by_speedup, by_latency):
         ax.grid(alpha=0.3)
@@ -182,14 +182,23 @@ def wide_positive(values: list[float]) -> bool:
     return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SCALE_SPAN
 
 
-def draw_family(ax, points: list[tuple[dict, float]], x_key: str, color: str) -> None:
-    ax.plot([row[x_key] for row, _ in points], [y for _, y in points], color=color, lw=1.6, alpha=0.85)
-    for row, y in points:
+def dense_clock_latencies(family: FamilyData, points: list[tuple[dict, float]]) -> list[float]:
+    """Each member's latency on one clock: the family's dense model as measured, over the member's
+    measured speedup. A speedup is a ratio to the dense model timed in the same rounds; a member's own
+    milliseconds come from rounds minutes or hours apart, and a machine's speed drifts between them
+    (a smaller member can measure slower than a larger one). Without a dense member: its own."""
+    dense = next((row["measured_ms"] for row in family.rows if row["target"] == 1), None)
+    return [row["measured_ms"] if dense is None else dense / row["measured_speedup"] for row, _ in points]
+
+
+def draw_family(ax, points: list[tuple[dict, float]], xs: list[float], color: str) -> None:
+    ax.plot(xs, [y for _, y in points], color=color, lw=1.6, alpha=0.85)
+    for x, (row, y) in zip(xs, points):
         if row["target"] == 1:
-            ax.plot(row[x_key], y, ls="", marker="*", ms=15, color=DENSE_COLOR, mec="black", mew=0.6, zorder=4)
+            ax.plot(x, y, ls="", marker="*", ms=15, color=DENSE_COLOR, mec="black", mew=0.6, zorder=4)
         else:
             face = color if row["met_target"] else "white"
-            ax.plot(row[x_key], y, ls="", marker="o", ms=7, color=color, mfc=face, mew=1.5, zorder=3)
+            ax.plot(x, y, ls="", marker="o", ms=7, color=color, mfc=face, mew=1.5, zorder=3)
 
 
 def draw_target_guides(ax, families: list[FamilyData]) -> None:
