@@ -224,27 +224,6 @@ def plan_identity(plan: PruningPlan | None) -> dict | None:
     return None if plan is None else json.loads(json.dumps(plan.to_dict()))
 
 
-def hold_verified(output: Path, model, loaded: LoadedModel, result: MemberResult, settings: CompressSettings,
-                  table: LatencyTable, cut_from: PruningPlan | None, steps: list[dict]) -> None:
-    """Keep a verified member, as pruned, until its training is done (recovery.held_folder): with the
-    plan it was cut from and the intermediate steps it was reached through."""
-    save_member(held_folder(output, result.folder), model, None, result.plan, loaded.kind,
-                {"target": result.target, "method": settings.method, "cut_from": plan_identity(cut_from),
-                 "intermediate_steps": steps}, onnx=False, measurement=measurement_record(result, table))
-
-
-def held_verified(output: Path, target: float, table: LatencyTable, cut_from: PruningPlan | None):
-    """(result, model, intermediate steps) of the member for `target` an earlier run of this family
-    verified and began to train, if it was cut from `cut_from`; else None, and it is planned again."""
-    folder = held_folder(output, member_name(target))
-    if (result := saved_result(folder, target, table, onnx=False)) is None:
-        return None
-    record = read_record(folder)
-    if record.get("cut_from") != plan_identity(cut_from):  # the member before it was made again, differently
-        return None
-    return result, load_pruned(folder), record["intermediate_steps"]
-
-
 # --- the whole run -------------------------------------------------------------------------------------
 
 
@@ -289,6 +268,82 @@ def save_result(output: Path, model, loaded: LoadedModel, result: MemberResult, 
     save_member(output / result.folder, model, loaded.tokenizer, result.plan, loaded.kind,
                 {"target": result.target, "method": settings.method}, onnx=settings.onnx,
                 onnx_file=result.measurement.onnx_file, measurement=measurement_record(result, table))
+
+
+@dataclass
+class MemberMaker:
+    """Makes one member of a family: reused where an earlier run of it saved the member, else cut from the
+    planner's model and verified (or, resuming, taken as an earlier run verified it), trained where
+    recovery asks for it, and saved."""
+
+    loaded: LoadedModel
+    table: LatencyTable
+    calibration: Calibration
+    settings: CompressSettings
+    score_loss: CalibrationLoss
+    verifier: Verifier
+    recovery: Recovery | None
+    output: Path
+    resumed: bool
+
+    def make(self, target: float, planner, previous: tuple | None, reached: float):
+        """(result, model) of the member for `target`. `previous` (gradual: the last member's model and
+        plan, reached at speedup `reached`) is what it is cut from; else `planner`'s model, the dense one."""
+        folder = self.output / member_name(target)
+        if self.resumed and (result := saved_result(folder, target, self.table, self.settings.onnx)):
+            log.info("reusing %s from an earlier run of this family", folder)  # never made twice
+            gradual = self.settings.recovery.mode == GRADUAL
+            return result, load_pruned(folder) if gradual else None  # gradual: the next is cut from it
+        cut_from = previous[1] if previous is not None else None
+        if self.resumed and self.recovery is not None and (held := self.held(target, cut_from)):
+            log.info("training %s as an earlier run of this family verified it", folder.name)
+            result, model, steps = held
+        else:
+            if previous is not None:  # gradual: on from the last member, recovered
+                planner = gradual_planner(self.loaded, *previous, self.table, self.calibration, self.settings,
+                                          self.score_loss)
+            result, model, steps = self.cut(planner, target, reached, folder.name)
+            if self.recovery is not None:
+                self.hold(model, result, cut_from, steps)
+        if self.recovery is not None:
+            result = self.recovery.recover(result, model, self.verifier, self.score_loss, steps)
+        save_result(self.output, model, self.loaded, result, self.settings, self.table)
+        if self.recovery is not None:
+            self.recovery.finished(result)
+        return result, model
+
+    def cut(self, planner, target: float, reached: float, name: str):
+        """(result, model, intermediate steps): `planner`'s model pruned from `reached` toward `target`
+        through the intermediate speedups (gradual with several prune steps: each step distilled and a
+        new planner made on it), then the member verified, re-planned tighter if it misses."""
+        table, steps = self.table, []
+        for speedup in intermediate_speedups(reached, target, self.settings.recovery.prune_steps):
+            step_model, plan, counts = planner.build(table.dense_ms / speedup)
+            steps.append(self.recovery.intermediate(step_model, plan, f"{name}-step{len(steps) + 1}", speedup,
+                                                    table.dense_ms / table.predict(counts)))
+            planner = gradual_planner(self.loaded, step_model, plan, table, self.calibration, self.settings,
+                                      self.score_loss)
+        result, model = verified_member(planner, target, table, self.verifier, self.score_loss,
+                                        self.settings.max_replans)
+        return result, model, steps
+
+    def hold(self, model, result: MemberResult, cut_from: PruningPlan | None, steps: list[dict]) -> None:
+        """Keep a verified member, as pruned, until its training is done (recovery.held_folder): with the
+        plan it was cut from and the intermediate steps it was reached through."""
+        save_member(held_folder(self.output, result.folder), model, None, result.plan, self.loaded.kind,
+                    {"target": result.target, "method": self.settings.method, "cut_from": plan_identity(cut_from),
+                     "intermediate_steps": steps}, onnx=False, measurement=measurement_record(result, self.table))
+
+    def held(self, target: float, cut_from: PruningPlan | None):
+        """(result, model, intermediate steps) of the member for `target` an earlier run of this family
+        verified and began to train, if it was cut from `cut_from`; else None, and it is planned again."""
+        folder = held_folder(self.output, member_name(target))
+        if (result := saved_result(folder, target, self.table, onnx=False)) is None:
+            return None
+        record = read_record(folder)
+        if record.get("cut_from") != plan_identity(cut_from):  # the member before it was made again, differently
+            return None
+        return result, load_pruned(folder), record["intermediate_steps"]
 
 
 def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float], calibration_path: str,
@@ -352,37 +407,12 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
             verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
             results.append(dense_member(loaded, shape, table, verifier, score_loss(loaded.model), output, settings,
                                         resumed))
+        members = MemberMaker(loaded, table, calibration, settings, score_loss, verifier, recovery, output, resumed)
         previous, reached = None, 1.0  # gradual: the last member, its plan and its target
         for number, target in enumerate(targets, 1):
             with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
                 member_started = time.perf_counter()
-                folder = output / member_name(target)
-                if resumed and (result := saved_result(folder, target, table, settings.onnx)):
-                    log.info("reusing %s from an earlier run of this family", folder)  # never made twice
-                    model = load_pruned(folder) if settings.recovery.mode == GRADUAL else None  # the next is cut from it
-                else:
-                    cut_from = previous[1] if previous is not None else None
-                    if resumed and recovery is not None and (held := held_verified(output, target, table, cut_from)):
-                        log.info("training %s as an earlier run of this family verified it", folder.name)
-                        result, model, steps = held
-                    else:
-                        if previous is not None:  # gradual: on from the last member, recovered
-                            planner = gradual_planner(loaded, *previous, table, calibration, settings, score_loss)
-                        steps = []
-                        for speedup in intermediate_speedups(reached, target, settings.recovery.prune_steps):
-                            step_model, plan, counts = planner.build(table.dense_ms / speedup)
-                            steps.append(recovery.intermediate(step_model, plan, f"{folder.name}-step{len(steps) + 1}",
-                                                               speedup, table.dense_ms / table.predict(counts)))
-                            planner = gradual_planner(loaded, step_model, plan, table, calibration, settings, score_loss)
-                        result, model = verified_member(planner, target, table, verifier, score_loss,
-                                                        settings.max_replans)
-                        if recovery is not None:
-                            hold_verified(output, model, loaded, result, settings, table, cut_from, steps)
-                    if recovery is not None:
-                        result = recovery.recover(result, model, verifier, score_loss, steps)
-                    save_result(output, model, loaded, result, settings, table)
-                    if recovery is not None:
-                        recovery.finished(result)
+                result, model = members.make(target, planner, previous, reached)
                 planning_seconds += time.perf_counter() - member_started
                 if settings.recovery.mode == GRADUAL:
                     previous, reached = (model, result.plan), target
