@@ -108,6 +108,17 @@ def test_families_sharing_a_method_are_named_by_folder(tmp_path):
     assert "run-a" in text and "run-b" in text
 
 
+def test_families_in_folders_of_one_name_are_named_by_their_runs(tmp_path):
+    """Two runs of one method write families of the same folder name: the legend and the per-family
+    pictures must still tell them apart."""
+    folders = [write_family(tmp_path / run / "ziplm-gradual", ziplm_rows()) for run in ("run-a", "run-b")]
+    other = write_family(tmp_path / "magnitude", ziplm_rows(), method="magnitude")
+    families = read_families([*folders, other])
+    assert [f.name for f in families] == ["run-a/ziplm-gradual", "run-b/ziplm-gradual", "magnitude"]
+    text = svg_text(plot_frontier(families, tmp_path / "f.png"))
+    assert "run-a/ziplm-gradual" in text and "run-b/ziplm-gradual" in text
+
+
 def test_layers_writes_png_and_svg(families, tmp_path):
     paths = plot_layers(families[0], tmp_path / "layers.png")
     assert all(p.stat().st_size > 1000 for p in paths)

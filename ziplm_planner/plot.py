@@ -38,7 +38,7 @@ LOG_SCALE_SPAN = 10  # max / min of the scores above which the score axis is log
 
 @dataclass(frozen=True)
 class FamilyData:
-    name: str  # the method ("ziplm", "magnitude", ...), or the folder name where methods repeat
+    name: str  # the method ("ziplm", "magnitude", ...), or the end of its folder path where methods repeat
     rows: list[dict]  # report.json "members": MemberResult.row() plus an optional "scores" dict
     metadata: dict
     folder: Path
@@ -83,9 +83,18 @@ def read_families(folders: list[str | Path]) -> list[FamilyData]:
 
 
 def distinct_names(families: list[FamilyData]) -> list[FamilyData]:
-    """Families sharing a method are told apart by their folder names."""
+    """Families sharing a name are told apart by the shortest ends of their folder paths that differ:
+    'run-a', or 'run-a/ziplm-gradual' for two runs that named their families alike."""
     names = [family.name for family in families]
-    return [replace(f, name=f.folder.resolve().name) if names.count(f.name) > 1 else f for f in families]
+    clashing = [index for index, name in enumerate(names) if names.count(name) > 1]
+    if not clashing:
+        return families
+    parts = {index: families[index].folder.resolve().parts for index in clashing}
+    for depth in range(1, max(map(len, parts.values())) + 1):
+        ends = {index: "/".join(parts[index][-depth:]) for index in clashing}
+        if len(set(ends.values())) == len(ends):
+            break
+    return [replace(f, name=ends[index]) if index in ends else f for index, f in enumerate(families)]
 
 
 def scores(row: dict) -> dict:
