@@ -61,6 +61,8 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     (["demo", "-o", "{tmp}/afile/demo"], "afile is a file, not a folder"),
     ([*COMPRESS, "--prune-steps", "2", "-o", "{tmp}/f"], "it needs --recovery gradual"),
     ([*COMPRESS, "--recovery", "gradual", "--prune-steps", "0", "-o", "{tmp}/f"], "at least 1, got 0"),
+    ([*COMPRESS, "--verify-rounds", "1", "-o", "{tmp}/f"], "verify rounds must be at least 2"),
+    ([*COMPRESS, "--max-replans", "-1", "-o", "{tmp}/f"], "max re-plans at least 0"),
     (["evaluate", "{tmp}", "--task", "stsb", "--data", "x"], "has no report.json"),
     (["plot", "{tmp}/nothing", "-o", "{tmp}/p.png"], "does not exist"),
 ])
@@ -133,3 +135,17 @@ def test_compress_help_says_what_model_can_be():
     assert result.exit_code == 0
     for words in ("Hugging Face model folder or hub id", ".gguf file", "minilm, smollm2", "Default: minilm"):
         assert words in text, words
+
+
+def test_compress_options_reach_the_settings(monkeypatch, tmp_path):
+    seen = []
+
+    def compress_model(loaded, table, targets, calibration, output, settings, overwrite):
+        seen.append(settings)  # returns None, as a distributed run's other processes do: nothing to print
+
+    monkeypatch.setattr("ziplm_planner.api._loaded", lambda model: model)
+    monkeypatch.setattr("ziplm_planner.oneshot.compress_model", compress_model)
+    result = CliRunner().invoke(cli, [*COMPRESS, "--verify-rounds", "40", "--max-replans", "1",
+                                      "--search-evaluations", "7", "-o", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].verify_rounds, seen[0].max_replans, seen[0].search_evaluations) == (40, 1, 7)

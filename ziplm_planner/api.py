@@ -42,7 +42,9 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
              block_errors: str = default(CompressSettings, "block_errors"),
              search_evaluations: int = default(CompressSettings, "search_evaluations"),
              score_samples: int = default(CompressSettings, "score_samples"),
-             score_on: str = default(CompressSettings, "score_on"), onnx: bool = True, overwrite: bool = False,
+             score_on: str = default(CompressSettings, "score_on"),
+             verify_rounds: int = default(CompressSettings, "verify_rounds"),
+             max_replans: int = default(CompressSettings, "max_replans"), onnx: bool = True, overwrite: bool = False,
              cache_dir: str | Path | None = None, recovery: str = default(RecoverySettings, "mode"),
              train_data: str | Path | None = None, train: TrainSettings | None = None,
              prune_steps: int = default(RecoverySettings, "prune_steps")):
@@ -60,7 +62,8 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
     check_creatable_dir(Path(output))
     settings = CompressSettings(method=method, num_samples=num_samples, seed=seed, calibration_inputs=calibration_inputs,
                                 block_errors=block_errors,
-                                search_evaluations=search_evaluations, score_samples=score_samples, score_on=score_on, onnx=onnx,
+                                search_evaluations=search_evaluations, score_samples=score_samples, score_on=score_on,
+                                verify_rounds=verify_rounds, max_replans=max_replans, onnx=onnx,
                                 recovery=RecoverySettings(recovery, None if train_data is None else str(train_data),
                                                           train or TrainSettings(), prune_steps),
                                 **({"cache_dir": Path(cache_dir)} if cache_dir else {}))

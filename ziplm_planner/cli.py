@@ -131,6 +131,11 @@ def profile_show(table_path) -> None:
 @click.option("--score-on", type=click.Choice(SCORE_ON), default=default(CompressSettings, "score_on"), show_default=True,
               help="held-out: score candidates on calibration samples the Hessians did not see (drawn from the rest of "
                    "--calib); calibration: on the Hessians' own samples.")
+@click.option("--verify-rounds", type=int, default=default(CompressSettings, "verify_rounds"), show_default=True,
+              help="Interleaved rounds each member is timed in against the dense model (a miss is confirmed with "
+                   "twice as many more); raise it on a noisy machine.")
+@click.option("--max-replans", type=int, default=default(CompressSettings, "max_replans"), show_default=True,
+              help="Re-plans, at a tighter or looser budget, of a member measured outside [0.97, 1.10] x its target.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
@@ -159,7 +164,7 @@ def profile_show(table_path) -> None:
                                       "AMX, fp16 on other GPUs, float32 (no) on other CPUs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
-             search_evaluations, score_samples, score_on, no_onnx, overwrite, cache_dir, recovery, prune_steps, train_data,
+             search_evaluations, score_samples, score_on, verify_rounds, max_replans, no_onnx, overwrite, cache_dir, recovery, prune_steps, train_data,
              train_tokens, train_batch_size, learning_rate, warmup, loss_weights, temperature, train_precision,
              output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
@@ -170,7 +175,8 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
     report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
                           calibration_inputs=calibration_inputs, block_errors=block_errors,
                           search_evaluations=search_evaluations,
-                          score_samples=score_samples, score_on=score_on, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
+                          score_samples=score_samples, score_on=score_on, verify_rounds=verify_rounds,
+                          max_replans=max_replans, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
                           recovery=recovery, train_data=train_data, train=train, prune_steps=prune_steps)
     if report is None:  # another process of a distributed run: the main process reports
         return

@@ -129,6 +129,9 @@ class CompressSettings:
             raise UserError(f"score on must be one of {', '.join(SCORE_ON)}, got {self.score_on!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
             raise UserError("number of samples, search evaluations and score samples must be at least 1")
+        if self.verify_rounds < 2 or self.max_replans < 0:
+            raise UserError(f"verify rounds must be at least 2 and max re-plans at least 0, got {self.verify_rounds} "
+                            f"and {self.max_replans}")
         if self.recovery.mode == GRADUAL and self.calibration_inputs == SEQUENTIAL:
             raise UserError("--recovery gradual re-plans each member on the last one's own inputs: "
                             "drop --calibration-inputs sequential")
