@@ -164,9 +164,9 @@ def profile_show(table_path) -> None:
                                       "AMX, fp16 on other GPUs, float32 (no) on other CPUs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
-             search_evaluations, score_samples, score_on, verify_rounds, max_replans, no_onnx, overwrite, cache_dir, recovery, prune_steps, train_data,
-             train_tokens, train_batch_size, learning_rate, warmup, loss_weights, temperature, train_precision,
-             output) -> None:
+             search_evaluations, score_samples, score_on, verify_rounds, max_replans, no_onnx, overwrite, cache_dir,
+             recovery, prune_steps, train_data, train_tokens, train_batch_size, learning_rate, warmup, loss_weights,
+             temperature, train_precision, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 

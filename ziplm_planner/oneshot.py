@@ -315,7 +315,7 @@ class MemberMaker:
     def cut(self, planner, target: float, reached: float, name: str):
         """(result, model, intermediate steps): `planner`'s model pruned from `reached` toward `target`
         through the intermediate speedups (gradual with several prune steps: each step distilled and a
-        new planner made on it), then the member verified, re-planned tighter if it misses."""
+        new planner made on it), then the member verified and re-planned while it measures outside the band."""
         table, steps = self.table, []
         for speedup in intermediate_speedups(reached, target, self.settings.recovery.prune_steps):
             step_model, plan, counts = planner.build(table.dense_ms / speedup)
