@@ -352,6 +352,8 @@ def test_members_are_replanned_until_measured_inside_the_band(setup, tmp_path, f
     else:
         assert result.speedup == max(result.history)  # none met: the fastest
     budgets = planner.budgets
+    assert len(result.predicted_history) == len(budgets)  # each plan tried: the table's speedup for it, within its budget
+    assert all(table.dense_ms / budget - 1e-9 <= speedup for budget, speedup in zip(budgets, result.predicted_history))
     if factors[:2] == [0.9, 1.47]:
         assert budgets[1] < budgets[2] < budgets[0]
 

@@ -197,7 +197,8 @@ def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
         plan = PruningPlan.from_dict(record["plan"])
         result = MemberResult(target, member_name(target), plan, table.predict(plan.kept_counts()),
                               Measurement.from_dict(saved["timing"]), saved["calibration_loss"], saved["parameters"],
-                              saved["replans"], saved["speedups_tried"], saved["training"])
+                              saved["replans"], saved["speedups_tried"], saved.get("predicted_speedups_tried", []),
+                              saved["training"])
     except (UserError, OSError, ValueError, KeyError, TypeError):  # missing, unreadable, or from an older version
         return None
     files = ["config.json", WEIGHTS, *([ONNX] if onnx else [])]

@@ -127,6 +127,7 @@ class MemberResult:
     parameters: int
     replans: int = 0
     history: list[float] = field(default_factory=list)  # measured speedup of every plan tried
+    predicted_history: list[float] = field(default_factory=list)  # the table's prediction for each of them
     recovery: dict | None = None  # distillation after pruning (recovery.py): steps, tokens, loss terms, curve
 
     @property
@@ -161,6 +162,7 @@ class MemberResult:
             "timed_file": "model.onnx" if m.onnx_file else "torch module",
             "parameters": self.parameters, "calibration_loss": self.calibration_loss, "replans": self.replans,
             "speedups_tried": [round(s, 4) for s in self.history],
+            "predicted_speedups_tried": [round(s, 4) for s in self.predicted_history],
             "kept_attention": [a.query_heads for a, _ in counts], "kept_kv_groups": [a.groups for a, _ in counts],
             "kept_ffn": [f for _, f in counts],
             **self.recovery_columns(),
@@ -222,7 +224,7 @@ def verified_member(planner: Planner, target: float, table: LatencyTable, verifi
     the member kept so far stays in memory."""
     budget = table.dense_ms / target
     floor = table.dense_ms / table.max_speedup  # tighter would leave a model with every layer removed
-    fast, slow, speedups = [], [], []
+    fast, slow, speedups, predicted = [], [], [], []
     best, best_model = None, None
     for attempt in range(max_replans + 1):
         model, plan, counts = planner.build(budget)
@@ -230,9 +232,9 @@ def verified_member(planner: Planner, target: float, table: LatencyTable, verifi
         result = MemberResult(target, member_name(target), plan, table.predict(counts), measurement,
                               score_loss(model), count_parameters(model), attempt)
         speedups.append(result.speedup)
+        predicted.append(table.dense_ms / result.predicted_ms)
         (fast if result.fast_enough else slow).append(budget)
-        log.info("x%g plan %d: predicted %.3fx, measured %s", target, attempt, table.dense_ms / result.predicted_ms,
-                 measurement.describe())
+        log.info("x%g plan %d: predicted %.3fx, measured %s", target, attempt, predicted[-1], measurement.describe())
         if keeps_over(result, best):
             discard_export(best)  # a candidate's export is not kept
             best, best_model = result, model
@@ -242,7 +244,7 @@ def verified_member(planner: Planner, target: float, table: LatencyTable, verifi
         if result.met:
             break
         budget = next_budget(budget, result.speedup, target, fast, slow, floor)
-    best.replans, best.history = len(speedups) - 1, speedups
+    best.replans, best.history, best.predicted_history = len(speedups) - 1, speedups, predicted
     if not best.met:
         log.warning("x%g: %s after %d re-plans: %s", target, best.status, best.replans, best.measurement.describe())
     return best, best_model
