@@ -63,6 +63,9 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     ([*COMPRESS, "--recovery", "gradual", "--prune-steps", "0", "-o", "{tmp}/f"], "at least 1, got 0"),
     ([*COMPRESS, "--verify-rounds", "1", "-o", "{tmp}/f"], "verify rounds must be at least 2"),
     ([*COMPRESS, "--max-replans", "-1", "-o", "{tmp}/f"], "max re-plans at least 0"),
+    (["generate-text", "minilm", "-o", "{tmp}/t.json"], "name the output .txt or .raw"),
+    (["generate-text", "minilm", "--prompt-tokens", "128", "-o", "{tmp}/t.txt"], "fewer than the 128 tokens"),
+    (["generate-text", "minilm", "-o", "{tmp}/t.txt"], "minilm is not a causal language model"),
     (["evaluate", "{tmp}", "--task", "stsb", "--data", "x"], "has no report.json"),
     (["plot", "{tmp}/nothing", "-o", "{tmp}/p.png"], "does not exist"),
 ])
@@ -73,7 +76,7 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, unsuppo
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert "Traceback" not in err
-    assert not (tmp_path / "t.json").exists() and not (tmp_path / "f").exists()
+    assert not any((tmp_path / name).exists() for name in ("t.json", "t.txt", "f"))
 
 
 def test_unknown_option_is_a_usage_error(monkeypatch, capsys):

@@ -16,6 +16,7 @@ _PUBLIC = {
     "InferenceSpec": "spec",
     "LatencyTable": "table",
     "compress": "api",
+    "generate_text": "api",
     "load_model": "models",
     "load_pruned": "export",
     "load_pruned_tokenizer": "export",

@@ -9,7 +9,7 @@ from .atomic import check_creatable_dir, check_writable
 from .models import LoadedModel, load_model
 from .profiler import profile_model
 from .spec import InferenceSpec
-from .settings import CompressSettings, ProfileSettings, RecoverySettings, TrainSettings, default
+from .settings import CompressSettings, GenerationSettings, ProfileSettings, RecoverySettings, TrainSettings, default
 from .table import LatencyTable
 
 
@@ -68,3 +68,19 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
                                                           train or TrainSettings(), prune_steps),
                                 **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
     return compress_model(_loaded(model), table, targets, str(calibration), Path(output), settings, overwrite)
+
+
+def generate_text(model: str | LoadedModel, output: str | Path, prompts: str | Path | None = None, *,
+                  settings: GenerationSettings = GenerationSettings()):
+    """Write training text sampled from `model` to `output` (.txt), each sample continuing the first tokens
+    of a window of `prompts` (a text file) or starting from BOS; returns the GeneratedText. Give the file,
+    or the real text and it joined with `cat`, to compress(..., train_data=...)."""
+    from .models import load_config, model_kind, resolve_model
+    from .synthetic import check_output, check_writes_text, generate_text as sample, write_samples
+
+    check_output(Path(output))
+    if not isinstance(model, LoadedModel):  # an encoder is refused from its config, before seconds of loading
+        check_writes_text(model, model_kind(load_config(resolve_model(model))))
+    generated = sample(_loaded(model), settings, prompts)
+    write_samples(Path(output), generated)
+    return generated

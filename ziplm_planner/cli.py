@@ -13,12 +13,13 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, PRECISIONS, RECOVERY_MODES, SCORE_ON, CompressSettings, LossWeights,
-                       ProfileSettings, RecoverySettings, TrainSettings, default)
+from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, PRECISIONS, RECOVERY_MODES, SCORE_ON, CompressSettings,
+                       GenerationSettings, LossWeights, ProfileSettings, RecoverySettings, TrainSettings, default)
 from .timing import ESTIMATORS
 
-MODEL_HELP = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
-              f"{', '.join(ALIASES)}. Default: {DEFAULT_MODEL}.")
+MODEL_FORMS = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
+               f"{', '.join(ALIASES)}.")
+MODEL_HELP = f"{MODEL_FORMS} Default: {DEFAULT_MODEL}."
 TARGETS_HELP = "Speedup targets over the dense model, e.g. 1.5,2,3: one family member each."
 BACKEND_HELP = "Runtime the model is deployed on: PyTorch or ONNX Runtime."
 
@@ -182,6 +183,39 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
         return
     click.echo(format_report(report.rows))
     click.echo(f"wrote {output}/ (report.csv, report.json, one folder per member)")
+
+
+@cli.command("generate-text", epilog=MODEL_FORMS)
+@click.argument("model")
+@click.option("--prompts", default=None, help="Text file whose windows' first tokens start the samples [default: BOS].")
+@click.option("--tokens", type=int, default=default(GenerationSettings, "tokens"), show_default=True,
+              help="New tokens to write, prompts not counted.")
+@click.option("--seq-len", type=int, default=default(GenerationSettings, "seq_len"), show_default=True,
+              help="Tokens per sample, prompt included: the profile's sequence length, as recovery trains on.")
+@click.option("--prompt-tokens", type=int, default=default(GenerationSettings, "prompt_tokens"), show_default=True,
+              help="Tokens of --prompts text each sample continues.")
+@click.option("--batch-size", type=int, default=default(GenerationSettings, "batch_size"), show_default=True,
+              help="Samples generated together.")
+@click.option("--temperature", type=float, default=default(GenerationSettings, "temperature"), show_default=True,
+              help="Sampling temperature; 1 samples the model's own distribution.")
+@click.option("--top-p", type=float, default=default(GenerationSettings, "top_p"), show_default=True,
+              help="Nucleus sampling; 1 keeps every token.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=default(GenerationSettings, "precision"),
+              show_default=True, help="Autocast while sampling, as --train-precision.")
+@click.option("--seed", type=int, default=default(GenerationSettings, "seed"), show_default=True, help="Sampling seed.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Text file to write (.txt), for compress --train-data.")
+def generate_text(model, prompts, tokens, seq_len, prompt_tokens, batch_size, temperature, top_p, precision, seed,
+                  output) -> None:
+    """Write recovery training text sampled from MODEL (a causal LM), continuing windows of --prompts: fresh text
+    where the real text is short. Join it to the real text (cat REAL GENERATED > TRAIN.txt) for --train-data."""
+    from .api import generate_text as run
+
+    settings = GenerationSettings(tokens=tokens, seq_len=seq_len, prompt_tokens=prompt_tokens, batch_size=batch_size,
+                                  temperature=temperature, top_p=top_p, precision=precision, seed=seed)
+    generated = run(model, output, prompts, settings=settings)
+    click.echo(f"wrote {len(generated.samples):,} samples, {generated.new_tokens:,} new tokens "
+               f"({generated.tokens_per_second:.0f} tokens/s) to {output}")
 
 
 @cli.command()

@@ -101,6 +101,33 @@ class RecoverySettings:
 
 
 @dataclass(frozen=True)
+class GenerationSettings:
+    """Training text sampled from the dense model (synthetic.py)."""
+
+    tokens: int = 250_000  # new tokens to write, prompts not counted
+    seq_len: int = 128  # tokens per sample, prompt included: the training window
+    prompt_tokens: int = 8  # tokens of real text each sample starts from, when a prompt file is given
+    batch_size: int = 128  # samples generated together
+    temperature: float = 1.0  # 1 with top_p 1 samples the model's own distribution, what distillation matches
+    top_p: float = 1.0
+    precision: str = "auto"  # autocast, as TrainSettings.precision
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.batch_size < 1:
+            raise UserError(f"generation needs at least 1 token and a batch of at least 1, got {self.tokens} "
+                            f"and {self.batch_size}")
+        if not 1 <= self.prompt_tokens < self.seq_len:
+            raise UserError(f"prompt tokens must be at least 1 and fewer than the {self.seq_len} tokens of a "
+                            f"sample, got {self.prompt_tokens}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise UserError(f"sampling needs a temperature > 0 and top-p in (0, 1], got {self.temperature} "
+                            f"and {self.top_p}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+@dataclass(frozen=True)
 class CompressSettings:
     method: str = ZIPLM
     num_samples: int = 512
