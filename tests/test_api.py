@@ -19,7 +19,7 @@ def test_api_functions_and_stage_modules_do_not_shadow_each_other():
 
 
 def test_public_names_are_all_listed_and_resolve():
-    assert set(zp.__all__) == {"AttentionLevel", "InferenceSpec", "LatencyTable", "compress", "load_model", "load_pruned",
+    assert set(zp.__all__) == {"AttentionLevel", "InferenceSpec", "LatencyTable", "compress", "generate_text", "load_model", "load_pruned",
                                "load_pruned_tokenizer", "ort_generate", "profile"}
     assert all(getattr(zp, name).__name__ == name for name in zp.__all__)
     assert set(zp.__all__) <= set(dir(zp))

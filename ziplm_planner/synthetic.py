@@ -47,20 +47,24 @@ def generate_text(loaded: LoadedModel, settings: GenerationSettings = Generation
     starts = prompt_ids(loaded, prompts, settings)  # (prompts, prompt length)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = autocast_precision(settings.precision, gpu=device.type == "cuda")
-    model, tokenizer = loaded.model.to(device).eval(), loaded.tokenizer
+    model, home = loaded.model.eval(), next(loaded.model.parameters()).device
     samples, written, started = [], 0, time.perf_counter()
     with (stage("generate text", f"{settings.tokens:,} tokens, {precision if precision != 'no' else 'float32'}"),
           bar(total=settings.tokens, desc="generating", unit="tok") as shown,
           torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])):
         torch.manual_seed(settings.seed)
-        for first in itertools.count(0, settings.batch_size):  # prompts reused in turn if the file runs out
-            batch = starts[torch.arange(first, first + settings.batch_size) % len(starts)].to(device)
-            for prompt, continuation in zip(batch, continue_prompts(model, batch, settings, precision)):
-                samples.append(tokenizer.decode(torch.cat([prompt, continuation]), skip_special_tokens=True))
-                written += len(continuation)
-            shown.update(min(written, settings.tokens) - shown.n)
-            if written >= settings.tokens:
-                break
+        model.to(device)
+        try:
+            for first in itertools.count(0, settings.batch_size):  # prompts reused in turn if the file runs out
+                batch = starts[torch.arange(first, first + settings.batch_size) % len(starts)]  # (batch, prompt length)
+                for prompt, continuation in zip(batch, continue_prompts(model, batch.to(device), settings, precision)):
+                    samples.append(loaded.tokenizer.decode(torch.cat([prompt, continuation]), skip_special_tokens=True))
+                    written += len(continuation)
+                shown.update(min(written, settings.tokens) - shown.n)
+                if written >= settings.tokens:
+                    break
+        finally:
+            model.to(home)  # the caller's model stays where it was
     return GeneratedText(samples, written, time.perf_counter() - started)
 
 
