@@ -73,8 +73,8 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
 def generate_text(model: str | LoadedModel, output: str | Path, prompts: str | Path | None = None, *,
                   settings: GenerationSettings = GenerationSettings()):
     """Write training text sampled from `model` to `output` (.txt), each sample continuing the first tokens
-    of a window of `prompts` (a text file) or starting from BOS; returns the GeneratedText. Give the file,
-    or the real text and it joined with `cat`, to compress(..., train_data=...)."""
+    of a window of `prompts` (a text file) or starting from BOS; returns the GeneratedText. The file is for
+    compress(..., train_data=...) where there is no text to train on: real in-domain text recovers far more."""
     from .models import load_config, model_kind, resolve_model
     from .synthetic import check_output, check_writes_text, generate_text as sample, write_samples
 

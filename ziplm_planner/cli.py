@@ -207,8 +207,9 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
               help="Text file to write (.txt), for compress --train-data.")
 def generate_text(model, prompts, tokens, seq_len, prompt_tokens, batch_size, temperature, top_p, precision, seed,
                   output) -> None:
-    """Write recovery training text sampled from MODEL (a causal LM), continuing windows of --prompts: fresh text
-    where the real text is short. Join it to the real text (cat REAL GENERATED > TRAIN.txt) for --train-data."""
+    """Write recovery training text sampled from MODEL (a causal LM), continuing windows of --prompts, for
+    compress --train-data where there is no text to train on. Real in-domain text recovers far more where there
+    is some (docs/BENCHMARKS.md)."""
     from .api import generate_text as run
 
     settings = GenerationSettings(tokens=tokens, seq_len=seq_len, prompt_tokens=prompt_tokens, batch_size=batch_size,
