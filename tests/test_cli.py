@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import pytest
 from click.testing import CliRunner
 
 from ziplm_planner.cli import cli, main
+from ziplm_planner.settings import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +154,21 @@ def test_compress_options_reach_the_settings(monkeypatch, tmp_path):
                                       "--search-evaluations", "7", "-o", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
     assert (seen[0].verify_rounds, seen[0].max_replans, seen[0].search_evaluations) == (40, 1, 7)
+
+
+def test_generate_text_options_reach_the_settings(monkeypatch, tmp_path):
+    seen = []
+
+    def generate_text(model, output, prompts, settings):
+        seen.append((model, output, prompts, settings))
+        return SimpleNamespace(samples=["a"], new_tokens=1, tokens_per_second=1.0)
+
+    monkeypatch.setattr("ziplm_planner.api.generate_text", generate_text)
+    result = CliRunner().invoke(cli, ["generate-text", "smollm2", "--prompts", "p.txt", "--tokens", "99", "--seq-len", "64",
+                                      "--prompt-tokens", "5", "--batch-size", "3", "--temperature", "0.7", "--top-p", "0.9",
+                                      "--precision", "no", "--seed", "4", "-o", str(tmp_path / "g.txt")])
+    assert result.exit_code == 0, result.output
+    model, output, prompts, settings = seen[0]
+    assert (model, output, prompts) == ("smollm2", tmp_path / "g.txt", "p.txt")
+    assert settings == GenerationSettings(tokens=99, seq_len=64, prompt_tokens=5, batch_size=3, temperature=0.7,
+                                          top_p=0.9, precision="no", seed=4)

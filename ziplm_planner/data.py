@@ -291,7 +291,7 @@ def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: 
     n_windows = len(ids) // seq_len
     if n_windows == 0:
         raise UserError(
-            f"calibration text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
+            f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
             "give more text or a shorter sequence length"
         )
     if num_samples is None:
