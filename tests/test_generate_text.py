@@ -1,5 +1,7 @@
 """Training text sampled from the dense model: the budget, the prompts, the seed, and a file recovery reads."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -41,10 +43,10 @@ def test_the_written_file_is_training_data(decoder, prompts, tmp_path):
 
 
 def test_the_seed_decides_the_text(decoder, prompts, tmp_path):
-    texts = [(tmp_path / f"{seed}-{n}.txt", generate_text(decoder, tmp_path / f"{seed}-{n}.txt", prompts,
-                                                         settings=GenerationSettings(**{**vars(SETTINGS), "seed": seed})))
-             for seed, n in ((0, 0), (0, 1), (1, 0))]
-    (same, again, other) = [path.read_text() for path, _ in texts]
+    paths = [tmp_path / f"{n}.txt" for n in range(3)]
+    for path, seed in zip(paths, (0, 0, 1)):
+        generate_text(decoder, path, prompts, settings=replace(SETTINGS, seed=seed))
+    same, again, other = (path.read_text() for path in paths)
     assert same == again and same != other
 
 
@@ -73,4 +75,4 @@ def test_an_encoder_is_refused_and_nothing_is_written(tmp_path):
                                  dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(precision="fp8")])
 def test_bad_generation_settings_are_refused(bad):
     with pytest.raises(UserError):
-        GenerationSettings(**{**vars(SETTINGS), **bad})
+        replace(SETTINGS, **bad)

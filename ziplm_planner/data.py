@@ -28,9 +28,9 @@ from ziplm_planner.errors import UserError
 log = logging.getLogger(__name__)
 
 FORMATS = ("text", "stsb", "glue")
-_TEXT_SUFFIXES = {".txt", ".raw"}
+TEXT_SUFFIXES = {".txt", ".raw"}
 _TABLE_SUFFIXES = {".tsv", ".csv"}
-_FILE_SUFFIXES = _TEXT_SUFFIXES | _TABLE_SUFFIXES | {".json", ".jsonl", ".parquet"}
+_FILE_SUFFIXES = TEXT_SUFFIXES | _TABLE_SUFFIXES | {".json", ".jsonl", ".parquet"}
 STSB_FIELDS = 7  # genre, file, year, id, score, sentence1, sentence2
 _HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # GLUE column pairs, most specific first (MRPC/RTE/STS-B, then QNLI).
@@ -92,7 +92,7 @@ def _detect(path: Path, lines: list[str]) -> str:
     """text, glue or stsb. A file that looks like a table must be one of the two table formats: read
     as plain text, a table with the wrong columns would silently calibrate on its column soup."""
     first = next(((n, line) for n, line in enumerate(lines, 1) if line.strip()), None)
-    if path.suffix.lower() in _TEXT_SUFFIXES or first is None:
+    if path.suffix.lower() in TEXT_SUFFIXES or first is None:
         return "text"
     n, line = first
     fields = [f.strip() for f in line.split("\t")]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_text, check_writable
+from .data import TEXT_SUFFIXES
 from .errors import UserError
 from .models import CAUSAL_LM, LoadedModel
 from .progress import bar, stage
@@ -120,6 +121,6 @@ def write_samples(path: Path, generated: GeneratedText) -> Path:
 
 def check_output(path: Path) -> Path:
     """Fail before minutes of sampling when the output cannot be written or would not read back as text."""
-    if path.suffix.lower() not in (".txt", ".raw"):
+    if path.suffix.lower() not in TEXT_SUFFIXES:
         raise UserError(f"{path}: name the output .txt or .raw, so that --train-data reads it as plain text")
     return check_writable(path)
