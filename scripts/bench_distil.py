@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
+from benchlib import parse_loss_weights
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.recovery import load_training_data
-from ziplm_planner.settings import PRECISIONS, LossWeights, TrainSettings, default
+from ziplm_planner.settings import PRECISIONS, LossWeights, TrainSettings
 from ziplm_planner.train import distil, make_accelerator
 
 
@@ -32,9 +33,7 @@ def parse_variants(text: str) -> list[tuple[LossWeights, float | None]]:
     variants = []
     for item in filter(None, text.split(";")):
         item, _, rate = item.partition("@")
-        weights, _, temperature = item.partition(":")
-        variants.append((LossWeights.parse(weights, float(temperature or default(LossWeights, "temperature"))),
-                         float(rate) if rate else None))
+        variants.append((parse_loss_weights(item), float(rate) if rate else None))
     return variants
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import scratch_dir
+from benchlib import parse_loss_weights, scratch_dir
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import evaluate_family
 from ziplm_planner.family import read_report
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision, help="training autocast")
+    parser.add_argument("--loss-weights", default="1,1,1", help="task,kl,squarehead[:temperature], as bench_distil's")
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--score-samples", type=int, default=128)
@@ -59,12 +60,13 @@ def main() -> None:
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
     cache = scratch_dir("bench-cache-")
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                          precision=args.precision)
+                          precision=args.precision, weights=parse_loss_weights(args.loss_weights))
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}")
     if args.families:
         print(f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}, "
-              f"batch {args.batch_size}, learning rate {args.learning_rate:g}, precision {args.precision}")
+              f"batch {args.batch_size}, learning rate {args.learning_rate:g}, precision {args.precision}, "
+              f"loss weights {train.weights}")
     folders = []
     for family in filter(None, args.families.split(",")):
         method, mode, *steps = family.split(":")
