@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision, help="training autocast")
-    parser.add_argument("--loss-weights", default="1,1,1", help="task,kl,squarehead[:temperature], as bench_distil's")
+    parser.add_argument("--loss-weights", default=None,
+                        help="task,kl,squarehead[:temperature], as bench_distil's (default: the CLI's)")
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--score-samples", type=int, default=128)
@@ -60,7 +61,8 @@ def main() -> None:
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
     cache = scratch_dir("bench-cache-")
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                          precision=args.precision, weights=parse_loss_weights(args.loss_weights))
+                          precision=args.precision,
+                          **({"weights": parse_loss_weights(args.loss_weights)} if args.loss_weights else {}))
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}")
     if args.families:
