@@ -57,8 +57,9 @@ def generate_text(loaded: LoadedModel, settings: GenerationSettings = Generation
         model.to(device)
         try:
             for first in itertools.count(0, settings.batch_size):  # prompts reused in turn if the file runs out
-                batch = starts[torch.arange(first, first + settings.batch_size) % len(starts)]  # (batch, prompt length)
-                for prompt, continuation in zip(batch, continue_prompts(model, batch.to(device), settings, precision)):
+                # (batch, prompt length), on the model's device: each prompt is joined to its continuation there
+                batch = starts[torch.arange(first, first + settings.batch_size) % len(starts)].to(device)
+                for prompt, continuation in zip(batch, continue_prompts(model, batch, settings, precision)):
                     samples.append(loaded.tokenizer.decode(torch.cat([prompt, continuation]), skip_special_tokens=True))
                     written += len(continuation)
                 shown.update(min(written, settings.tokens) - shown.n)
