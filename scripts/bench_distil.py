@@ -13,6 +13,7 @@ otherwise), beside the member as pruned. This is how the recovery defaults are c
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -22,9 +23,15 @@ from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
-from ziplm_planner.recovery import load_training_data
+from ziplm_planner.recovery import load_training_data, training_length
 from ziplm_planner.settings import PRECISIONS, LossWeights, TrainSettings
+from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.train import distil, make_accelerator
+
+
+def family_spec(member: Path) -> InferenceSpec:
+    """The inference spec the member's family was planned for, as its family.json records it."""
+    return InferenceSpec(**json.loads((member.parent / "family.json").read_text())["source"]["table"])
 
 
 def parse_variants(text: str) -> list[tuple[LossWeights, float | None]]:
@@ -49,7 +56,8 @@ def main() -> None:
                         help="training budgets, comma-separated: every variant is trained afresh at each")
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sample")
+    parser.add_argument("--seq-len", type=int, default=TrainSettings().seq_len,
+                        help="tokens per training sample (default: the CLI's, 512 for causal LMs)")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision,
                         help="training autocast, the same for every variant (accelerate fixes it per process)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
@@ -66,9 +74,9 @@ def main() -> None:
 
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
-    data = load_training_data(loaded, args.train_data, args.seq_len, seed=0)
+    data = load_training_data(loaded, args.train_data, training_length(loaded, args.seq_len, family_spec(args.member).calibration_length), seed=0)
     accelerator = make_accelerator(precision=args.precision)
-    print(f"{data.num_tokens:,} training tokens in {args.train_data}, batch {args.batch_size}, "
+    print(f"{data.num_tokens:,} training tokens in {args.train_data}, batch {args.batch_size} x {data.seq_len}, "
           f"autocast {accelerator.mixed_precision}")
     rows = [("dense", "", score(loaded.model), "", 0.0), ("as pruned", "", score(load_pruned(args.member)), "", 0.0)]
     print(f"dense {rows[0][2]:.2f}, member as pruned {rows[1][2]:.2f} ({metric})")

@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=100_000)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
+    parser.add_argument("--seq-len", type=int, default=TrainSettings().seq_len,
+                        help="tokens per training sample (default: the CLI's, 512 for causal LMs)")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision, help="training autocast")
     parser.add_argument("--loss-weights", default=None,
                         help="task,kl,squarehead[:temperature], as bench_distil's (default: the CLI's)")
@@ -61,13 +63,13 @@ def main() -> None:
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
     cache = scratch_dir("bench-cache-")
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                          precision=args.precision,
+                          seq_len=args.seq_len, precision=args.precision,
                           **({"weights": parse_loss_weights(args.loss_weights)} if args.loss_weights else {}))
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}")
     if args.families:
         print(f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}, "
-              f"batch {args.batch_size}, learning rate {args.learning_rate:g}, precision {args.precision}, "
+              f"batch {args.batch_size}, samples of {args.seq_len or 'the default'} tokens, learning rate {args.learning_rate:g}, precision {args.precision}, "
               f"loss weights {train.weights}")
     folders = []
     for family in filter(None, args.families.split(",")):

@@ -151,9 +151,12 @@ def test_compress_options_reach_the_settings(monkeypatch, tmp_path):
     monkeypatch.setattr("ziplm_planner.api._loaded", lambda model: model)
     monkeypatch.setattr("ziplm_planner.oneshot.compress_model", compress_model)
     result = CliRunner().invoke(cli, [*COMPRESS, "--verify-rounds", "40", "--max-replans", "1",
-                                      "--search-evaluations", "7", "-o", str(tmp_path / "f")])
+                                      "--search-evaluations", "7", "--recovery", "gradual", "--train-seq-len", "256",
+                                      "--train-batch-size", "2", "--loss-weights", "1,1,0", "-o", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
     assert (seen[0].verify_rounds, seen[0].max_replans, seen[0].search_evaluations) == (40, 1, 7)
+    train = seen[0].recovery.train
+    assert (seen[0].recovery.mode, train.seq_len, train.batch_size, train.weights.squarehead) == ("gradual", 256, 2, 0)
 
 
 def test_generate_text_options_reach_the_settings(monkeypatch, tmp_path):

@@ -616,12 +616,25 @@ def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path):
 @pytest.mark.parametrize("bad,message", [
     ({"recovery": "gradually"}, "unknown recovery"),
     ({"train": {"tokens": 0}}, "at least 1 token"),
+    ({"train": {"seq_len": 1}}, "at least 2 tokens"),
 ])
 def test_bad_recovery_settings_are_refused(bad, message):
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
     with pytest.raises(UserError, match=message):
         RecoverySettings(bad.get("recovery", "oneshot"), None, TrainSettings(**bad.get("train", {})))
+
+
+def test_a_decoder_trains_on_longer_windows_than_it_is_calibrated_on_unless_told():
+    from ziplm_planner.recovery import training_length
+
+    decoder, encoder = tiny_loaded("llama", causal_lm=True), tiny_loaded("bert")
+    positions = decoder.model.config.max_position_embeddings  # 80: fewer than the 512 a real decoder gets
+    assert training_length(decoder, None, 16) == positions
+    assert training_length(decoder, 24, 16) == 24
+    assert training_length(encoder, None, 16) == 16  # a sentence per sample: longer is only padding
+    with pytest.raises(UserError, match=f"longer than the model's {positions} positions"):
+        training_length(decoder, positions + 1, 16)
 
 
 def test_missing_training_data_is_refused(setup, tmp_path):

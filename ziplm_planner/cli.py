@@ -152,6 +152,9 @@ def profile_show(table_path) -> None:
               help="Recovery: real tokens each member is trained on.")
 @click.option("--train-batch-size", type=int, default=default(TrainSettings, "batch_size"), show_default=True,
               help="Recovery: samples per step on each process.")
+@click.option("--train-seq-len", type=int, default=default(TrainSettings, "seq_len"),
+              help="Recovery: tokens per training sample [default: 512 for causal LMs (capped at the model's "
+                   "positions), the calibration length for others].")
 @click.option("--learning-rate", type=float, default=default(TrainSettings, "learning_rate"), show_default=True,
               help="Recovery: AdamW peak learning rate (linear warm-up, then linear decay).")
 @click.option("--warmup", type=float, default=default(TrainSettings, "warmup"), show_default=True,
@@ -166,12 +169,13 @@ def profile_show(table_path) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
              search_evaluations, score_samples, score_on, verify_rounds, max_replans, no_onnx, overwrite, cache_dir,
-             recovery, prune_steps, train_data, train_tokens, train_batch_size, learning_rate, warmup, loss_weights,
-             temperature, train_precision, output) -> None:
+             recovery, prune_steps, train_data, train_tokens, train_batch_size, train_seq_len, learning_rate, warmup,
+             loss_weights, temperature, train_precision, output) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 
-    train = TrainSettings(tokens=train_tokens, batch_size=train_batch_size, learning_rate=learning_rate, warmup=warmup,
+    train = TrainSettings(tokens=train_tokens, batch_size=train_batch_size, seq_len=train_seq_len,
+                          learning_rate=learning_rate, warmup=warmup,
                           weights=LossWeights.parse(loss_weights, temperature), precision=train_precision, seed=seed)
     report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
                           calibration_inputs=calibration_inputs, block_errors=block_errors,

@@ -246,12 +246,6 @@ def intermediate_speedups(start: float, target: float, steps: int) -> list[float
     return [start * (target / start) ** (step / steps) for step in range(1, steps)]
 
 
-def calibration_length(table: LatencyTable) -> int:
-    """Tokens per calibration sample: the table's sequence length, or for decode its context (capped,
-    since the Hessians need many samples more than long ones)."""
-    return table.spec.seq_len if table.spec.mode == "prefill" else min(table.spec.context, 512)
-
-
 def model_fingerprint(loaded: LoadedModel) -> dict:
     location = Path(loaded.source.location)
     files = {}
@@ -361,13 +355,13 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
     check_reachable(targets, table)
     torch.set_num_threads(table.spec.threads)
     torch.manual_seed(settings.seed)
-    with stage("calibration", f"{settings.num_samples} samples of {calibration_length(table)} tokens, "
+    with stage("calibration", f"{settings.num_samples} samples of {table.spec.calibration_length} tokens, "
                               f"from {calibration_path}"):
-        calibration = load_calibration(loaded, calibration_path, calibration_length(table), settings.num_samples,
+        calibration = load_calibration(loaded, calibration_path, table.spec.calibration_length, settings.num_samples,
                                        settings.seed, settings.score_samples if settings.score_on == HELD_OUT else 0)
     recovery = None  # its training data is read now: a bad file fails before any pruning
     if settings.recovery.mode != NONE:
-        recovery = Recovery(loaded, settings.recovery, calibration_path, calibration_length(table), output,
+        recovery = Recovery(loaded, settings.recovery, calibration_path, table.spec.calibration_length, output,
                             settings.seed)
         if not recovery.accelerator.is_main_process:  # several processes: only the main one prunes and writes
             recovery.follow()

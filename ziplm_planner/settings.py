@@ -56,6 +56,9 @@ class LossWeights:
 class TrainSettings:
     tokens: int = 500_000  # real tokens the student sees per member
     batch_size: int = 16  # samples per step on each process
+    # tokens per sample; None: a causal LM trains on 512-token windows (recovery.training_length), others on
+    # the calibration's length
+    seq_len: int | None = None
     learning_rate: float = 3e-4  # on SmolLM2 3e-4 recovered 1.8 perplexity more than 1e-4 (BENCHMARKS)
     warmup: float = 0.1  # share of the steps spent warming up
     weight_decay: float = 0.0
@@ -73,6 +76,8 @@ class TrainSettings:
             raise UserError(f"the training budget must be at least 1 token, got {self.tokens}")
         if self.batch_size < 1 or self.learning_rate <= 0 or not 0 <= self.warmup < 1:
             raise UserError("training needs batch size >= 1, learning rate > 0 and warm-up in [0, 1)")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise UserError(f"training samples need at least 2 tokens, got a sequence length of {self.seq_len}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown training precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 

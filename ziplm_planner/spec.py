@@ -52,6 +52,12 @@ class InferenceSpec:
         """Tokens the model processes per call (per sequence)."""
         return 1 if self.mode == "decode" else self.seq_len
 
+    @property
+    def calibration_length(self) -> int:
+        """Tokens per calibration sample: the sequence length, or for decode the context (capped, since
+        the Hessians need many samples more than long ones)."""
+        return self.seq_len if self.mode == "prefill" else min(self.context, 512)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
