@@ -13,6 +13,7 @@ otherwise), beside the member as pruned. This is how the recovery defaults are c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
-from ziplm_planner.recovery import load_training_data, training_length
+from ziplm_planner.recovery import for_model, load_training_data
 from ziplm_planner.settings import PRECISIONS, LossWeights, TrainSettings
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.train import distil, make_accelerator
@@ -54,7 +55,8 @@ def main() -> None:
                         help="task,kl,squarehead[:temperature][@learning rate], separated by ';'")
     parser.add_argument("--tokens", default="32000",
                         help="training budgets, comma-separated: every variant is trained afresh at each")
-    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size,
+                        help="samples per step (default: the CLI's, 1 window for causal LMs, 16 sentences otherwise)")
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
     parser.add_argument("--seq-len", type=int, default=TrainSettings().seq_len,
                         help="tokens per training sample (default: the CLI's, 512 for causal LMs)")
@@ -74,17 +76,19 @@ def main() -> None:
 
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
-    data = load_training_data(loaded, args.train_data, training_length(loaded, args.seq_len, family_spec(args.member).calibration_length), seed=0)
+    shape = for_model(loaded, TrainSettings(batch_size=args.batch_size, seq_len=args.seq_len),
+                      family_spec(args.member).calibration_length)
+    data = load_training_data(loaded, args.train_data, shape.seq_len, seed=0)
     accelerator = make_accelerator(precision=args.precision)
-    print(f"{data.num_tokens:,} training tokens in {args.train_data}, batch {args.batch_size} x {data.seq_len}, "
+    print(f"{data.num_tokens:,} training tokens in {args.train_data}, batch {shape.batch_size} x {shape.seq_len}, "
           f"autocast {accelerator.mixed_precision}")
     rows = [("dense", "", score(loaded.model), "", 0.0), ("as pruned", "", score(load_pruned(args.member)), "", 0.0)]
     print(f"dense {rows[0][2]:.2f}, member as pruned {rows[1][2]:.2f} ({metric})")
     for budget in (int(tokens) for tokens in args.tokens.split(",")):
         for weights, rate in parse_variants(args.variants):
             student = load_pruned(args.member)
-            settings = TrainSettings(tokens=budget, batch_size=args.batch_size, learning_rate=rate or args.learning_rate,
-                                     weights=weights, precision=args.precision)
+            settings = dataclasses.replace(shape, tokens=budget, learning_rate=rate or args.learning_rate, weights=weights,
+                                           precision=args.precision)
             started = time.perf_counter()
             record = distil(student, loaded.model, loaded.kind, data, settings, accelerator)
             label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g}, "

@@ -20,13 +20,13 @@ import torch
 import ziplm_planner as zp
 from ziplm_planner.distill import distillation_terms
 from ziplm_planner.environment import machine_info
-from ziplm_planner.settings import LossWeights, TrainSettings
+from ziplm_planner.settings import LossWeights
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per timed step")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per precision and round")
     parser.add_argument("--rounds", type=int, default=5)

@@ -43,7 +43,8 @@ def main() -> None:
                              "--compare")
     parser.add_argument("--train-tokens", type=int, default=100_000)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
-    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size,
+                        help="samples per step (default: the CLI's, 1 window for causal LMs, 16 sentences otherwise)")
     parser.add_argument("--seq-len", type=int, default=TrainSettings().seq_len,
                         help="tokens per training sample (default: the CLI's, 512 for causal LMs)")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision, help="training autocast")
@@ -69,8 +70,8 @@ def main() -> None:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; model {args.model}; table {args.profile}")
     if args.families:
         print(f"{args.train_tokens:,} training tokens per member from {args.train_data or args.calib}, "
-              f"batch {args.batch_size}, samples of {args.seq_len or 'the default'} tokens, learning rate {args.learning_rate:g}, precision {args.precision}, "
-              f"loss weights {train.weights}")
+              f"batch {args.batch_size or 'default'} x {args.seq_len or 'default'} tokens, learning rate "
+              f"{args.learning_rate:g}, precision {args.precision}, loss weights {args.loss_weights or 'default'}")
     folders = []
     for family in filter(None, args.families.split(",")):
         method, mode, *steps = family.split(":")

@@ -606,6 +606,7 @@ def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path):
     assert row["calibration_loss"] < row["calibration_loss_before_recovery"]
     assert report.rows[0]["recovery"] == "none"
     assert report.metadata["train_precision"] in ("no", "bf16")  # what "auto" chose on this CPU
+    assert (report.metadata["train_batch_size"], report.metadata["train_loss_weights"]["squarehead"]) == (8, 1)
     measurement = json.loads((out / row["folder"] / "measurement.json").read_text())
     assert measurement["training"]["curve"][-1]["step"] == row["train_steps"]
     assert not list(out.glob(".train-*"))  # checkpoints go once the member is saved
@@ -625,14 +626,17 @@ def test_bad_recovery_settings_are_refused(bad, message):
         RecoverySettings(bad.get("recovery", "oneshot"), None, TrainSettings(**bad.get("train", {})))
 
 
-def test_a_decoder_trains_on_longer_windows_than_it_is_calibrated_on_unless_told():
-    from ziplm_planner.recovery import training_length
+def test_training_defaults_follow_the_model_and_yield_to_what_is_given():
+    from ziplm_planner.recovery import for_model, training_length
+    from ziplm_planner.settings import LossWeights, TrainSettings
 
     decoder, encoder = tiny_loaded("llama", causal_lm=True), tiny_loaded("bert")
     positions = decoder.model.config.max_position_embeddings  # 80: fewer than the 512 a real decoder gets
-    assert training_length(decoder, None, 16) == positions
-    assert training_length(decoder, 24, 16) == 24
-    assert training_length(encoder, None, 16) == 16  # a sentence per sample: longer is only padding
+    # a decoder: one long window per step, no SquareHead; an encoder: 16 sentences of the calibration length
+    resolved = [for_model(loaded, TrainSettings(), 16) for loaded in (decoder, encoder)]
+    assert [(t.batch_size, t.seq_len, t.weights.squarehead) for t in resolved] == [(1, positions, 0), (16, 16, 1)]
+    given = TrainSettings(batch_size=3, seq_len=24, weights=LossWeights(squarehead=0.5))
+    assert for_model(decoder, given, 16) == given
     with pytest.raises(UserError, match=f"longer than the model's {positions} positions"):
         training_length(decoder, positions + 1, 16)
 

@@ -150,8 +150,9 @@ def profile_show(table_path) -> None:
 @click.option("--train-data", default=None, help="Recovery training text, STS-B or GLUE file [default: --calib].")
 @click.option("--train-tokens", type=int, default=default(TrainSettings, "tokens"), show_default=True,
               help="Recovery: real tokens each member is trained on.")
-@click.option("--train-batch-size", type=int, default=default(TrainSettings, "batch_size"), show_default=True,
-              help="Recovery: samples per step on each process.")
+@click.option("--train-batch-size", type=int, default=default(TrainSettings, "batch_size"),
+              help="Recovery: samples per step on each process [default: 16 for encoders, 1 for causal LMs: about "
+                   "512 tokens either way].")
 @click.option("--train-seq-len", type=int, default=default(TrainSettings, "seq_len"),
               help="Recovery: tokens per training sample [default: 512 for causal LMs (capped at the model's "
                    "positions), the calibration length for others].")
@@ -159,8 +160,9 @@ def profile_show(table_path) -> None:
               help="Recovery: AdamW peak learning rate (linear warm-up, then linear decay).")
 @click.option("--warmup", type=float, default=default(TrainSettings, "warmup"), show_default=True,
               help="Recovery: share of the steps spent warming up.")
-@click.option("--loss-weights", default=",".join(f"{default(LossWeights, n):g}" for n in LOSS_TERMS),
-              show_default=True, help=f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms.")
+@click.option("--loss-weights", default=None,
+              help=f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms [default: 1,1,0 for causal LMs, "
+                   "1,1,1 for others].")
 @click.option("--temperature", type=float, default=default(LossWeights, "temperature"), show_default=True,
               help="Recovery: distillation temperature of the KL term.")
 @click.option("--train-precision", type=click.Choice(PRECISIONS), default=default(TrainSettings, "precision"),

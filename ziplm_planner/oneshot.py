@@ -419,7 +419,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         "calibration": calibration_path,
         "settings": json.loads(json.dumps(asdict(settings), default=str)),
         **planning, "members_seconds": round(planning_seconds, 1),
-        **({"train_precision": recovery.accelerator.mixed_precision} if recovery is not None else {}),
+        **(recovery.metadata() if recovery is not None else {}),
         "seconds": round(time.perf_counter() - started, 1), "created": now(), "machine": machine_info(),
         "versions": library_versions(),
     })

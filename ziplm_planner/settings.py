@@ -35,29 +35,31 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")  # training autocast; "no" is float3
 class LossWeights:
     task: float = 1.0  # LM cross-entropy on the training text (causal LMs), the task loss with labels
     kl: float = 1.0  # T^2 KL(teacher || student) on logits; pooled-embedding distance for embedding models
-    squarehead: float = 1.0  # per-layer normalised hidden-state error, summed over layers
+    # per-layer normalised hidden-state error, summed over layers; None: what suits the model (distill.for_kind)
+    squarehead: float | None = None
     temperature: float = 2.0
 
     @classmethod
-    def parse(cls, text: str, temperature: float = 2.0) -> LossWeights:
-        """'1,1,1' -> the task, KL and SquareHead weights, each a finite number >= 0."""
+    def parse(cls, text: str | None, temperature: float = 2.0) -> LossWeights:
+        """'1,1,1' -> the task, KL and SquareHead weights, each a finite number >= 0; None: the defaults."""
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise UserError(f"the distillation temperature must be a number > 0, got {temperature}")
+        if text is None:
+            return cls(temperature=temperature)
         try:
             values = [float(item) for item in text.split(",")]
         except ValueError:
             values = []
         if len(values) != len(LOSS_TERMS) or not all(math.isfinite(v) and v >= 0 for v in values):
             raise UserError(f"loss weights are {len(LOSS_TERMS)} numbers >= 0 for {', '.join(LOSS_TERMS)}, got {text!r}")
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise UserError(f"the distillation temperature must be a number > 0, got {temperature}")
         return cls(*values, temperature=temperature)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     tokens: int = 500_000  # real tokens the student sees per member
-    batch_size: int = 16  # samples per step on each process
-    # tokens per sample; None: a causal LM trains on 512-token windows (recovery.training_length), others on
-    # the calibration's length
+    # samples per step on each process, and tokens per sample; None: what suits the model (recovery.for_model)
+    batch_size: int | None = None
     seq_len: int | None = None
     learning_rate: float = 3e-4  # on SmolLM2 3e-4 recovered 1.8 perplexity more than 1e-4 (BENCHMARKS)
     warmup: float = 0.1  # share of the steps spent warming up
@@ -74,7 +76,7 @@ class TrainSettings:
     def __post_init__(self):
         if self.tokens < 1:
             raise UserError(f"the training budget must be at least 1 token, got {self.tokens}")
-        if self.batch_size < 1 or self.learning_rate <= 0 or not 0 <= self.warmup < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.learning_rate <= 0 or not 0 <= self.warmup < 1:
             raise UserError("training needs batch size >= 1, learning rate > 0 and warm-up in [0, 1)")
         if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"training samples need at least 2 tokens, got a sequence length of {self.seq_len}")
