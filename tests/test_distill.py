@@ -89,3 +89,18 @@ def test_a_student_equal_to_its_teacher_loses_only_the_task_loss(model_type, kin
     assert float(terms["squarehead"]) == pytest.approx(0.0, abs=1e-6)
     assert float(terms["kl"]) == pytest.approx(0.0, abs=1e-5)
     assert float(terms["loss"]) == pytest.approx(float(terms.get("task", 0.0)), abs=1e-5)
+
+
+@pytest.mark.parametrize("model_type,kind,weight", [("llama", CAUSAL_LM, 0.0), ("bert", EMBEDDING, 1.0)])
+def test_squarehead_is_logged_for_every_model_and_trained_on_only_with_a_weight(model_type, kind, weight):
+    teacher = tiny_model(model_type, causal_lm=kind == CAUSAL_LM)
+    student = tiny_model(model_type, causal_lm=kind == CAUSAL_LM, seed=1)
+    batch = random_batch(teacher)
+    with torch.no_grad():
+        teacher_out = teacher(**batch, output_hidden_states=True)
+    # default weights: SquareHead off for causal LMs, on for the rest
+    terms = distillation_terms(kind, student(**batch, output_hidden_states=True), teacher_out, batch, LossWeights())
+    assert float(terms["squarehead"].detach()) > 0
+    assert terms["squarehead"].requires_grad == (weight > 0)
+    expected = sum(value for name, value in terms.items() if name != "loss" and (name != "squarehead" or weight))
+    torch.testing.assert_close(terms["loss"], expected)

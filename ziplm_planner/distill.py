@@ -74,8 +74,10 @@ def distillation_terms(kind: str, student_out, teacher_out, batch: dict[str, tor
     """Every weighted term and their sum ("loss"); outputs carry hidden_states (output_hidden_states=True)."""
     weights = for_kind(weights, kind)
     mask = batch["attention_mask"]
-    # hidden_states[0] is the embedding output; SquareHead is on every layer's output
-    terms = {"squarehead": squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], mask)}
+    # hidden_states[0] is the embedding output; SquareHead is on every layer's output. With weight 0 it
+    # is only logged, and backward need not go through it
+    with torch.set_grad_enabled(torch.is_grad_enabled() and weights.squarehead > 0):
+        terms = {"squarehead": squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], mask)}
     if kind == CAUSAL_LM:
         terms["kl"] = kl_divergence(student_out.logits, teacher_out.logits, weights.temperature, mask)
         terms["task"] = causal_lm_loss(student_out.logits, batch["input_ids"], mask)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from .calibrate import CalibrationLoss
 from .data import TokenBatches, read_dataset, tokenize_sentences, tokenize_stream
-from .errors import UserError
 from .distill import for_kind
+from .errors import UserError
 from .evaluate import PERPLEXITY_SEQ_LEN
 from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
 from .progress import stage
