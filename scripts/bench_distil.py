@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -24,15 +23,11 @@ from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
+from ziplm_planner.oneshot import manifest_source
 from ziplm_planner.recovery import for_model, load_training_data
 from ziplm_planner.settings import PRECISIONS, LossWeights, TrainSettings
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.train import distil, make_accelerator
-
-
-def family_spec(member: Path) -> InferenceSpec:
-    """The inference spec the member's family was planned for, as its family.json records it."""
-    return InferenceSpec(**json.loads((member.parent / "family.json").read_text())["source"]["table"])
 
 
 def parse_variants(text: str) -> list[tuple[LossWeights, float | None]]:
@@ -77,7 +72,7 @@ def main() -> None:
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
     shape = for_model(loaded, TrainSettings(batch_size=args.batch_size, seq_len=args.seq_len),
-                      family_spec(args.member).calibration_length)
+                      InferenceSpec(**manifest_source(args.member.parent)["table"]).calibration_length)
     data = load_training_data(loaded, args.train_data, shape.seq_len, seed=0)
     accelerator = make_accelerator(precision=args.precision)
     print(f"{data.num_tokens:,} training tokens in {args.train_data}, batch {shape.batch_size} x {shape.seq_len}, "

@@ -280,6 +280,15 @@ class Metric:
     higher_is_better: bool
 
 
+def max_positions(config) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or PERPLEXITY_SEQ_LEN)
+
+
+def perplexity_window(config) -> int:
+    """Tokens per perplexity window for a model of this config."""
+    return min(PERPLEXITY_SEQ_LEN, max_positions(config))
+
+
 @dataclass(frozen=True)
 class Member:
     """One family member, ready to score."""
@@ -291,12 +300,8 @@ class Member:
     forward: Forward
 
     @property
-    def max_positions(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", None) or PERPLEXITY_SEQ_LEN)
-
-    @property
     def max_length(self) -> int:
-        return min(MAX_LENGTH, self.max_positions)
+        return min(MAX_LENGTH, max_positions(self.config))
 
 
 @dataclass(frozen=True)
@@ -324,7 +329,7 @@ def _prepare_classification(data: TextDataset, dense: Member, max_tokens: int | 
 
 
 def _prepare_perplexity(data: TextDataset, dense: Member, max_tokens: int | None) -> Scorer:
-    return _perplexity_scorer(data, dense.tokenizer, min(PERPLEXITY_SEQ_LEN, dense.max_positions), max_tokens)
+    return _perplexity_scorer(data, dense.tokenizer, perplexity_window(dense.config), max_tokens)
 
 
 def _prepare_fidelity(data: TextDataset, dense: Member, max_tokens: int | None) -> Scorer:

@@ -23,7 +23,7 @@ from .calibrate import CalibrationLoss
 from .data import TokenBatches, read_dataset, tokenize_sentences, tokenize_stream
 from .distill import for_kind
 from .errors import UserError
-from .evaluate import PERPLEXITY_SEQ_LEN
+from .evaluate import perplexity_window
 from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
 from .progress import stage
 from .settings import RecoverySettings, TrainSettings
@@ -83,7 +83,7 @@ def training_length(loaded: LoadedModel, requested: int | None, calibration_leng
         return requested
     if loaded.kind != CAUSAL_LM:
         return calibration_length
-    return min(max(PERPLEXITY_SEQ_LEN, calibration_length), positions or PERPLEXITY_SEQ_LEN)
+    return max(perplexity_window(loaded.model.config), calibration_length)
 
 
 def for_model(loaded: LoadedModel, train: TrainSettings, calibration_length: int) -> TrainSettings:
