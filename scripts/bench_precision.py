@@ -20,7 +20,7 @@ import torch
 import ziplm_planner as zp
 from ziplm_planner.distill import distillation_terms
 from ziplm_planner.environment import machine_info
-from ziplm_planner.settings import LossWeights
+from ziplm_planner.settings import TrainSettings
 
 
 def main() -> None:
@@ -39,13 +39,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, loaded.tokenizer.vocab_size, (args.batch_size, args.seq_len), generator=generator)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    weights = TrainSettings().for_kind(loaded.kind).weights
 
     def step(bf16: bool) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what accelerate's bf16 does on a CPU
             student_out = student(**batch, output_hidden_states=True)
             with torch.no_grad():
                 teacher_out = teacher(**batch, output_hidden_states=True)
-            loss = distillation_terms(loaded.kind, student_out, teacher_out, batch, LossWeights())["loss"]
+            loss = distillation_terms(loaded.kind, student_out, teacher_out, batch, weights)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -61,7 +62,8 @@ def main() -> None:
             rates[name].append(tokens / (time.perf_counter() - started))
     ratios = sorted(b / f for f, b in zip(rates["float32"], rates["bf16"]))
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores; AMX: {torch.cpu._is_amx_tile_supported()}; "
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; AMX: {torch.cpu._is_amx_tile_supported()}, "
+          f"AVX-512 BF16: {torch.cpu._is_avx512_bf16_supported()}; "
           f"model {args.model}, batch {args.batch_size} x {args.seq_len}, {args.rounds} rounds of {args.steps} steps")
     for name, values in rates.items():
         print(f"{name}: median {statistics.median(values):.0f} tokens/s (range {min(values):.0f}-{max(values):.0f})")

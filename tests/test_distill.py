@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ziplm_planner.settings import LossWeights
+from ziplm_planner.settings import LossWeights, TrainSettings
 from ziplm_planner.distill import (causal_lm_loss, distillation_terms, embedding_distance, kl_divergence,
                                    squarehead)
 from ziplm_planner.models import CAUSAL_LM, EMBEDDING
@@ -85,7 +85,7 @@ def test_a_student_equal_to_its_teacher_loses_only_the_task_loss(model_type, kin
     batch = random_batch(teacher)
     with torch.no_grad():
         terms = distillation_terms(kind, student(**batch, output_hidden_states=True),
-                                   teacher(**batch, output_hidden_states=True), batch, LossWeights())
+                                   teacher(**batch, output_hidden_states=True), batch, LossWeights(squarehead=1.0))
     assert float(terms["squarehead"]) == pytest.approx(0.0, abs=1e-6)
     assert float(terms["kl"]) == pytest.approx(0.0, abs=1e-5)
     assert float(terms["loss"]) == pytest.approx(float(terms.get("task", 0.0)), abs=1e-5)
@@ -99,7 +99,8 @@ def test_squarehead_is_logged_for_every_model_and_trained_on_only_with_a_weight(
     with torch.no_grad():
         teacher_out = teacher(**batch, output_hidden_states=True)
     # default weights: SquareHead off for causal LMs, on for the rest
-    terms = distillation_terms(kind, student(**batch, output_hidden_states=True), teacher_out, batch, LossWeights())
+    weights = TrainSettings().for_kind(kind).weights
+    terms = distillation_terms(kind, student(**batch, output_hidden_states=True), teacher_out, batch, weights)
     assert float(terms["squarehead"].detach()) > 0
     assert terms["squarehead"].requires_grad == (weight > 0)
     expected = sum(value for name, value in terms.items() if name != "loss" and (name != "squarehead" or weight))

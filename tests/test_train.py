@@ -43,7 +43,7 @@ def loss_on(student, teacher, data):
     with torch.no_grad():
         return float(distillation_terms(EMBEDDING, student(**batch, output_hidden_states=True),
                                         teacher(**batch, output_hidden_states=True), batch,
-                                        TrainSettings().weights)["loss"])
+                                        TrainSettings().for_kind(EMBEDDING).weights)["loss"])
 
 
 def settings(**kw):
@@ -145,9 +145,11 @@ def test_gpu_processes_asked_for_on_a_machine_without_one_are_refused(monkeypatc
         make_accelerator()
 
 
-@pytest.mark.parametrize("amx,expected", [(True, "bf16"), (False, "no")])
-def test_auto_precision_is_bf16_only_where_matrix_units_run_it(monkeypatch, amx, expected):
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, True, "bf16"), (False, True, "bf16"),
+                                                       (False, False, "no")])
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     assert autocast_precision("auto", gpu=False) == expected
     assert autocast_precision("no", gpu=False) == "no" and autocast_precision("bf16", gpu=False) == "bf16"
     with pytest.raises(UserError, match="fp16 training needs a GPU"):

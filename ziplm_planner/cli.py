@@ -13,8 +13,9 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, LOSS_TERMS, METHODS, PRECISIONS, RECOVERY_MODES, SCORE_ON, CompressSettings,
-                       GenerationSettings, LossWeights, ProfileSettings, RecoverySettings, TrainSettings, default)
+from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, CAUSAL_LM_DEFAULTS, LOSS_TERMS, METHODS, OTHER_KIND_DEFAULTS,
+                       PERPLEXITY_SEQ_LEN, PRECISIONS, RECOVERY_MODES, SCORE_ON, CompressSettings, GenerationSettings,
+                       KindDefaults, LossWeights, ProfileSettings, RecoverySettings, TrainSettings, default)
 from .timing import ESTIMATORS
 
 MODEL_FORMS = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
@@ -22,6 +23,12 @@ MODEL_FORMS = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, o
 MODEL_HELP = f"{MODEL_FORMS} Default: {DEFAULT_MODEL}."
 TARGETS_HELP = "Speedup targets over the dense model, e.g. 1.5,2,3: one family member each."
 BACKEND_HELP = "Runtime the model is deployed on: PyTorch or ONNX Runtime."
+
+
+def default_weights(kind: KindDefaults) -> str:
+    """--loss-weights as a model of this kind gets them when the flag is left out."""
+    weights = LossWeights()
+    return f"{weights.task:g},{weights.kl:g},{kind.squarehead:g}"
 
 
 class DefaultCommandGroup(click.Group):
@@ -151,23 +158,24 @@ def profile_show(table_path) -> None:
 @click.option("--train-tokens", type=int, default=default(TrainSettings, "tokens"), show_default=True,
               help="Recovery: real tokens each member is trained on.")
 @click.option("--train-batch-size", type=int, default=default(TrainSettings, "batch_size"),
-              help="Recovery: samples per step on each process [default: 16 for encoders, 1 for causal LMs: about "
-                   "512 tokens either way].")
+              help=f"Recovery: samples per step on each process [default: {CAUSAL_LM_DEFAULTS.batch_size} for causal "
+                   f"LMs, {OTHER_KIND_DEFAULTS.batch_size} for others: about 512 tokens either way].")
 @click.option("--train-seq-len", type=int, default=default(TrainSettings, "seq_len"),
-              help="Recovery: tokens per training sample [default: 512 for causal LMs (capped at the model's "
-                   "positions), the calibration length for others].")
+              help=f"Recovery: tokens per training sample [default: {PERPLEXITY_SEQ_LEN} for causal LMs (capped at "
+                   "the model's positions), the calibration length for others].")
 @click.option("--learning-rate", type=float, default=default(TrainSettings, "learning_rate"), show_default=True,
               help="Recovery: AdamW peak learning rate (linear warm-up, then linear decay).")
 @click.option("--warmup", type=float, default=default(TrainSettings, "warmup"), show_default=True,
               help="Recovery: share of the steps spent warming up.")
 @click.option("--loss-weights", default=None,
-              help=f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms [default: 1,1,0 for causal LMs, "
-                   "1,1,1 for others].")
+              help=f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms [default: "
+                   f"{default_weights(CAUSAL_LM_DEFAULTS)} for causal LMs, {default_weights(OTHER_KIND_DEFAULTS)} "
+                   "for others].")
 @click.option("--temperature", type=float, default=default(LossWeights, "temperature"), show_default=True,
               help="Recovery: distillation temperature of the KL term.")
 @click.option("--train-precision", type=click.Choice(PRECISIONS), default=default(TrainSettings, "precision"),
               show_default=True, help="Recovery: autocast dtype. auto: bf16 on GPUs that have it and on CPUs with "
-                                      "AMX, fp16 on other GPUs, float32 (no) on other CPUs.")
+                                      "AMX or AVX-512 BF16, fp16 on other GPUs, float32 (no) on other CPUs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
              search_evaluations, score_samples, score_on, verify_rounds, max_replans, no_onnx, overwrite, cache_dir,

@@ -11,7 +11,6 @@ their mean-pooled embeddings. Padding never enters any term.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -56,23 +55,10 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Te
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-# SquareHead's weight where the user leaves it: off for causal LMs, whose logits carry the teacher (on
-# SmolLM2 it cost 0.4-1.6 perplexity at 1.25-2x), on otherwise (on MiniLM at 5x a tie; its goals were
-# met with it). BENCHMARKS, "Distillation losses at 2x on SmolLM2" and after.
-SQUAREHEAD_WEIGHTS = {CAUSAL_LM: 0.0}
-
-
-def for_kind(weights: LossWeights, kind: str) -> LossWeights:
-    """`weights` with the SquareHead weight it leaves to the model filled in."""
-    if weights.squarehead is not None:
-        return weights
-    return dataclasses.replace(weights, squarehead=SQUAREHEAD_WEIGHTS.get(kind, 1.0))
-
-
 def distillation_terms(kind: str, student_out, teacher_out, batch: dict[str, torch.Tensor],
                        weights: LossWeights) -> dict[str, torch.Tensor]:
-    """Every weighted term and their sum ("loss"); outputs carry hidden_states (output_hidden_states=True)."""
-    weights = for_kind(weights, kind)
+    """Every weighted term and their sum ("loss"); outputs carry hidden_states (output_hidden_states=True),
+    `weights` every weight (TrainSettings.for_kind fills in what a user leaves to the model)."""
     mask = batch["attention_mask"]
     # hidden_states[0] is the embedding output; SquareHead is on every layer's output. With weight 0 it
     # is only logged, and backward need not go through it

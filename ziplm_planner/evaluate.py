@@ -42,13 +42,13 @@ from .family import read_report, report_csv
 from .export import ONNX, PRUNING, WEIGHTS, load_pruned, load_pruned_tokenizer, read_record
 from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING, head_kind
 from .progress import bar, stage
+from .settings import PERPLEXITY_SEQ_LEN
 from .spec import InferenceSpec
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 32  # texts per forward
 MAX_LENGTH = 128  # tokens per text (STS-B, classification, fidelity)
-PERPLEXITY_SEQ_LEN = 512  # tokens per perplexity window, capped at the model's positions
 PERPLEXITY_BATCH = 4  # windows per forward
 BACKEND_ALIASES = {"torch": "torch", "onnxruntime": "onnxruntime", "onnx": "onnxruntime"}
 KIND_NAMES = {EMBEDDING: "an embedding model", CLASSIFICATION: "a sequence-classification model",

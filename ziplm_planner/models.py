@@ -14,8 +14,8 @@ from .adapters import architecture_for
 from .aliases import ALIASES
 from .errors import UserError
 from .progress import stage, transformers_bars
+from .settings import CAUSAL_LM, CLASSIFICATION, EMBEDDING
 
-EMBEDDING, CLASSIFICATION, CAUSAL_LM = "embedding", "classification", "causal-lm"
 _MODEL_CLASSES = {EMBEDDING: AutoModel, CLASSIFICATION: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from .calibrate import CalibrationLoss
 from .data import TokenBatches, read_dataset, tokenize_sentences, tokenize_stream
-from .distill import for_kind
 from .errors import UserError
 from .evaluate import perplexity_window
 from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
@@ -62,13 +61,6 @@ def summary(record: TrainRecord) -> dict:
             "final": record.final, "curve": record.curve}
 
 
-# samples per step by default: 16 sentences, or one 512-token window of running text; about 512 real
-# tokens either way. Steps count more than their size at these budgets: at 2x on SmolLM2 and 100k
-# tokens, 195 steps of one window recovered perplexity 83.6, 49 steps of four 95.6 (BENCHMARKS).
-BATCH_SIZES = {CAUSAL_LM: 1}
-SENTENCES_PER_STEP = 16
-
-
 def training_length(loaded: LoadedModel, requested: int | None, calibration_length: int) -> int:
     """Tokens per training sample: `requested`, else for a causal LM the windows its perplexity is scored
     on (512, capped at its positions; never fewer than the calibration's), else the calibration length.
@@ -88,9 +80,8 @@ def training_length(loaded: LoadedModel, requested: int | None, calibration_leng
 
 def for_model(loaded: LoadedModel, train: TrainSettings, calibration_length: int) -> TrainSettings:
     """`train` with the batch size, sample length and loss weights it leaves to the model filled in."""
-    return dataclasses.replace(train, seq_len=training_length(loaded, train.seq_len, calibration_length),
-                               batch_size=train.batch_size or BATCH_SIZES.get(loaded.kind, SENTENCES_PER_STEP),
-                               weights=for_kind(train.weights, loaded.kind))
+    return dataclasses.replace(train.for_kind(loaded.kind),
+                               seq_len=training_length(loaded, train.seq_len, calibration_length))
 
 
 def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int) -> TokenBatches:

@@ -29,13 +29,15 @@ NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # training autocast; "no" is float32
+EMBEDDING, CLASSIFICATION, CAUSAL_LM = "embedding", "classification", "causal-lm"  # model kinds (models.py)
+PERPLEXITY_SEQ_LEN = 512  # tokens per perplexity window, capped at the model's positions
 
 
 @dataclass(frozen=True)
 class LossWeights:
     task: float = 1.0  # LM cross-entropy on the training text (causal LMs), the task loss with labels
     kl: float = 1.0  # T^2 KL(teacher || student) on logits; pooled-embedding distance for embedding models
-    # per-layer normalised hidden-state error, summed over layers; None: what suits the model (distill.for_kind)
+    # per-layer normalised hidden-state error, summed over layers; None: the model kind's (KindDefaults)
     squarehead: float | None = None
     temperature: float = 2.0
 
@@ -56,9 +58,31 @@ class LossWeights:
 
 
 @dataclass(frozen=True)
+class KindDefaults:
+    """Recovery settings a user leaves to the model, by its kind (chosen on the benchmarks)."""
+
+    batch_size: int  # samples per step on each process
+    squarehead: float  # SquareHead's loss weight
+
+
+# About 512 real tokens a step either way: one window of running text (recovery.training_length) or 16
+# sentences. At these budgets steps count more than their size: at 2x on SmolLM2 and 100k tokens, 195
+# steps of one window recovered perplexity 83.6, 49 steps of four 95.6. SquareHead is off for causal LMs,
+# whose logits carry the teacher: on SmolLM2 it cost 0.4-1.6 perplexity at 1.25-2x; on MiniLM at 5x it
+# tied, and MiniLM's goals were met with it (BENCHMARKS).
+CAUSAL_LM_DEFAULTS = KindDefaults(batch_size=1, squarehead=0.0)
+OTHER_KIND_DEFAULTS = KindDefaults(batch_size=16, squarehead=1.0)
+
+
+def kind_defaults(kind: str) -> KindDefaults:
+    return CAUSAL_LM_DEFAULTS if kind == CAUSAL_LM else OTHER_KIND_DEFAULTS
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     tokens: int = 500_000  # real tokens the student sees per member
-    # samples per step on each process, and tokens per sample; None: what suits the model (recovery.for_model)
+    # samples per step on each process, and tokens per sample; None: what suits the model (KindDefaults,
+    # recovery.training_length)
     batch_size: int | None = None
     seq_len: int | None = None
     learning_rate: float = 3e-4  # on SmolLM2 3e-4 recovered 1.8 perplexity more than 1e-4 (BENCHMARKS)
@@ -66,8 +90,8 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     weights: LossWeights = field(default_factory=LossWeights)
-    # autocast dtype: "auto" is bf16 where matrix units run it natively (bf16 GPUs, CPUs with AMX), fp16
-    # on other GPUs, float32 elsewhere
+    # autocast dtype: "auto" is bf16 where the hardware multiplies it natively (bf16 GPUs, CPUs with AMX or
+    # AVX-512 BF16), fp16 on other GPUs, float32 elsewhere
     precision: str = "auto"
     seed: int = 0
     log_every: int = 10  # steps between points of the loss curve
@@ -82,6 +106,14 @@ class TrainSettings:
             raise UserError(f"training samples need at least 2 tokens, got a sequence length of {self.seq_len}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown training precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+    def for_kind(self, kind: str) -> TrainSettings:
+        """These settings with the batch size and SquareHead weight they leave to the model filled in."""
+        defaults = kind_defaults(kind)
+        weights = self.weights
+        if weights.squarehead is None:
+            weights = replace(weights, squarehead=defaults.squarehead)
+        return replace(self, batch_size=self.batch_size or defaults.batch_size, weights=weights)
 
 
 @dataclass(frozen=True)
