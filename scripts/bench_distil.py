@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import parse_loss_weights
+from benchlib import add_training_shape_arguments, parse_loss_weights
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
@@ -50,11 +50,8 @@ def main() -> None:
                         help="task,kl,squarehead[:temperature][@learning rate], separated by ';'")
     parser.add_argument("--tokens", default="32000",
                         help="training budgets, comma-separated: every variant is trained afresh at each")
-    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size,
-                        help="samples per step (default: the CLI's, 1 window for causal LMs, 16 sentences otherwise)")
+    add_training_shape_arguments(parser)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
-    parser.add_argument("--seq-len", type=int, default=TrainSettings().seq_len,
-                        help="tokens per training sample (default: the CLI's, 512 for causal LMs)")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision,
                         help="training autocast, the same for every variant (accelerate fixes it per process)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import parse_loss_weights, scratch_dir
+from benchlib import add_training_shape_arguments, parse_loss_weights, scratch_dir
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import evaluate_family
 from ziplm_planner.family import read_report
@@ -43,10 +43,7 @@ def main() -> None:
                              "--compare")
     parser.add_argument("--train-tokens", type=int, default=100_000)
     parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
-    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size,
-                        help="samples per step (default: the CLI's, 1 window for causal LMs, 16 sentences otherwise)")
-    parser.add_argument("--seq-len", type=int, default=TrainSettings().seq_len,
-                        help="tokens per training sample (default: the CLI's, 512 for causal LMs)")
+    add_training_shape_arguments(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision, help="training autocast")
     parser.add_argument("--loss-weights", default=None,
                         help="task,kl,squarehead[:temperature], as bench_distil's (default: the CLI's)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import shutil
 import tempfile
 from pathlib import Path
 
-from ziplm_planner.settings import LossWeights, default
+from ziplm_planner.settings import (CAUSAL_LM_DEFAULTS, OTHER_KIND_DEFAULTS, PERPLEXITY_SEQ_LEN, LossWeights,
+                                    TrainSettings, default)
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -22,3 +24,12 @@ def parse_loss_weights(text: str) -> LossWeights:
     """'1,1,0:2' -> the task, KL and SquareHead weights, and after a colon the temperature (default if none)."""
     weights, _, temperature = text.partition(":")
     return LossWeights.parse(weights, float(temperature or default(LossWeights, "temperature")))
+
+
+def add_training_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--batch-size and --seq-len, left to the model by default as the CLI leaves them."""
+    parser.add_argument("--batch-size", type=int, default=default(TrainSettings, "batch_size"),
+                        help=f"samples per step (default: the CLI's, {CAUSAL_LM_DEFAULTS.batch_size} window for "
+                             f"causal LMs, {OTHER_KIND_DEFAULTS.batch_size} sentences otherwise)")
+    parser.add_argument("--seq-len", type=int, default=default(TrainSettings, "seq_len"),
+                        help=f"tokens per training sample (default: the CLI's, {PERPLEXITY_SEQ_LEN} for causal LMs)")
