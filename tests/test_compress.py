@@ -1,6 +1,7 @@
 """compress: a verified family from a model, a table and targets; the level database and stitching."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -592,7 +593,7 @@ def test_unknown_method_is_refused(tmp_path):
         fast_settings(tmp_path, method="obs")
 
 
-def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path):
+def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path, caplog):
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
     loaded, table, calib = setup
@@ -600,7 +601,9 @@ def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path):
     # with its ONNX export: a student trained under autocast must export in float32
     settings = fast_settings(tmp_path, max_replans=0, recovery=RecoverySettings("oneshot", None, train))
     out = tmp_path / "family"
-    report = compress_model(loaded, table, [within(table, 1.8)], str(calib), out, settings)
+    with caplog.at_level("INFO", logger="ziplm_planner"):
+        report = compress_model(loaded, table, [within(table, 1.8)], str(calib), out, settings)
+    assert re.search(r"training data done in .*tokens; \d+\.\d passes per member", caplog.text)
     row = report.rows[1]
     assert row["recovery"] == "oneshot" and row["train_steps"] > 0 and row["train_tokens"] >= 3000
     assert row["calibration_loss"] < row["calibration_loss_before_recovery"]

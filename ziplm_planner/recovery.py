@@ -106,7 +106,9 @@ class Recovery:
         path = settings.train_data or calibration_path
         with stage("training data", f"samples of {settings.train.seq_len} tokens from {path}") as step:
             self.data = load_training_data(loaded, path, settings.train.seq_len, seed)
-            step.outcome = f"{len(self.data.input_ids):,} samples, {self.data.num_tokens:,} tokens"
+            # past about one pass a member learns small data by heart (SmolLM2, BENCHMARKS): say how many
+            step.outcome = (f"{len(self.data.input_ids):,} samples, {self.data.num_tokens:,} tokens; "
+                            f"{settings.train.tokens / self.data.num_tokens:.1f} passes per member")
         if len(self.data.input_ids) < settings.train.batch_size:  # now, not after the first member is pruned
             raise UserError(f"training data {path} has {len(self.data.input_ids)} samples, fewer than one batch of "
                             f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
