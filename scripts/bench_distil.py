@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import add_training_shape_arguments, parse_loss_weights
+from benchlib import add_training_arguments, parse_loss_weights
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.oneshot import manifest_source
 from ziplm_planner.recovery import for_model, load_training_data
-from ziplm_planner.settings import PRECISIONS, LossWeights, TrainSettings
+from ziplm_planner.settings import LossWeights, TrainSettings
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.train import distil, make_accelerator
 
@@ -50,10 +50,7 @@ def main() -> None:
                         help="task,kl,squarehead[:temperature][@learning rate], separated by ';'")
     parser.add_argument("--tokens", default="32000",
                         help="training budgets, comma-separated: every variant is trained afresh at each")
-    add_training_shape_arguments(parser)
-    parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
-    parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision,
-                        help="training autocast, the same for every variant (accelerate fixes it per process)")
+    add_training_arguments(parser)
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
     args = parser.parse_args()
 

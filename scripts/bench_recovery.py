@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import add_training_shape_arguments, parse_loss_weights, scratch_dir
+from benchlib import add_training_arguments, parse_loss_weights, scratch_dir
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import evaluate_family
 from ziplm_planner.family import read_report
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.plot import plot_frontier, read_families
-from ziplm_planner.settings import PRECISIONS, TrainSettings
+from ziplm_planner.settings import TrainSettings
 
 
 def main() -> None:
@@ -42,9 +42,7 @@ def main() -> None:
                         help="method:recovery[:prune steps] (gradual only); magnitude:gradual is GMP*; empty: only "
                              "--compare")
     parser.add_argument("--train-tokens", type=int, default=100_000)
-    parser.add_argument("--learning-rate", type=float, default=TrainSettings().learning_rate)
-    add_training_shape_arguments(parser)
-    parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings().precision, help="training autocast")
+    add_training_arguments(parser)
     parser.add_argument("--loss-weights", default=None,
                         help="task,kl,squarehead[:temperature], as bench_distil's (default: the CLI's)")
     parser.add_argument("--num-samples", type=int, default=512)

@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ziplm_planner.settings import (CAUSAL_LM_DEFAULTS, OTHER_KIND_DEFAULTS, PERPLEXITY_SEQ_LEN, LossWeights,
-                                    TrainSettings, default)
+from ziplm_planner.settings import (CAUSAL_LM_DEFAULTS, OTHER_KIND_DEFAULTS, PERPLEXITY_SEQ_LEN, PRECISIONS,
+                                    LossWeights, TrainSettings, default)
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -26,8 +26,12 @@ def parse_loss_weights(text: str) -> LossWeights:
     return LossWeights.parse(weights, float(temperature or default(LossWeights, "temperature")))
 
 
-def add_training_shape_arguments(parser: argparse.ArgumentParser) -> None:
-    """--batch-size and --seq-len, left to the model by default as the CLI leaves them."""
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """--learning-rate, --precision, and --batch-size and --seq-len, left to the model by default as the
+    CLI leaves them: the CLI's defaults throughout."""
+    parser.add_argument("--learning-rate", type=float, default=default(TrainSettings, "learning_rate"))
+    parser.add_argument("--precision", choices=PRECISIONS, default=default(TrainSettings, "precision"),
+                        help="training autocast (accelerate fixes it per process: one for a whole run)")
     parser.add_argument("--batch-size", type=int, default=default(TrainSettings, "batch_size"),
                         help=f"samples per step (default: the CLI's, {CAUSAL_LM_DEFAULTS.batch_size} window for "
                              f"causal LMs, {OTHER_KIND_DEFAULTS.batch_size} sentences otherwise)")
