@@ -1,6 +1,7 @@
 """Recovery training on accelerate: it distils, it resumes to the same weights, two processes agree."""
 
 import copy
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,15 @@ def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch,
     assert autocast_precision("no", gpu=False) == "no" and autocast_precision("bf16", gpu=False) == "bf16"
     with pytest.raises(UserError, match="fp16 training needs a GPU"):
         autocast_precision("fp16", gpu=False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_asked_on_a_cpu_that_emulates_it_is_honoured_with_a_warning(monkeypatch, caplog, native):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="ziplm_planner.train"):
+        assert autocast_precision("bf16", gpu=False) == "bf16"
+    assert ("bf16 is emulated" in caplog.text) == (not native)
 
 
 def test_a_second_precision_in_one_process_is_refused():
