@@ -257,6 +257,16 @@ def test_block_budget_inverts_the_prediction_on_both_sides_of_the_knee(table):
         assert fitted.from_block_sum(fitted.block_budget(total) + table.fixed_ms) == pytest.approx(total)
 
 
+def test_the_layers_must_gain_more_than_the_model_since_the_fixed_part_stays(table):
+    import dataclasses
+
+    ratio_fit = dataclasses.replace(table, scale=0.9, offset_ms=0.0, line_from_ms=0.0)
+    blocks = ratio_fit.dense_ms / 0.9 - table.fixed_ms
+    for target in (1.5, 0.9 * ratio_fit.max_speedup):
+        needed = blocks / (ratio_fit.dense_ms / target / 0.9 - table.fixed_ms)
+        assert ratio_fit.layer_speedup(target) == pytest.approx(needed) and needed > target
+
+
 def test_leave_one_out_predicts_each_model_from_the_others():
     sums, measured = [10.0, 20.0, 40.0], [10.0, 20.0, 80.0]
     errors = leave_one_out(fit_ratio, sums, measured)

@@ -405,7 +405,8 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         members = MemberMaker(loaded, table, calibration, settings, score_loss, verifier, recovery, output, resumed)
         previous, reached = None, 1.0  # gradual: the last member, its plan and its target
         for number, target in enumerate(targets, 1):
-            with stage(f"member {number} of {len(targets)}", f"target {target:g}x") as step:
+            with stage(f"member {number} of {len(targets)}",
+                       f"target {target:g}x, {table.layer_speedup(target):.2f}x on the layers") as step:
                 member_started = time.perf_counter()
                 result, model = members.make(target, planner, previous, reached)
                 planning_seconds += time.perf_counter() - member_started

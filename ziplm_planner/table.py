@@ -131,6 +131,11 @@ class LatencyTable:
     def dense_ms(self) -> float:
         return self.predict([(self.shape.full_attention, self.shape.intermediate_size)] * self.shape.num_layers)
 
+    def layer_speedup(self, target: float) -> float:
+        """How much faster the layers' blocks must run for the whole model to reach `target`: more than
+        `target`, since the fixed part (embeddings, an LM head over every position) does not shrink."""
+        return self.block_budget(self.dense_ms) / self.block_budget(self.dense_ms / target)
+
     @property
     def max_speedup(self) -> float:
         """The speedup of the fastest model that still has a block: the fixed part plus the cheapest
