@@ -65,7 +65,7 @@ def autocast_precision(asked: str, gpu: bool) -> str:
     if asked == "bf16" and gpu and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bf16: give --train-precision fp16 or no")
     if asked == "bf16" and not gpu and not native_cpu_bf16():
-        # honoured, since it is what was asked: emulated bf16 trained SmolLM2 more than 10x slower than
+        # honoured, since it is what was asked: emulated bf16 trained SmolLM2 17x slower than
         # float32 on an AVX2-only EPYC (BENCHMARKS)
         log.warning("this CPU has neither AMX nor AVX-512 BF16, so bf16 is emulated and trains many times "
                     "slower than float32: give --train-precision auto or no to train in float32")
