@@ -870,6 +870,35 @@ def test_a_rerun_with_other_settings_is_another_family(setup, tmp_path):
         compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", fast_settings(tmp_path, onnx=False, seed=1))
 
 
+def test_a_family_is_resumed_from_data_copied_anew_and_refused_on_data_changed(setup, tmp_path, monkeypatch):
+    """A restarted job that fetched its data again (same text, new modification times) goes on with the
+    family; training text that changed makes it another family."""
+    import os
+    import shutil
+
+    import ziplm_planner.oneshot as compress_module
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    text = tmp_path / "text.txt"
+    shutil.copy(calib, text)
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0, recovery=RecoverySettings(
+        "oneshot", str(text), TrainSettings(tokens=500, batch_size=8)))
+    compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
+    later = os.stat(calib).st_mtime + 3600
+    for copied in (calib, text):
+        shutil.copy(copied, tmp_path / "fresh")
+        os.replace(tmp_path / "fresh", copied)
+        os.utime(copied, (later, later))
+    saved = record_saves(monkeypatch, compress_module)
+    compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
+    assert saved == []
+    with open(text, "a") as file:
+        file.write("A sentence the first run never trained on.\n")
+    with pytest.raises(UserError, match="different family"):
+        compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
+
+
 def test_training_data_shorter_than_a_batch_is_refused_before_pruning(setup, tmp_path):
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 

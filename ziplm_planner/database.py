@@ -277,12 +277,19 @@ def block_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor | No
         raise
 
 
+def file_digest(path: Path) -> str:
+    """A file's SHA-256: what it holds, whatever copy or download last touched it."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
 def data_identity(source: str) -> dict:
-    """A data file by path, size and modification time (a dataset name as it is)."""
+    """A data file by its content (a dataset name as it is). Not by modification time: a run resumed where
+    the data was fetched or copied again (a restarted job, a new container) reads the same text."""
     path = Path(source)
     if not path.exists():
         return {"name": source}
-    return {"path": str(path.resolve()), "size": path.stat().st_size, "mtime": path.stat().st_mtime}
+    return {"size": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def database_key(model_fingerprint: dict, calibration: Calibration, table: LatencyTable, dampening: float,

@@ -22,7 +22,7 @@ import torch
 from .adapters import ModelShape, model_shape
 from .atomic import atomic_write_text
 from .calibrate import Calibration, CalibrationLoss, load_calibration
-from .database import LevelDatabase, data_identity, build_database, cached_database, database_key
+from .database import LevelDatabase, build_database, cached_database, data_identity, database_key, file_digest
 from .stitch import stitch, stitch_sequential
 from .environment import library_versions, machine_info, now
 from .errors import UserError
@@ -247,10 +247,12 @@ def intermediate_speedups(start: float, target: float, steps: int) -> list[float
 
 
 def model_fingerprint(loaded: LoadedModel) -> dict:
+    """The model a family and its level database are made from: where it is, its config, and each weight
+    file by content."""
     location = Path(loaded.source.location)
     files = {}
     if location.is_dir():
-        files = {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in sorted(location.iterdir())
+        files = {f.name: file_digest(f) for f in sorted(location.iterdir())
                  if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")}
     return {"location": str(location), "gguf": loaded.source.gguf_file, "files": files,
             "config": json.loads(loaded.model.config.to_json_string(use_diff=False))}
@@ -375,6 +377,7 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
             "model": fingerprint["location"], "method": settings.method, "table": table.spec.to_dict(),
             "table_created": table.metadata.get("created"), "shape": asdict(shape),
             "calibration": data_identity(calibration_path),
+            "training_data": data_identity(recovery.data_path) if recovery is not None else None,
             "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"},
                                               default=str))}}
         resumed = prepare_family_dir(output, manifest, overwrite)

@@ -103,7 +103,7 @@ class Recovery:
                  calibration_length: int, workdir: Path, seed: int):
         settings = dataclasses.replace(settings, train=for_model(loaded, settings.train, calibration_length))
         self.loaded, self.settings, self.workdir = loaded, settings, workdir
-        path = settings.train_data or calibration_path
+        self.data_path = path = settings.train_data or calibration_path
         with stage("training data", f"samples of {settings.train.seq_len} tokens from {path}") as step:
             self.data = load_training_data(loaded, path, settings.train.seq_len, seed)
             # past about one pass a member learns small data by heart (SmolLM2, BENCHMARKS): say how many
