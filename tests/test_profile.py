@@ -267,6 +267,14 @@ def test_the_layers_must_gain_more_than_the_model_since_the_fixed_part_stays(tab
         assert ratio_fit.layer_speedup(target) == pytest.approx(needed) and needed > target
 
 
+def test_the_fixed_share_is_a_ratio_of_block_timings_whatever_the_fit(table):
+    import dataclasses
+
+    blocks = table.dense_ms / table.scale - table.offset_ms / table.scale - table.fixed_ms
+    assert table.fixed_share == pytest.approx(table.fixed_ms / (table.fixed_ms + blocks))
+    assert dataclasses.replace(table, scale=0.6, offset_ms=20.0).fixed_share == pytest.approx(table.fixed_share)
+
+
 def test_leave_one_out_predicts_each_model_from_the_others():
     sums, measured = [10.0, 20.0, 40.0], [10.0, 20.0, 80.0]
     errors = leave_one_out(fit_ratio, sums, measured)

@@ -99,7 +99,7 @@ def profile_run(model, backend, batch_size, seq_len, mode, context, threads, dev
                         context=context, threads=threads, device=device, dtype=dtype,
                         ffn_step=ffn_step, rounds=rounds, estimator=estimator)
     median, worst = table.additivity_errors()
-    click.echo(f"wrote {output}: dense {table.dense_ms:.2f} ms predicted, fixed part {table.fixed_ms:.2f} ms, "
+    click.echo(f"wrote {output}: dense {table.dense_ms:.2f} ms predicted, fixed part {table.fixed_share:.1%} of it, "
                f"max speedup {table.max_speedup:.2f}x, additivity error median {median:.1%} max {worst:.1%}, "
                f"{table.metadata['profile_seconds']:.0f} s")
 
