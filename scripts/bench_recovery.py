@@ -27,6 +27,7 @@ from ziplm_planner.family import read_report
 from ziplm_planner.models import CAUSAL_LM
 from ziplm_planner.oneshot import parse_targets
 from ziplm_planner.plot import plot_frontier, read_families
+from ziplm_planner.progress import show_stages
 from ziplm_planner.settings import TrainSettings
 
 
@@ -54,6 +55,7 @@ def main() -> None:
                         help="families of earlier runs to put beside these in the table and plot (scored here if "
                              "their reports are not)")
     args = parser.parse_args()
+    show_stages()  # a family trains for hours: its log says how far it has come
 
     loaded = zp.load_model(args.model)
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"

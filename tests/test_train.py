@@ -62,6 +62,20 @@ def test_distillation_brings_a_pruned_student_closer_to_its_teacher():
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
+def test_a_log_without_bars_says_at_each_checkpoint_how_far_training_has_come(tmp_path, caplog):
+    from ziplm_planner.progress import STAGE_LOGGER
+
+    student, teacher = tiny_pair()
+    with caplog.at_level(logging.INFO, logger=STAGE_LOGGER):
+        record = distil(student, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=5), make_accelerator(cpu=True),
+                        tmp_path / "checkpoint", label="distil x2")
+    lines = [r.getMessage() for r in caplog.records if r.name == STAGE_LOGGER]
+    assert [line.split(",")[0] for line in lines] == [f"distil x2: step {s} of {record.steps}"
+                                                      for s in [*range(5, record.steps, 5), record.steps]]
+    assert all("tokens/s, loss " in line and "squarehead" in line and line.endswith("checkpoint saved") for line in lines)
+    assert lines[-1].split(", ")[1] == f"{record.tokens:,} tokens"
+
+
 # GPT-2 ties its output layer to the embeddings, as SmolLM2 does: a checkpoint stores the tied weight once
 @pytest.mark.parametrize("model_type,kind", [("bert", EMBEDDING), ("gpt2", CAUSAL_LM)])
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, model_type, kind):

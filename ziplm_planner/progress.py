@@ -68,6 +68,12 @@ def stage(name: str, detail: str = "") -> Iterator[Stage]:
     log.info("%s%s done in %s%s", indent, name, duration(time.perf_counter() - started), outcome)
 
 
+def note(line: str) -> None:
+    """A line inside the running stage, indented under it: how far a long stage has come, for a log
+    that has no bar (a redirected run that trains for hours would otherwise say nothing until done)."""
+    log.info("%s%s", "  " * _depth.get(), line)
+
+
 class _StageHandler(logging.Handler):
     """Writes each line with tqdm.write, which lifts any bar on the screen above it, to sys.stderr
     as it is at that moment (click's test runner and pytest replace it)."""
