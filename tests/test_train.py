@@ -62,6 +62,36 @@ def test_distillation_brings_a_pruned_student_closer_to_its_teacher():
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
+def test_a_run_resumed_in_another_precision_says_so(tmp_path, monkeypatch, caplog):
+    """`auto` is bf16 on one machine and float32 on another: a checkpoint made on the first and resumed
+    on the second goes on, and says that its training is mixed."""
+    import json
+
+    import ziplm_planner.train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def stop_after_first_checkpoint(accelerator, folder, progress):
+        real_save(accelerator, folder, progress)
+        raise KeyboardInterrupt
+
+    student, teacher = tiny_pair()
+    monkeypatch.setattr(train_module, "save_checkpoint", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        distil(student, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=5), make_accelerator(cpu=True),
+               tmp_path / "c")
+    monkeypatch.undo()
+    here = make_accelerator(cpu=True).mixed_precision
+    made = json.loads((tmp_path / "c" / "progress.json").read_text())
+    assert made["precision"] == here
+    elsewhere = "no" if here == "bf16" else "bf16"
+    (tmp_path / "c" / "progress.json").write_text(json.dumps({**made, "precision": elsewhere}))
+    with caplog.at_level(logging.WARNING):
+        distil(student, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=5), make_accelerator(cpu=True),
+               tmp_path / "c")
+    assert f"trained in {elsewhere} up to step 5, goes on in {here} on this machine" in caplog.text
+
+
 def test_a_log_without_bars_says_at_each_checkpoint_how_far_training_has_come(tmp_path, caplog):
     from ziplm_planner.progress import STAGE_LOGGER
 

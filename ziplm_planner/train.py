@@ -164,6 +164,13 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
     if progress["step"]:
         accelerator.load_state(str(checkpoint))
         log.info("%s: resuming at step %d of %d from %s", label, progress["step"], steps, checkpoint)
+        if progress.get("precision", accelerator.mixed_precision) != accelerator.mixed_precision:
+            # `auto` resolves per machine (bf16 where the CPU or GPU has it): a run resumed elsewhere may
+            # switch; it is the same setting, so it goes on, but the member's training is then mixed
+            log.warning("%s: trained in %s up to step %d, goes on in %s on this machine (--train-precision %s); "
+                        "resume on a machine like the first to keep one precision", label, progress["precision"],
+                        progress["step"], accelerator.mixed_precision, settings.precision)
+    progress["precision"] = accelerator.mixed_precision
     per_epoch = len(prepared)
     window: dict[str, list[float]] = {}
     started = time.perf_counter() - progress["seconds"]
