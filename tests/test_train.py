@@ -62,25 +62,33 @@ def test_distillation_brings_a_pruned_student_closer_to_its_teacher():
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
+def distil_until_checkpoint(monkeypatch, student, teacher, kind, folder, checkpoints, every):
+    """Train with a checkpoint every `every` steps and stop, as an interrupt would, once `checkpoints`
+    of them are written."""
+    import ziplm_planner.train as train_module
+
+    real_save, saved = train_module.save_checkpoint, []
+
+    def save_then_stop(accelerator, folder, progress):
+        real_save(accelerator, folder, progress)
+        saved.append(progress["step"])
+        if len(saved) == checkpoints:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        distil(student, teacher, kind, tiny_data(), settings(checkpoint_every=every), make_accelerator(cpu=True),
+               folder)
+    monkeypatch.undo()
+
+
 def test_a_run_resumed_in_another_precision_says_so(tmp_path, monkeypatch, caplog):
     """`auto` is bf16 on one machine and float32 on another: a checkpoint made on the first and resumed
     on the second goes on, and says that its training is mixed."""
     import json
 
-    import ziplm_planner.train as train_module
-
-    real_save = train_module.save_checkpoint
-
-    def stop_after_first_checkpoint(accelerator, folder, progress):
-        real_save(accelerator, folder, progress)
-        raise KeyboardInterrupt
-
     student, teacher = tiny_pair()
-    monkeypatch.setattr(train_module, "save_checkpoint", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        distil(student, teacher, EMBEDDING, tiny_data(), settings(checkpoint_every=5), make_accelerator(cpu=True),
-               tmp_path / "c")
-    monkeypatch.undo()
+    distil_until_checkpoint(monkeypatch, student, teacher, EMBEDDING, tmp_path / "c", checkpoints=1, every=5)
     here = make_accelerator(cpu=True).mixed_precision
     made = json.loads((tmp_path / "c" / "progress.json").read_text())
     assert made["precision"] == here
@@ -109,28 +117,14 @@ def test_a_log_without_bars_says_at_each_checkpoint_how_far_training_has_come(tm
 # GPT-2 ties its output layer to the embeddings, as SmolLM2 does: a checkpoint stores the tied weight once
 @pytest.mark.parametrize("model_type,kind", [("bert", EMBEDDING), ("gpt2", CAUSAL_LM)])
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, model_type, kind):
-    import ziplm_planner.train as train_module
-
     def pair():
         return tiny_pair(model_type=model_type, causal_lm=kind == CAUSAL_LM)
 
     whole, teacher = pair()
     distil(whole, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
            tmp_path / "whole")
-    real_save, saves = train_module.save_checkpoint, []
-
-    def interrupt_after_second_checkpoint(accelerator, folder, progress):
-        real_save(accelerator, folder, progress)
-        saves.append(progress["step"])
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-
     resumed, _ = pair()
-    monkeypatch.setattr(train_module, "save_checkpoint", interrupt_after_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        distil(resumed, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
-               tmp_path / "resumed")
-    monkeypatch.undo()
+    distil_until_checkpoint(monkeypatch, resumed, teacher, kind, tmp_path / "resumed", checkpoints=2, every=2)
     resumed, _ = pair()  # a new process: the weights come from the checkpoint
     record = distil(resumed, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
                     tmp_path / "resumed")
