@@ -15,6 +15,7 @@ estimate of the loss increase of removing it and the search compares blocks in l
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -278,7 +279,15 @@ def block_trace(layer: nn.Module, config, block: str, hessian: torch.Tensor | No
 
 
 def file_digest(path: Path) -> str:
-    """A file's SHA-256: what it holds, whatever copy or download last touched it."""
+    """A file's SHA-256: what it holds, whatever copy or download last touched it. Read once per version
+    of the file in a process: a run names its calibration file in the family manifest and in the level
+    database's key, and its training file is often the same one."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and time key the cache: a changed file is read again
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
 

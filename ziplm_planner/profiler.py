@@ -327,7 +327,7 @@ def measure_additivity(loaded: LoadedModel, table: LatencyTable, work: Workload,
     fits the table's scale and offset and reports each model's error with the line fitted on the others."""
     rng = random.Random(settings.seed)
     shape, models = table.shape, settings.additivity_models
-    counts = [[(shape.full_attention, shape.intermediate_size)] * shape.num_layers]
+    counts = [shape.dense_kept]
     counts += [random_kept_counts(table, rng, (i + 1) / (models + 1)) for i in range(models)]
     plans = [PruningPlan(shape, [LayerPlan.first(shape, a, f) for a, f in kept]) for kept in counts]
     with stage("additivity check", f"the dense model and {models} random pruned ones, small to large"):

@@ -129,15 +129,14 @@ class LatencyTable:
 
     @property
     def dense_ms(self) -> float:
-        return self.predict([(self.shape.full_attention, self.shape.intermediate_size)] * self.shape.num_layers)
+        return self.predict(self.shape.dense_kept)
 
     @property
     def fixed_share(self) -> float:
         """The fixed part's share of the dense model's block time: a ratio of timings taken together,
         unlike `fixed_ms`, which a machine slowed while the blocks were timed inflates (the whole-model
         fit corrects the totals, not that one record)."""
-        return self.fixed_ms / self.block_sum([(self.shape.full_attention, self.shape.intermediate_size)]
-                                              * self.shape.num_layers)
+        return self.fixed_ms / self.block_sum(self.shape.dense_kept)
 
     def layer_speedup(self, target: float) -> float:
         """How much faster the layers' blocks must run for the whole model to reach `target`: more than

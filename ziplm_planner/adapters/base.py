@@ -112,6 +112,11 @@ class ModelShape:
     def full_attention(self) -> AttentionLevel:
         return self.whole_groups(self.attention_units)
 
+    @property
+    def dense_kept(self) -> list[tuple[AttentionLevel, int]]:
+        """(attention level, FFN neurons) of every layer of the dense model, as the table's kept counts."""
+        return [(self.full_attention, self.intermediate_size)] * self.num_layers
+
     def whole_groups(self, groups: int) -> AttentionLevel:
         """The attention level keeping `groups` KV groups with all their query heads."""
         return AttentionLevel(groups, self.q_per_unit) if groups else REMOVED_ATTENTION
