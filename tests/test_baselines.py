@@ -19,7 +19,7 @@ from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
 from tiny_models import linear_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
-FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2)
+FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2, retries=0)
 
 
 @pytest.fixture(scope="module")

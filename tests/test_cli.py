@@ -40,6 +40,7 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     (["profile", "/no/such/model", "-o", "{tmp}/t.json"], "model path /no/such/model does not exist"),
     (["profile", "minilm", "--batch-size", "0", "-o", "{tmp}/t.json"], "batch size must be at least 1"),
     (["profile", "minilm", "--seq-len", "0", "-o", "{tmp}/t.json"], "seq len must be at least 1"),
+    (["profile", "minilm", "--retries", "-1", "-o", "{tmp}/t.json"], "retries must be >= 0"),
     (["profile", "minilm", "-o", "/no/such/dir/t.json"], "folder /no/such/dir does not exist"),
     (["profile", "{model}", "-o", "{tmp}/t.json"], "unsupported architecture 't5'"),
     (["profile", "ziplm-planner-tests/no-such-model", "-o", "{tmp}/t.json"], "not in the local Hugging Face cache"),

@@ -21,12 +21,12 @@ def profile(model: str | LoadedModel = "minilm", output: str | Path | None = Non
             batch_size: int = 8, seq_len: int = 128, mode: str = "prefill", context: int = 0,
             threads: int | None = None, device: str = "cpu", dtype: str = "float32",
             ffn_step: int = default(ProfileSettings, "ffn_step"), rounds: int = default(ProfileSettings, "rounds"),
-            estimator: str = default(ProfileSettings, "estimator"), seed: int = default(ProfileSettings, "seed"),
-            ) -> LatencyTable:
+            estimator: str = default(ProfileSettings, "estimator"), retries: int = default(ProfileSettings, "retries"),
+            seed: int = default(ProfileSettings, "seed")) -> LatencyTable:
     """Profile `model` on this machine for one inference spec; save the table to `output` if given."""
     spec = InferenceSpec(backend=backend, device=device, dtype=dtype, threads=threads or os.cpu_count(),
                          batch_size=batch_size, seq_len=1 if mode == "decode" else seq_len, mode=mode, context=context)
-    settings = ProfileSettings(ffn_step=ffn_step, rounds=rounds, estimator=estimator, seed=seed)
+    settings = ProfileSettings(ffn_step=ffn_step, rounds=rounds, estimator=estimator, retries=retries, seed=seed)
     if output is not None:
         check_writable(Path(output))  # fail now, not after minutes of timing
     table = profile_model(_loaded(model), spec, settings)

@@ -88,16 +88,19 @@ def profile() -> None:
 @click.option("--estimator", type=click.Choice(ESTIMATORS), default=default(ProfileSettings, "estimator"),
               show_default=True,
               help="Statistic of each block's timings taken as its cost (p10 stays stable on a busy machine).")
+@click.option("--retries", type=int, default=default(ProfileSettings, "retries"), show_default=True,
+              help="Profile again, up to this many times, while the table fails its trust checks (a noisy machine); "
+                   "the soundest is kept.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Latency table to write (JSON).")
 def profile_run(model, backend, batch_size, seq_len, mode, context, threads, device, dtype, ffn_step, rounds,
-                estimator, output) -> None:
+                estimator, retries, output) -> None:
     """Time MODEL's attention, FFN and fixed parts at every pruned size; write a latency table."""
     from . import api
 
     table = api.profile(model, output=output, backend=backend, batch_size=batch_size, seq_len=seq_len, mode=mode,
                         context=context, threads=threads, device=device, dtype=dtype,
-                        ffn_step=ffn_step, rounds=rounds, estimator=estimator)
+                        ffn_step=ffn_step, rounds=rounds, estimator=estimator, retries=retries)
     median, worst = table.additivity_errors()
     click.echo(f"wrote {output}: dense {table.dense_ms:.2f} ms predicted, fixed part {table.fixed_share:.1%} of it, "
                f"max speedup {table.max_speedup:.2f}x, additivity error median {median:.1%} max {worst:.1%}, "

@@ -204,8 +204,33 @@ def fixed_part(model: nn.Module) -> nn.Module:
 
 
 def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSettings = ProfileSettings()) -> LatencyTable:
-    """Build the latency table of `loaded` on this machine for `spec`."""
+    """Build the latency table of `loaded` on this machine for `spec`. A table that fails its trust
+    checks is profiled again, up to `settings.retries` times, and the soundest one kept: a VM's noisy
+    spells pass in minutes (a SmolLM2 table timed 1.5x slow was sound when profiled 7 minutes later),
+    and a profile takes about two."""
     started = time.perf_counter()
+    attempts = 1 + settings.retries
+    tables = []
+    for attempt in range(1, attempts + 1):
+        tables.append(profile_once(loaded, spec, settings))
+        problems = tables[-1].trust_problems()
+        if not problems:
+            break
+        if attempt < attempts:
+            log.warning("latency table, attempt %d of %d: %s: profiling again", attempt, attempts, "; ".join(problems))
+    table = min(tables, key=soundness)
+    table.metadata.update(attempts=len(tables), profile_seconds=round(time.perf_counter() - started, 1))
+    for problem in table.trust_problems():
+        log.warning("latency table: %s: %s", problem, TRUST_ADVICE)
+    return table
+
+
+def soundness(table: LatencyTable) -> tuple:
+    """Sort key, soundest first: fewer failed trust checks, then smaller additivity errors."""
+    return len(table.trust_problems()), *table.additivity_errors()
+
+
+def profile_once(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSettings) -> LatencyTable:
     cpu_before = CpuSnapshot.now()  # what else runs here while this profile times
     shape = model_shape(loaded.model.config)
     torch.set_num_threads(spec.threads)
@@ -225,10 +250,7 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
         **table.metadata, "model": loaded.source.reference, "model_kind": loaded.kind, "created": now(), "machine": machine_info(),
         "versions": library_versions(), "settings": asdict(settings),
         "others_cpu_share": _rounded(others_share(cpu_before, CpuSnapshot.now())),
-        "profile_seconds": round(time.perf_counter() - started, 1),
     }
-    for problem in table.trust_problems():
-        log.warning("latency table: %s: %s", problem, TRUST_ADVICE)
     return table
 
 

@@ -215,6 +215,7 @@ class ProfileSettings:
     estimator: str = DEFAULT_ESTIMATOR
     additivity_models: int = 8  # random whole models, small to large, checked against the prediction (plus dense)
     additivity_rounds: int = 15
+    retries: int = 2  # profiles again while the table fails its trust checks (a noisy machine), keeping the soundest
     seed: int = 0
 
     def __post_init__(self):
@@ -222,6 +223,8 @@ class ProfileSettings:
             raise UserError(f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}")
         if self.ffn_step < 1 or self.rounds < 2 or self.additivity_rounds < 2:
             raise UserError("ffn step must be >= 1 and rounds >= 2")
+        if self.retries < 0:
+            raise UserError(f"retries must be >= 0 (0: profile once, whatever the machine), not {self.retries}")
 
 
 def default(cls, name: str):
