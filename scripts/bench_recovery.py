@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--score-samples", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="level-database cache to keep, so a rerun that resumes a family loads the dense model's "
+                             "database instead of building it again [default: a scratch folder removed at exit]")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
                         help="families of earlier runs to put beside these in the table and plot (scored here if "
@@ -59,7 +62,7 @@ def main() -> None:
 
     loaded = zp.load_model(args.model)
     task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
-    cache = scratch_dir("bench-cache-")
+    cache = args.cache_dir or scratch_dir("bench-cache-")
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size,
                           seq_len=args.seq_len, precision=args.precision,
                           **({"weights": parse_loss_weights(args.loss_weights)} if args.loss_weights else {}))
