@@ -260,6 +260,7 @@ def test_a_table_that_fails_its_trust_checks_is_profiled_again_and_the_soundest_
     table, warnings = run(2, [(0.9, 0.0), (0.0, 0.0)])  # busy, then quiet: the quiet one, no warning left
     assert table.metadata["attempts"] == 2 and table.metadata["others_cpu_share"] == 0.0 and table.trust_problems() == []
     assert len(warnings) == 1 and "attempt 1 of 3: other work" in warnings[0] and "profiling again" in warnings[0]
+    assert "the soundest of 2 profiles" in table.describe()
 
     table, warnings = run(1, [(0.9, 0.0), (0.6, 0.3)])  # noisy throughout: the first, with one problem of three
     assert table.metadata["attempts"] == 2 and table.metadata["others_cpu_share"] == 0.9

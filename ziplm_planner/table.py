@@ -192,7 +192,8 @@ class LatencyTable:
             f"spec  {spec.backend} on {spec.device}, {spec.dtype}, {spec.threads} threads, batch {spec.batch_size} x "
             + (f"1 token after {spec.context} cached" if spec.mode == "decode" else f"{spec.seq_len} tokens"),
             f"on    {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
-            + (f", {machine['gpu']}" if machine.get("gpu") else "") + f"; {meta.get('created', '?')}",
+            + (f", {machine['gpu']}" if machine.get("gpu") else "") + f"; {meta.get('created', '?')}"
+            + (f"; the soundest of {meta['attempts']} profiles" if meta.get("attempts", 1) > 1 else ""),
             f"dense {self.dense_ms:.3f} ms predicted; fixed part {self.fixed_ms:.3f} ms; max speedup {self.max_speedup:.2f}x; "
             f"estimator {self.estimator}",
             f"additivity over {len(self.additivity)} whole models: median error {median:.1%}, max {worst:.1%} "
