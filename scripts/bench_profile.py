@@ -15,18 +15,16 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
+from benchlib import add_profile_arguments
 from ziplm_planner.environment import machine_info
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm")
+    add_profile_arguments(parser)
     parser.add_argument("--backends", default="torch,onnxruntime")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--mode", default="prefill")
     parser.add_argument("--context", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("profiles"))
     parser.add_argument("--tag", default=f"cpu{os.cpu_count()}")
     args = parser.parse_args()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
+from benchlib import add_profile_arguments
 from ziplm_planner.environment import machine_info
 from ziplm_planner.settings import ProfileSettings, default
 
@@ -48,11 +49,8 @@ def speedup_errors(table, reference) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm")
+    add_profile_arguments(parser)
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=default(ProfileSettings, "rounds"))
     parser.add_argument("--spell", type=float, default=None,
                         help="seconds the busy processes run [default: as long as the quiet profile took]")
     parser.add_argument("--load-cores", type=int, default=1)

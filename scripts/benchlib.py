@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ziplm_planner.settings import (CAUSAL_LM_DEFAULTS, OTHER_KIND_DEFAULTS, PERPLEXITY_SEQ_LEN, PRECISIONS,
-                                    LossWeights, TrainSettings, default)
+                                    LossWeights, ProfileSettings, TrainSettings, default)
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -24,6 +24,15 @@ def parse_loss_weights(text: str) -> LossWeights:
     """'1,1,0:2' -> the task, KL and SquareHead weights, and after a colon the temperature (default if none)."""
     weights, _, temperature = text.partition(":")
     return LossWeights.parse(weights, float(temperature or default(LossWeights, "temperature")))
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and the inference spec a profiling benchmark times (the bundled model, batch 8 x 128),
+    and --rounds, the profiler's default."""
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=default(ProfileSettings, "rounds"))
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
