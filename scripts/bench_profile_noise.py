@@ -34,7 +34,9 @@ def start_spell(cores: int, seconds: float) -> list[subprocess.Popen]:
     """`cores` busy processes, each stopped after `seconds`."""
     busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(cores)]
     for process in busy:
-        threading.Timer(seconds, process.kill).start()
+        timer = threading.Timer(seconds, process.kill)
+        timer.daemon = True  # a profile that ends first kills its spell itself; the script need not wait
+        timer.start()
     return busy
 
 
@@ -77,7 +79,8 @@ def main() -> None:
 
     runs = {"quiet, --retries 0": profile(0, spell=False)}
     reference, quiet_seconds = runs["quiet, --retries 0"]
-    args.spell = args.spell or round(quiet_seconds)
+    if args.spell is None:
+        args.spell = round(quiet_seconds)
     print(f"spell: {args.load_cores} busy core(s) for {args.spell:g} s from the start of each profile")
     runs["spell, --retries 0"] = profile(0, spell=True)
     retries = default(ProfileSettings, "retries")

@@ -207,7 +207,7 @@ def profile_model(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSet
     """Build the latency table of `loaded` on this machine for `spec`. A table that fails its trust
     checks is profiled again, up to `settings.retries` times, and the soundest one kept: a VM's noisy
     spells pass in minutes (a SmolLM2 table timed 1.5x slow was sound when profiled 7 minutes later),
-    and a profile takes about two."""
+    and a profile takes a minute or two."""
     started = time.perf_counter()
     attempts = 1 + settings.retries
     tables = []
