@@ -14,19 +14,14 @@ from ziplm_planner.fisher import block_fisher, fisher_targets, per_sample_losses
 from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.errors import UserError
 from ziplm_planner.layers import capture_inputs, output_projection, weight_out_in
-from ziplm_planner.profiler import ProfileSettings, profile_model
-from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
-from tiny_models import linear_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
-
-FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2, retries=0)
-
+from tiny_models import linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     """A tiny BERT, its measured table and real calibration sentences, as in test_compress."""
     loaded = tiny_loaded_with_tokenizer("bert")
-    table = profile_model(loaded, InferenceSpec(batch_size=2, seq_len=16, threads=1), FAST_PROFILE)
+    table = measured_table(loaded)
     calibration = load_calibration(loaded, str(write_sentences(tmp_path_factory.mktemp("data") / "c.txt")), 16, 32)
     return loaded, table, calibration
 

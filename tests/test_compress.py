@@ -14,18 +14,13 @@ from ziplm_planner.database import build_database
 from ziplm_planner.stitch import stitch, stitch_sequential
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned
-from ziplm_planner.profiler import ProfileSettings, profile_model
-from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member, verify_family
-from tiny_models import linear_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
-
-FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2, retries=0)
-
+from tiny_models import linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     loaded = tiny_loaded_with_tokenizer("bert")
-    table = profile_model(loaded, InferenceSpec(batch_size=2, seq_len=16, threads=1), FAST_PROFILE)
+    table = measured_table(loaded)
     calib = write_sentences(tmp_path_factory.mktemp("data") / "calib.txt")
     return loaded, table, calib
 
@@ -402,7 +397,7 @@ def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypa
 
     loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=model_type == "llama")
     shape = dict(seq_len=16) if mode == "prefill" else dict(seq_len=1, mode="decode", context=12)
-    table = profile_model(loaded, InferenceSpec(backend="onnxruntime", batch_size=2, threads=1, **shape), FAST_PROFILE)
+    table = measured_table(loaded, backend="onnxruntime", **shape)
     calib = write_sentences(tmp_path / "calib.txt")
     timed = {}
     real_save = compress_module.save_member
@@ -488,7 +483,7 @@ def test_unreadable_family_manifest_is_another_family(tmp_path, content):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_compress_a_tiny_causal_lm(tmp_path, model_type):
     loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=True)
-    table = profile_model(loaded, InferenceSpec(batch_size=2, seq_len=16, threads=1), FAST_PROFILE)
+    table = measured_table(loaded)
     calib = write_sentences(tmp_path / "calib.txt", count=300)
     target = within(table, 1.5)
     report = compress_model(loaded, table, [target], str(calib), tmp_path / "family", fast_settings(tmp_path, max_replans=0))

@@ -19,6 +19,7 @@ from transformers import (
 from ziplm_planner.adapters import ATTENTION, FFN, model_shape
 from ziplm_planner.calibrate import Calibration
 from ziplm_planner.data import TokenBatches
+from ziplm_planner.profiler import ProfileSettings, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import FIXED, LatencyTable
 
@@ -28,6 +29,15 @@ _ENCODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attentio
 _ROBERTA = dict(_ENCODER, pad_token_id=1, max_position_embeddings=82)
 _DECODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=48, max_position_embeddings=80)
+
+# Real timings, few of them: enough for a tiny model's table to be complete and ordered.
+FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2, retries=0)
+
+
+def measured_table(loaded, **spec) -> LatencyTable:
+    """A tiny model profiled quickly; `spec` overrides the default batch 2 x 16 on PyTorch, one thread."""
+    return profile_model(loaded, InferenceSpec(**{**dict(batch_size=2, seq_len=16, threads=1), **spec}), FAST_PROFILE)
+
 
 TINY_CONFIGS = {
     "bert": lambda: BertConfig(**_ENCODER),
