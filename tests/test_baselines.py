@@ -17,6 +17,7 @@ from ziplm_planner.layers import capture_inputs, output_projection, weight_out_i
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
 from tiny_models import linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
+
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     """A tiny BERT, its measured table and real calibration sentences, as in test_compress."""

@@ -17,6 +17,7 @@ from ziplm_planner.export import load_pruned
 from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member, verify_family
 from tiny_models import linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     loaded = tiny_loaded_with_tokenizer("bert")
