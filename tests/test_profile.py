@@ -1,6 +1,7 @@
 """The profiler builds complete tables on both backends; tables refuse the wrong model or spec."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,15 +9,16 @@ import pytest
 
 from ziplm_planner.adapters import REMOVED_ATTENTION, AttentionLevel, model_shape
 from ziplm_planner.errors import UserError
-from ziplm_planner.profiler import (ProfileSettings, attention_levels, ffn_levels, fit_line, fit_ratio, fit_whole_models, leave_one_out,
+from ziplm_planner.profiler import (attention_levels, ffn_levels, fit_line, fit_ratio, fit_whole_models, leave_one_out,
                                     predicted_from_fit, profile_model)
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import ATTENTION, FFN, FIXED, LatencyTable
-from tiny_models import tiny_loaded
+from tiny_models import FAST_PROFILE, tiny_loaded
 
 SHIPPED_TABLE = Path(__file__).parents[1] / "profiles" / "minilm-cpu2-onnxruntime-b8s128.json"
 
-FAST = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=2, additivity_rounds=2, retries=0)
+# Two whole models, so that the additivity checks have a fit to judge.
+FAST = dataclasses.replace(FAST_PROFILE, additivity_models=2)
 
 
 def check_complete(table, shape):
@@ -235,7 +237,6 @@ def test_a_table_says_when_it_cannot_be_trusted():
 def test_a_table_that_fails_its_trust_checks_is_profiled_again_and_the_soundest_kept(monkeypatch, caplog):
     """A noisy spell, shown as the CPU share other processes took (and once as whole models off the
     block sum), is met by profiling again; the soundest table is kept and only its problems are warned."""
-    import dataclasses
 
     from ziplm_planner import profiler
 
@@ -288,7 +289,6 @@ def test_below_the_smallest_model_measured_the_table_scales_proportionally():
 
 
 def test_block_budget_inverts_the_prediction_on_both_sides_of_the_knee(table):
-    import dataclasses
 
     fitted = dataclasses.replace(table, scale=1.1, offset_ms=-0.5 * table.fixed_ms, line_from_ms=2 * table.fixed_ms)
     for total in (0.6 * fitted.from_block_sum(2 * table.fixed_ms), 3 * table.fixed_ms, 10 * table.fixed_ms):
@@ -296,7 +296,6 @@ def test_block_budget_inverts_the_prediction_on_both_sides_of_the_knee(table):
 
 
 def test_the_layers_must_gain_more_than_the_model_since_the_fixed_part_stays(table):
-    import dataclasses
 
     ratio_fit = dataclasses.replace(table, scale=0.9, offset_ms=0.0, line_from_ms=0.0)
     blocks = ratio_fit.dense_ms / 0.9 - table.fixed_ms
@@ -306,7 +305,6 @@ def test_the_layers_must_gain_more_than_the_model_since_the_fixed_part_stays(tab
 
 
 def test_the_fixed_share_is_a_ratio_of_block_timings_whatever_the_fit(table):
-    import dataclasses
 
     blocks = table.dense_ms / table.scale - table.offset_ms / table.scale - table.fixed_ms
     assert table.fixed_share == pytest.approx(table.fixed_ms / (table.fixed_ms + blocks))
