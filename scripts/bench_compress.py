@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ziplm_planner as zp
 from benchlib import scratch_dir
-from ziplm_planner.oneshot import parse_targets
+from ziplm_planner.pipeline import parse_targets
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM

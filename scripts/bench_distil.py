@@ -23,7 +23,7 @@ from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
 from ziplm_planner.models import CAUSAL_LM
-from ziplm_planner.oneshot import manifest_source
+from ziplm_planner.pipeline import manifest_source
 from ziplm_planner.recovery import for_model, load_training_data
 from ziplm_planner.settings import LossWeights, TrainSettings
 from ziplm_planner.spec import InferenceSpec

@@ -18,7 +18,7 @@ from pathlib import Path
 import ziplm_planner as zp
 from benchlib import scratch_dir
 from ziplm_planner.evaluate import evaluate_family
-from ziplm_planner.oneshot import parse_targets
+from ziplm_planner.pipeline import parse_targets
 from ziplm_planner.settings import METHODS
 from ziplm_planner.plot import plot_frontier, read_family
 

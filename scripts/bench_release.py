@@ -24,10 +24,10 @@ from benchlib import scratch_dir
 from ziplm_planner.backends import (export_model_onnx, export_onnx, input_names, model_call, model_output, onnx_runner,
                                    padded_for_tracing, random_inputs)
 from ziplm_planner.environment import machine_info
-from ziplm_planner.oneshot import parse_targets
+from ziplm_planner.pipeline import parse_targets
 from ziplm_planner.table import LatencyTable
 from ziplm_planner.timing import TimingStats, interleaved_samples, speedup_interval
-from ziplm_planner.verify import verify_family
+from ziplm_planner.retime import verify_family
 
 
 def static_vs_shipped(loaded, table: LatencyTable, rounds: int) -> None:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_loaded_with_tokenizer  # noqa: E402
 from ziplm_planner import recovery as recovery_module  # noqa: E402
 from ziplm_planner.export import load_pruned  # noqa: E402
-from ziplm_planner.oneshot import compress_model  # noqa: E402
+from ziplm_planner.pipeline import compress_model  # noqa: E402
 from ziplm_planner.settings import CompressSettings, RecoverySettings, TrainSettings  # noqa: E402
 from ziplm_planner.table import LatencyTable  # noqa: E402
 

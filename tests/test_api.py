@@ -9,13 +9,13 @@ import ziplm_planner as zp
 
 def test_api_functions_and_stage_modules_do_not_shadow_each_other():
     stages = {name: importlib.import_module(f"ziplm_planner.{name}")
-              for name in ("profiler", "oneshot", "export", "evaluate", "plot", "demo")}
+              for name in ("profiler", "pipeline", "export", "evaluate", "plot", "demo")}
     assert callable(zp.profile) and zp.profile.__module__ == "ziplm_planner.api"
     assert callable(zp.compress) and zp.compress.__module__ == "ziplm_planner.api"
     assert callable(zp.load_pruned) and callable(zp.load_model)
-    import ziplm_planner.oneshot as oneshot  # the attribute path resolves to the module, not a function
+    import ziplm_planner.pipeline as pipeline  # the attribute path resolves to the module, not a function
 
-    assert oneshot is stages["oneshot"]
+    assert pipeline is stages["pipeline"]
 
 
 def test_public_names_are_all_listed_and_resolve():

@@ -150,7 +150,7 @@ def test_compress_options_reach_the_settings(monkeypatch, tmp_path):
         seen.append(settings)  # returns None, as a distributed run's other processes do: nothing to print
 
     monkeypatch.setattr("ziplm_planner.api._loaded", lambda model: model)
-    monkeypatch.setattr("ziplm_planner.oneshot.compress_model", compress_model)
+    monkeypatch.setattr("ziplm_planner.pipeline.compress_model", compress_model)
     result = CliRunner().invoke(cli, [*COMPRESS, "--verify-rounds", "40", "--max-replans", "1",
                                       "--search-evaluations", "7", "--recovery", "gradual", "--train-seq-len", "256",
                                       "--train-batch-size", "2", "--loss-weights", "1,1,0", "-o", str(tmp_path / "f")])

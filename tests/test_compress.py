@@ -8,13 +8,14 @@ import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, model_layers, model_shape
 from ziplm_planner.calibrate import load_calibration
-from ziplm_planner.oneshot import compress_model, parse_targets
+from ziplm_planner.pipeline import compress_model, parse_targets
 from ziplm_planner.settings import CompressSettings
 from ziplm_planner.database import build_database
 from ziplm_planner.stitch import stitch, stitch_sequential
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned
-from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member, verify_family
+from ziplm_planner.retime import verify_family
+from ziplm_planner.verify import Measurement, next_budget, verdict, verified_member
 from tiny_models import linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
 
@@ -67,7 +68,7 @@ def test_second_run_with_a_new_target_reuses_the_level_database(setup, tmp_path)
 
 def test_held_out_scoring_scores_on_samples_the_hessians_never_saw(setup, tmp_path, caplog):
     from ziplm_planner.calibrate import CalibrationLoss
-    from ziplm_planner.oneshot import score_batches
+    from ziplm_planner.pipeline import score_batches
 
     loaded, table, calib = setup
     calibration = load_calibration(loaded, str(calib), 16, 32, held_out=8)
@@ -330,7 +331,7 @@ class BudgetRecorder:
 def test_members_are_replanned_until_measured_inside_the_band(setup, tmp_path, factors, expected_replans, status):
     from ziplm_planner.calibrate import CalibrationLoss
     from ziplm_planner.database import build_database
-    from ziplm_planner.oneshot import ZipLMPlanner
+    from ziplm_planner.pipeline import ZipLMPlanner
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path)
@@ -373,10 +374,10 @@ def test_verdict_accepts_0_97_to_1_10_times_the_target(speedup, status):
 def test_same_seed_table_and_data_give_the_same_family_byte_for_byte(setup, tmp_path, monkeypatch):
     """On a quiet machine (a verifier that measures what the table predicts), every pruning.json is
     reproduced exactly: the plan, the weights' checks, nothing that depends on the clock."""
-    import ziplm_planner.oneshot as compress_module
+    import ziplm_planner.pipeline as pipeline
 
     loaded, table, calib = setup
-    monkeypatch.setattr(compress_module, "Verifier", lambda loaded, table, *args: StubVerifier(table, [1.0]))
+    monkeypatch.setattr(pipeline, "Verifier", lambda loaded, table, *args: StubVerifier(table, [1.0]))
     targets = [1.2, within(table, 1.8)]
     for name in ("a", "b"):
         settings = fast_settings(tmp_path, cache_dir=tmp_path / f"cache-{name}")  # each builds its own database
@@ -394,20 +395,20 @@ def test_same_seed_table_and_data_give_the_same_family_byte_for_byte(setup, tmp_
 def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch, model_type, mode):
     """Prefill, or for a decoder one new token after a cached context: the member's model.onnx is
     timed (fed its KV cache in decode mode), ships byte for byte, and re-times with `verify`."""
-    import ziplm_planner.oneshot as compress_module
+    import ziplm_planner.pipeline as pipeline
 
     loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=model_type == "llama")
     shape = dict(seq_len=16) if mode == "prefill" else dict(seq_len=1, mode="decode", context=12)
     table = measured_table(loaded, backend="onnxruntime", **shape)
     calib = write_sentences(tmp_path / "calib.txt")
     timed = {}
-    real_save = compress_module.save_member
+    real_save = pipeline.save_member
 
     def save_and_record(folder, *args, onnx_file=None, **kwargs):
         timed[folder.name] = onnx_file.read_bytes()
         return real_save(folder, *args, onnx_file=onnx_file, **kwargs)
 
-    monkeypatch.setattr(compress_module, "save_member", save_and_record)
+    monkeypatch.setattr(pipeline, "save_member", save_and_record)
     report = compress_model(loaded, table, [within(table, 1.5)], str(calib), tmp_path / "family",
                             fast_settings(tmp_path, max_replans=0))
     for row in report.rows:
@@ -467,7 +468,7 @@ def test_output_holding_other_files_is_refused_without_overwrite(setup, tmp_path
 
 @pytest.mark.parametrize("content", [b"\x00\xff garbage", b'{"source": ', b"[1, 2]", b'"just a string"'])
 def test_unreadable_family_manifest_is_another_family(tmp_path, content):
-    from ziplm_planner.oneshot import prepare_family_dir
+    from ziplm_planner.pipeline import prepare_family_dir
 
     out = tmp_path / "family"
     out.mkdir()
@@ -509,26 +510,26 @@ def test_nan_hessian_names_the_layer(setup, tmp_path):
 
 
 def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cache(setup, tmp_path, monkeypatch):
-    import ziplm_planner.oneshot as compress_module
+    import ziplm_planner.pipeline as pipeline
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path, onnx=False, max_replans=0)
     out = tmp_path / "family"
-    real_save = compress_module.save_member
+    real_save = pipeline.save_member
 
     def interrupt_on_second_target(folder, *args, **kwargs):
         if folder.name != "dense" and any(p.name.startswith("x") for p in out.iterdir()):
             raise KeyboardInterrupt
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(compress_module, "save_member", interrupt_on_second_target)
+    monkeypatch.setattr(pipeline, "save_member", interrupt_on_second_target)
     with pytest.raises(KeyboardInterrupt):
         compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     monkeypatch.undo()
     complete = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "pruning.json").exists())
     assert complete == ["dense", "x1.2"] and not (out / "report.json").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    saved = record_saves(monkeypatch, compress_module)
+    saved = record_saves(monkeypatch, pipeline)
     dense_row = json.loads((out / "dense" / "measurement.json").read_text())
     again = compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()
@@ -536,15 +537,15 @@ def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cach
     assert again.rows[0] == {k: v for k, v in dense_row.items() if k not in ("timing", "training")}
 
 
-def record_saves(monkeypatch, compress_module) -> list[str]:
+def record_saves(monkeypatch, pipeline) -> list[str]:
     """Names of the member folders save_member writes from now on."""
-    saved, real_save = [], compress_module.save_member
+    saved, real_save = [], pipeline.save_member
 
     def save(folder, *args, **kwargs):
         saved.append(folder.name)
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(compress_module, "save_member", save)
+    monkeypatch.setattr(pipeline, "save_member", save)
     return saved
 
 
@@ -555,7 +556,7 @@ def record_saves(monkeypatch, compress_module) -> list[str]:
     lambda record: record.update(predicted_ms=record["predicted_ms"] * 2),  # another table
 ])
 def test_incomplete_or_stale_dense_is_rebuilt(setup, tmp_path, monkeypatch, damage):
-    import ziplm_planner.oneshot as compress_module
+    import ziplm_planner.pipeline as pipeline
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path, onnx=False, max_replans=0)
@@ -565,7 +566,7 @@ def test_incomplete_or_stale_dense_is_rebuilt(setup, tmp_path, monkeypatch, dama
     record = json.loads(path.read_text())
     damage(record)
     path.write_text(json.dumps(record))
-    saved = record_saves(monkeypatch, compress_module)
+    saved = record_saves(monkeypatch, pipeline)
     again = compress_model(loaded, table, [1.2], str(calib), out, settings)
     assert saved[0] == "dense"
     rewritten = json.loads(path.read_text())
@@ -673,7 +674,7 @@ def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tm
 
 
 def test_intermediate_speedups_are_evenly_spaced_in_log_speedup():
-    from ziplm_planner.oneshot import intermediate_speedups
+    from ziplm_planner.pipeline import intermediate_speedups
 
     assert intermediate_speedups(1.5, 3.0, 1) == []
     assert intermediate_speedups(1.0, 2.0, 2) == pytest.approx([2 ** 0.5])
@@ -782,11 +783,11 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, 
     """On a quiet machine (a verifier that measures what the table predicts), stopping after the first
     member (and, in steps, after the second one's intermediate step) and running again reuses that
     member and ends with the family an uninterrupted run makes."""
-    import ziplm_planner.oneshot as compress_module
+    import ziplm_planner.pipeline as pipeline
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
     loaded, table, calib = setup
-    monkeypatch.setattr(compress_module, "Verifier", lambda loaded, table, *args: StubVerifier(table, [1.0]))
+    monkeypatch.setattr(pipeline, "Verifier", lambda loaded, table, *args: StubVerifier(table, [1.0]))
     train = TrainSettings(tokens=1500, batch_size=8, learning_rate=1e-3)
     targets = [1.2, within(table, 1.8)]
 
@@ -796,18 +797,18 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, 
         return compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
 
     run("whole")
-    real_save = compress_module.save_member
+    real_save = pipeline.save_member
 
     def stop_at_the_second_member(folder, *args, **kwargs):
         if folder.name == f"x{targets[1]:g}":
             raise KeyboardInterrupt
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(compress_module, "save_member", stop_at_the_second_member)
+    monkeypatch.setattr(pipeline, "save_member", stop_at_the_second_member)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
-    monkeypatch.setattr(compress_module, "save_member", real_save)
-    saved = record_saves(monkeypatch, compress_module)
+    monkeypatch.setattr(pipeline, "save_member", real_save)
+    saved = record_saves(monkeypatch, pipeline)
     run("resumed")
     assert saved == [f"x{targets[1]:g}"]  # dense and the first member were reused
     for member in ("dense", "x1.2", f"x{targets[1]:g}"):
@@ -821,13 +822,13 @@ def test_a_member_interrupted_in_training_is_trained_on_as_verified_when_the_mac
     resumed on a machine now slower than its table: verifying again would re-plan that member tighter
     (the measured speedup would miss), losing its training. It is not verified again: the model the
     first run verified is trained on from its checkpoint, and the family equals an uninterrupted run's."""
-    import ziplm_planner.oneshot as compress_module
+    import ziplm_planner.pipeline as pipeline
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
     loaded, table, calib = setup
     verifiers = {"quiet": [1.0], "slower": [0.8, 1.0]}  # slower: a first plan measured now would miss
     machine = {"now": "quiet"}
-    monkeypatch.setattr(compress_module, "Verifier",
+    monkeypatch.setattr(pipeline, "Verifier",
                         lambda loaded, table, *args: StubVerifier(table, verifiers[machine["now"]]))
     train = TrainSettings(tokens=1500, batch_size=8, learning_rate=1e-3)
     targets = [1.2, within(table, 1.8)]
@@ -839,18 +840,18 @@ def test_a_member_interrupted_in_training_is_trained_on_as_verified_when_the_mac
         return compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
 
     run("whole")
-    real_save = compress_module.save_member
+    real_save = pipeline.save_member
 
     def stop_at_the_second_member(folder, *args, **kwargs):
         if folder.name == second:
             raise KeyboardInterrupt
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(compress_module, "save_member", stop_at_the_second_member)
+    monkeypatch.setattr(pipeline, "save_member", stop_at_the_second_member)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
     assert (tmp_path / "resumed" / f".verified-{second}").is_dir()
-    monkeypatch.setattr(compress_module, "save_member", real_save)
+    monkeypatch.setattr(pipeline, "save_member", real_save)
     machine["now"] = "slower"
     report = run("resumed")
     assert report.rows[2]["replans"] == 0  # as the first run verified it
@@ -872,7 +873,7 @@ def test_a_family_is_resumed_from_data_copied_anew_and_refused_on_data_changed(s
     import os
     import shutil
 
-    import ziplm_planner.oneshot as compress_module
+    import ziplm_planner.pipeline as pipeline
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
     loaded, table, calib = setup
@@ -886,7 +887,7 @@ def test_a_family_is_resumed_from_data_copied_anew_and_refused_on_data_changed(s
         shutil.copy(copied, tmp_path / "fresh")
         os.replace(tmp_path / "fresh", copied)
         os.utime(copied, (later, later))
-    saved = record_saves(monkeypatch, compress_module)
+    saved = record_saves(monkeypatch, pipeline)
     compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
     assert saved == []
     with open(text, "a") as file:

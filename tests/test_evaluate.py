@@ -15,7 +15,7 @@ from transformers import BertForSequenceClassification
 
 from ziplm_planner import evaluate
 from ziplm_planner.adapters import model_shape
-from ziplm_planner.oneshot import FamilyReport
+from ziplm_planner.pipeline import FamilyReport
 from ziplm_planner.verify import member_name
 from ziplm_planner.errors import UserError
 from ziplm_planner.evaluate import TASKS, evaluate_family, perplexity, stsb_spearman

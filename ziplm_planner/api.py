@@ -54,7 +54,7 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
     report.json) and returns the FamilyReport. `recovery="oneshot"` distils every member from the
     dense model on `train_data` (default: the calibration file) with the `train` settings; `"gradual"`
     cuts each member from the last one distilled, in `prune_steps` prune-and-distil steps."""
-    from .oneshot import check_reachable, compress_model, parse_targets
+    from .pipeline import check_reachable, compress_model, parse_targets
 
     targets = parse_targets(targets)
     table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)

@@ -262,7 +262,7 @@ def evaluate(family, task, data, backend, max_tokens) -> None:
 def verify(family, rounds) -> None:
     """Re-time every member of FAMILY as it ships (its model.onnx on ONNX Runtime, else its torch model)
     against the dense one, on this machine with the family's spec."""
-    from .verify import verify_family
+    from .retime import verify_family
 
     rows = verify_family(family, rounds=rounds)
     click.echo(f"{'member':>8} {'target':>7} {'speedup':>8} {'90% interval':>15} {'median':>7} {'reported':>9}  status")
@@ -299,7 +299,7 @@ def demo(output, targets, backend, stsb) -> None:
     """The whole pipeline on the bundled model with Python's own text: profile, compress, evaluate, plot."""
     import json
 
-    from .oneshot import parse_targets
+    from .pipeline import parse_targets
     from .demo import run_demo
 
     written = run_demo(output, parse_targets(targets), backend=backend, stsb=stsb)

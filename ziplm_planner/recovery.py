@@ -2,7 +2,7 @@
 
 Modes: `none` (one-shot, as pruned), `oneshot` (each member pruned from the dense model, then
 distilled: the cheap mode, and the control for gradual pruning) and `gradual` (each member pruned
-from the last one distilled: `oneshot.gradual_planner`, then distilled here). Distillation changes
+from the last one distilled: `pipeline.gradual_planner`, then distilled here). Distillation changes
 weights, never shapes, so a member keeps the speed it was verified at; it is measured once more
 all the same, because the file that ships is the trained model's export.
 
