@@ -22,19 +22,23 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import scratch_dir
-from ziplm_planner.pipeline import parse_targets
-from ziplm_planner.evaluate import perplexity, stsb_spearman
+from benchlib import add_compress_arguments, compress_settings, scratch_dir
+from ziplm_planner.evaluate import perplexity, retained, stsb_spearman
 from ziplm_planner.export import load_pruned
-from ziplm_planner.models import CAUSAL_LM
-from ziplm_planner.settings import CompressSettings
+from ziplm_planner.kinds import CAUSAL_LM
+from ziplm_planner.pipeline import parse_targets
+from ziplm_planner.settings import PERPLEXITY_SEQ_LEN, CompressSettings
 from ziplm_planner.table import LatencyTable, record_level
 
 ATTENTION_LEVELS = ("all", "whole-groups")
 
 
+def task_of(loaded) -> str:
+    return "perplexity" if loaded.kind is CAUSAL_LM else "stsb"
+
+
 def score(model, loaded, args) -> float:
-    if loaded.kind == CAUSAL_LM:
+    if task_of(loaded) == "perplexity":
         return perplexity(model, loaded.tokenizer, args.eval, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
     return stsb_spearman(model, loaded.tokenizer, args.eval)
 
@@ -50,21 +54,16 @@ def table_for(profile: str, attention_levels: str, workdir: Path) -> str:
 
 
 def main() -> None:
+    defaults = CompressSettings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--profile", required=True)
-    parser.add_argument("--targets", default="1.5,2,3,5")
+    add_compress_arguments(parser, targets="1.5,2,3,5")
     parser.add_argument("--extra-target", type=float, default=None, help="added in a second, cached run")
-    parser.add_argument("--calib", required=True)
     parser.add_argument("--eval", required=True)
-    parser.add_argument("--num-samples", type=int, default=512)
-    parser.add_argument("--calibration-inputs", default="dense")
+    parser.add_argument("--calibration-inputs", default=defaults.calibration_inputs)
     parser.add_argument("--attention-levels", default="all", help=f"comma-separated, of {', '.join(ATTENTION_LEVELS)}")
-    parser.add_argument("--block-errors", default="fisher", help="comma-separated, of fisher, relative")
-    parser.add_argument("--score-on", default=CompressSettings().score_on, help="comma-separated, of held-out, calibration")
-    parser.add_argument("--search-evaluations", type=int, default=30)
-    parser.add_argument("--score-samples", type=int, default=128)
-    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--block-errors", default=defaults.block_errors, help="comma-separated, of fisher, relative")
+    parser.add_argument("--score-on", default=defaults.score_on, help="comma-separated, of held-out, calibration")
+    parser.add_argument("--eval-seq-len", type=int, default=PERPLEXITY_SEQ_LEN)
     parser.add_argument("--eval-tokens", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -74,7 +73,7 @@ def main() -> None:
     cache = scratch_dir("bench-cache-")
     targets = parse_targets(args.targets)
     dense_score = score(loaded.model, loaded, args)
-    metric = "perplexity" if loaded.kind == CAUSAL_LM else "STS-B Spearman"
+    metric = "perplexity" if task_of(loaded) == "perplexity" else "STS-B Spearman"
     summary = {}
     choices = [args.calibration_inputs.split(","), args.attention_levels.split(","), args.block_errors.split(","),
                args.score_on.split(",")]
@@ -86,11 +85,10 @@ def main() -> None:
     for (inputs, levels, block_errors, score_on), label in zip(variants, labels):
         folder = out / label.replace(", ", "-")
         profile = table_for(args.profile, levels, cache)
-        common = dict(num_samples=args.num_samples, calibration_inputs=inputs, block_errors=block_errors,
-                      search_evaluations=args.search_evaluations, score_samples=args.score_samples, score_on=score_on,
-                      cache_dir=cache, overwrite=True)
+        settings = compress_settings(args, cache, calibration_inputs=inputs, block_errors=block_errors,
+                                     score_on=score_on)
         started = time.perf_counter()
-        report = zp.compress(loaded, profile, targets, args.calib, folder, **common)
+        report = zp.compress(loaded, profile, targets, args.calib, folder, settings=settings, overwrite=True)
         seconds = time.perf_counter() - started
         print(f"\nmodel {args.model}, {args.num_samples} calibration samples from {args.calib}, "
               f"calibration inputs {inputs}, attention levels {levels}, block errors {block_errors}, "
@@ -99,17 +97,17 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         for row in report.rows:
             value = dense_score if row["folder"] == "dense" else score(load_pruned(folder / row["folder"]), loaded, args)
-            retained = dense_score / value if loaded.kind == CAUSAL_LM else value / dense_score
             summary.setdefault(row["folder"], {})[label] = (value, row["measured_speedup"])
             print(f"| {row['folder']} | {row['target']:g}x | {row['predicted_speedup']:.2f}x | "
                   f"{row['measured_speedup']:.2f}x | {row['speedup_median']:.2f}x | {'yes' if row['met_target'] else 'NO'} | "
-                  f"{row['parameters']:,} | {value:.2f} | {retained:.1%} |")
+                  f"{row['parameters']:,} | {value:.2f} | {retained(value, dense_score, task_of(loaded)):.1%} |")
         db = report.metadata["level_database"]
         print(f"level database: {db['seconds']:.1f} s ({db['samples']} samples, {db['tokens']} tokens); "
               f"whole compress of {len(targets)} targets: {seconds:.1f} s")
         if args.extra_target:
             started = time.perf_counter()
-            zp.compress(loaded, profile, [*targets, args.extra_target], args.calib, folder, **common)
+            zp.compress(loaded, profile, [*targets, args.extra_target], args.calib, folder, settings=settings,
+                        overwrite=True)
             again = time.perf_counter() - started
             print(f"adding target {args.extra_target:g}x to the cached run: {again:.1f} s "
                   f"({again / seconds - 1:+.0%} vs the first run)")

@@ -22,8 +22,8 @@ from benchlib import add_training_arguments, parse_loss_weights
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
-from ziplm_planner.models import CAUSAL_LM
-from ziplm_planner.pipeline import manifest_source
+from ziplm_planner.familydir import manifest_source
+from ziplm_planner.kinds import CAUSAL_LM
 from ziplm_planner.recovery import for_model, load_training_data
 from ziplm_planner.settings import LossWeights, TrainSettings
 from ziplm_planner.spec import InferenceSpec
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = zp.load_model(args.model)
-    causal = loaded.kind == CAUSAL_LM
+    causal = loaded.kind is CAUSAL_LM
     metric = "perplexity" if causal else "STS-B Spearman x100"
 
     def score(model) -> float:

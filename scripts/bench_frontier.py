@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import scratch_dir
+from benchlib import add_compress_arguments, compress_settings, scratch_dir
 from ziplm_planner.evaluate import evaluate_family
 from ziplm_planner.pipeline import parse_targets
 from ziplm_planner.settings import METHODS
@@ -25,17 +25,11 @@ from ziplm_planner.plot import plot_frontier, read_family
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--profile", required=True)
-    parser.add_argument("--targets", default="1.5,2,3,5")
+    add_compress_arguments(parser, targets="1.5,2,3,5")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--calib", required=True)
     parser.add_argument("--task", default="stsb")
     parser.add_argument("--eval", required=True)
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--num-samples", type=int, default=512)
-    parser.add_argument("--score-samples", type=int, default=128)
-    parser.add_argument("--search-evaluations", type=int, default=30)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -46,9 +40,8 @@ def main() -> None:
     for method in args.methods.split(","):
         family = args.out / method
         started = time.perf_counter()
-        report = zp.compress(loaded, args.profile, targets, args.calib, family, method=method,
-                             num_samples=args.num_samples, score_samples=args.score_samples,
-                             search_evaluations=args.search_evaluations, cache_dir=cache, overwrite=True)
+        report = zp.compress(loaded, args.profile, targets, args.calib, family,
+                             settings=compress_settings(args, cache, method=method), overwrite=True)
         costs[method] = (time.perf_counter() - started, report.metadata["members_seconds"])
         scores[method] = evaluate_family(family, args.task, args.eval, max_tokens=args.max_tokens)
         speedups[method] = {r["folder"]: (r["measured_speedup"], r["met_target"]) for r in report.rows}

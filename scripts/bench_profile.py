@@ -15,16 +15,19 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import add_profile_arguments
+from benchlib import add_profile_arguments, profile_spec
 from ziplm_planner.environment import machine_info
+from ziplm_planner.settings import ProfileSettings
+from ziplm_planner.spec import BACKENDS, InferenceSpec
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_profile_arguments(parser)
-    parser.add_argument("--backends", default="torch,onnxruntime")
-    parser.add_argument("--mode", default="prefill")
-    parser.add_argument("--context", type=int, default=0)
+    defaults = InferenceSpec()
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--mode", default=defaults.mode)
+    parser.add_argument("--context", type=int, default=defaults.context)
     parser.add_argument("--out", type=Path, default=Path("profiles"))
     parser.add_argument("--tag", default=f"cpu{os.cpu_count()}")
     args = parser.parse_args()
@@ -39,8 +42,8 @@ def main() -> None:
         shape = f"b{args.batch_size}" + (f"d{args.context}" if args.mode == "decode" else f"s{args.seq_len}")
         path = args.out / f"{args.model}-{args.tag}-{backend}-{shape}.json"
         started = time.perf_counter()
-        table = zp.profile(loaded, path, backend=backend, batch_size=args.batch_size, seq_len=args.seq_len,
-                           mode=args.mode, context=args.context, rounds=args.rounds)
+        table = zp.profile(loaded, path, spec=profile_spec(args, backend=backend, mode=args.mode, context=args.context),
+                           settings=ProfileSettings(rounds=args.rounds))
         seconds = time.perf_counter() - started
         spreads = table.to_frame()["spread"]
         median_err, max_err = table.additivity_errors()

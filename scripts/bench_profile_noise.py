@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import add_profile_arguments
+from benchlib import add_profile_arguments, profile_spec
 from ziplm_planner.environment import machine_info
-from ziplm_planner.settings import ProfileSettings, default
+from ziplm_planner.settings import ProfileSettings
+from ziplm_planner.spec import InferenceSpec
 
 BUSY_LOOP = "while True: pass"
 
@@ -52,7 +53,7 @@ def speedup_errors(table, reference) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_profile_arguments(parser)
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backend", default=InferenceSpec().backend)
     parser.add_argument("--spell", type=float, default=None,
                         help="seconds the busy processes run [default: as long as the quiet profile took]")
     parser.add_argument("--load-cores", type=int, default=1)
@@ -69,8 +70,8 @@ def main() -> None:
         name = f"{'spell' if spell else 'quiet'}-retries{retries}"
         busy = start_spell(args.load_cores, args.spell) if spell else []
         started = time.perf_counter()
-        table = zp.profile(loaded, backend=args.backend, batch_size=args.batch_size, seq_len=args.seq_len,
-                           rounds=args.rounds, retries=retries, output=args.out / f"{name}.json")
+        table = zp.profile(loaded, args.out / f"{name}.json", spec=profile_spec(args, backend=args.backend),
+                           settings=ProfileSettings(rounds=args.rounds, retries=retries))
         seconds = time.perf_counter() - started
         for process in busy:
             process.kill()
@@ -83,7 +84,7 @@ def main() -> None:
         args.spell = round(quiet_seconds)
     print(f"spell: {args.load_cores} busy core(s) for {args.spell:g} s from the start of each profile")
     runs["spell, --retries 0"] = profile(0, spell=True)
-    retries = default(ProfileSettings, "retries")
+    retries = ProfileSettings().retries
     runs[f"spell, --retries {retries}"] = profile(retries, spell=True)
 
     print("| profile | attempts | seconds | dense predicted (ms) | others' CPU share | own additivity median / max | "

@@ -20,23 +20,20 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import add_training_arguments, parse_loss_weights, scratch_dir
+from benchlib import add_compress_arguments, add_training_arguments, compress_settings, parse_loss_weights, scratch_dir
 from ziplm_planner.environment import machine_info
-from ziplm_planner.evaluate import evaluate_family
+from ziplm_planner.evaluate import evaluate_family, retained
 from ziplm_planner.family import read_report
-from ziplm_planner.models import CAUSAL_LM
+from ziplm_planner.kinds import CAUSAL_LM
 from ziplm_planner.pipeline import parse_targets
 from ziplm_planner.plot import plot_frontier, read_families
 from ziplm_planner.progress import show_stages
-from ziplm_planner.settings import TrainSettings
+from ziplm_planner.settings import RecoverySettings, TrainSettings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--profile", required=True)
-    parser.add_argument("--targets", default="2,3,5,8")
-    parser.add_argument("--calib", required=True)
+    add_compress_arguments(parser, targets="2,3,5,8")
     parser.add_argument("--train-data", default=None, help="default: the calibration file")
     parser.add_argument("--eval", required=True)
     parser.add_argument("--families", default="ziplm:none,ziplm:oneshot,ziplm:gradual,magnitude:gradual",
@@ -46,9 +43,6 @@ def main() -> None:
     add_training_arguments(parser)
     parser.add_argument("--loss-weights", default=None,
                         help="task,kl,squarehead[:temperature], as bench_distil's (default: the CLI's)")
-    parser.add_argument("--num-samples", type=int, default=512)
-    parser.add_argument("--search-evaluations", type=int, default=30)
-    parser.add_argument("--score-samples", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=None, help="perplexity: score the first N tokens")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="level-database cache to keep, so a rerun that resumes a family loads the dense model's "
@@ -61,7 +55,7 @@ def main() -> None:
     show_stages()  # a family trains for hours: its log says how far it has come
 
     loaded = zp.load_model(args.model)
-    task = "perplexity" if loaded.kind == CAUSAL_LM else "stsb"
+    task = "perplexity" if loaded.kind is CAUSAL_LM else "stsb"
     cache = args.cache_dir or scratch_dir("bench-cache-")
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size,
                           seq_len=args.seq_len, precision=args.precision,
@@ -78,10 +72,9 @@ def main() -> None:
         prune_steps = int(steps[0]) if steps else 1
         folder = args.out / (f"{method}-{mode}" + (f"-{prune_steps}steps" if prune_steps > 1 else ""))
         started = time.perf_counter()
-        report = zp.compress(loaded, args.profile, parse_targets(args.targets), args.calib, folder, method=method,
-                             num_samples=args.num_samples, search_evaluations=args.search_evaluations,
-                             score_samples=args.score_samples, cache_dir=cache, overwrite=True, recovery=mode,
-                             train_data=args.train_data, train=train, prune_steps=prune_steps)
+        recovery = RecoverySettings(mode, args.train_data, train, prune_steps)
+        report = zp.compress(loaded, args.profile, parse_targets(args.targets), args.calib, folder,
+                             settings=compress_settings(args, cache, method=method, recovery=recovery), overwrite=True)
         seconds = time.perf_counter() - started
         evaluate_family(folder, task, args.eval, max_tokens=args.eval_tokens)
         trained = [row for row in report.rows if row.get("train_tokens")]
@@ -105,8 +98,7 @@ def main() -> None:
                 cells.append("not run")
                 continue
             value, dense = family[member]["scores"][task], family["dense"]["scores"][task]
-            retained = dense / value if task == "perplexity" else value / dense
-            cells.append(f"{value:.2f} ({family[member]['measured_speedup']:.2f}x, {retained:.1%})")
+            cells.append(f"{value:.2f} ({family[member]['measured_speedup']:.2f}x, {retained(value, dense, task):.1%})")
         print(f"| {member} | " + " | ".join(cells) + " |")
     written = plot_frontier(read_families(folders), args.out / "frontier.png", task=task)
     print("curves:", json.dumps({folder.name: [(p["tokens"], round(p["loss"], 4)) for p in

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_train import settings, tiny_data, tiny_pair  # noqa: E402
-from ziplm_planner.models import EMBEDDING  # noqa: E402
+from ziplm_planner.kinds import EMBEDDING  # noqa: E402
 from ziplm_planner.train import distil, make_accelerator  # noqa: E402
 
 accelerator = make_accelerator(cpu=True)

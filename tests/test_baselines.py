@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, get_module, model_layers, model_shape
-from ziplm_planner.baselines import (BASELINES, baseline_planner, block_sums, magnitude_importance,
-                                     mask_normal_equations, rearrange, solve_mask, top_k, tune_masks)
-from ziplm_planner.fisher import block_fisher, fisher_targets, per_sample_losses
+from ziplm_planner.baselines import (block_sums, magnitude_importance, mask_normal_equations, rearrange, solve_mask,
+                                     top_k, tune_masks)
+from ziplm_planner.fisher import block_fisher, fisher_targets
 from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.errors import UserError
 from ziplm_planner.layers import capture_inputs, output_projection, weight_out_in
+from ziplm_planner.planners import METHODS, ZIPLM, planner_for
+from ziplm_planner.settings import CompressSettings
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
 from tiny_models import linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
@@ -25,6 +27,14 @@ def profiled(tmp_path_factory):
     table = measured_table(loaded)
     calibration = load_calibration(loaded, str(write_sentences(tmp_path_factory.mktemp("data") / "c.txt")), 16, 32)
     return loaded, table, calibration
+
+
+BASELINES = [method for method in METHODS if method != ZIPLM]
+
+
+def baseline_planner(method, loaded, table, calibration, seed=0, base=None):
+    """A baseline's planner as a compress run makes it (planners.planner_for)."""
+    return planner_for(loaded, table, calibration, CompressSettings(method=method, seed=seed), base=base)
 
 
 def output(model, batch):
@@ -91,7 +101,7 @@ def test_every_method_cuts_an_already_pruned_model_further(model_type, method):
 
 def test_unknown_method_is_refused():
     loaded = tiny_loaded("bert")
-    with pytest.raises(UserError, match="supported are magnitude, uniform, layerdrop, kwon"):
+    with pytest.raises(UserError, match="unknown method 'obs': choose one of ziplm, magnitude, uniform, layerdrop, kwon"):
         baseline_planner("obs", loaded, linear_table(loaded), random_calibration(loaded))
 
 
@@ -166,8 +176,8 @@ def finite_difference(model, kind, batch, target, layer, block, unit, width, del
         weight = weight_out_in(output_projection(model_layers(scaled)[layer], model.config, block))
         with torch.no_grad():
             weight[:, unit * width:(unit + 1) * width] *= 1 + sign * delta
-            losses.append(torch.stack([per_sample_losses(scaled, kind, {k: v[s:s + 1] for k, v in batch.items()},
-                                                         None if target is None else target[s:s + 1])[0]
+            losses.append(torch.stack([kind.fisher_losses(scaled, {k: v[s:s + 1] for k, v in batch.items()},
+                                                          None if target is None else target[s:s + 1])[0]
                                        for s in range(len(batch["input_ids"]))]))
     return (losses[0] - losses[1]) / (2 * delta)
 

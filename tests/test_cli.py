@@ -1,6 +1,8 @@
 """The CLI: bad input is one line on stderr, exit status 2, no traceback, nothing left behind."""
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +12,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from ziplm_planner.cli import cli, main
-from ziplm_planner.settings import GenerationSettings
+from ziplm_planner.cli import cli, flag, main
+from ziplm_planner.settings import (CLI, CompressSettings, GenerationSettings, LossWeights, ProfileSettings,
+                                    RecoverySettings, TrainSettings)
+from ziplm_planner.spec import InferenceSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,21 +147,127 @@ def test_compress_help_says_what_model_can_be():
         assert words in text, words
 
 
-def test_compress_options_reach_the_settings(monkeypatch, tmp_path):
-    seen = []
+# Settings fields with no option: set from Python only.
+PYTHON_ONLY = {"CompressSettings.dampening", "TrainSettings.weight_decay", "TrainSettings.max_grad_norm",
+               "TrainSettings.log_every", "TrainSettings.checkpoint_every", "ProfileSettings.warmup",
+               "ProfileSettings.additivity_models", "ProfileSettings.additivity_rounds", "ProfileSettings.seed"}
+SETTINGS_OF = {"compress": (CompressSettings,), "profile run": (InferenceSpec, ProfileSettings),
+               "generate-text": (GenerationSettings,)}
+API_OPTIONS = {"--profile", "--targets", "--calib", "--overwrite", "--output", "--prompts", "--help"}  # not settings
 
-    def compress_model(loaded, table, targets, calibration, output, settings, overwrite):
-        seen.append(settings)  # returns None, as a distributed run's other processes do: nothing to print
 
+def settings_fields(cls):
+    """(owner class, field) for every field of `cls` and of the settings nested in it."""
+    for f in dataclasses.fields(cls):
+        yield cls, f
+        if dataclasses.is_dataclass(f.default_factory):
+            yield from settings_fields(f.default_factory)
+
+
+def leaves(settings, path=""):
+    """{"Class.field": value} for every field of `settings` that is not itself settings."""
+    values = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            values.update(leaves(value))
+        else:
+            values[f"{type(settings).__name__}.{f.name}"] = value
+    return values
+
+
+def command_named(path: str) -> click.Command:
+    command = cli
+    for name in path.split():
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("path", list(SETTINGS_OF))
+def test_every_settings_field_is_one_option_or_python_only(path):
+    """An option is declared once, by one field; every other field reads an option or says it has none."""
+    options = [opt for p in command_named(path).params if isinstance(p, click.Option) for opt in p.opts
+               if opt.startswith("--")]
+    declared, read, python_only, owners = [], set(), set(), set()
+    for owner, f in (pair for cls in SETTINGS_OF[path] for pair in settings_fields(cls)):
+        name, option = f"{owner.__name__}.{f.name}", f.metadata.get(CLI)
+        owners.add(owner.__name__)
+        if CLI not in f.metadata:
+            assert dataclasses.is_dataclass(f.default_factory), f"{name} says nothing of the command line"
+        elif option is None:
+            python_only.add(name)
+        else:
+            read.add(flag(f, option))
+            declared += [flag(f, option)] if option.help else []
+    assert sorted(declared) == sorted(read), "each option declared by exactly one field"
+    assert sorted(options) == sorted(set(options)), "no option twice"
+    assert set(options) - API_OPTIONS == read
+    assert python_only == {name for name in PYTHON_ONLY if name.split(".")[0] in owners}
+
+
+def fake_table():
+    return SimpleNamespace(additivity_errors=lambda: (0.0, 0.0), dense_ms=1.0, fixed_share=0.1, max_speedup=2.0,
+                           metadata={"profile_seconds": 1.0}, save=lambda path: None)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """What the commands hand the library: (spec,) settings, by the function called."""
+    seen = {}
     monkeypatch.setattr("ziplm_planner.api._loaded", lambda model: model)
-    monkeypatch.setattr("ziplm_planner.pipeline.compress_model", compress_model)
-    result = CliRunner().invoke(cli, [*COMPRESS, "--verify-rounds", "40", "--max-replans", "1",
-                                      "--search-evaluations", "7", "--recovery", "gradual", "--train-seq-len", "256",
-                                      "--train-batch-size", "2", "--loss-weights", "1,1,0", "-o", str(tmp_path / "f")])
+    # returns None, as a distributed run's other processes do: nothing to print
+    monkeypatch.setattr("ziplm_planner.pipeline.compress_model", lambda *args: seen.update(compress=args[5]))
+    monkeypatch.setattr("ziplm_planner.api.profile_model",
+                        lambda loaded, spec, settings: seen.update(profile=(spec, settings)) or fake_table())
+
+    def generate_text(model, output, prompts, settings):
+        seen.update(generate=settings)
+        return SimpleNamespace(samples=["a"], new_tokens=1, tokens_per_second=1.0)
+
+    monkeypatch.setattr("ziplm_planner.api.generate_text", generate_text)
+    return seen
+
+
+def test_the_commands_defaults_are_the_settings_defaults(captured, tmp_path):
+    for args in ([*COMPRESS, "-o", str(tmp_path / "f")], ["profile", "minilm", "-o", str(tmp_path / "t.json")],
+                 ["generate-text", "smollm2", "-o", str(tmp_path / "g.txt")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+    assert captured["compress"] == CompressSettings()
+    assert captured["profile"] == (InferenceSpec(threads=os.cpu_count()), ProfileSettings())  # all cores, as before
+    assert captured["generate"] == GenerationSettings()
+
+
+def test_compress_options_reach_the_settings(captured, tmp_path):
+    result = CliRunner().invoke(cli, [
+        *COMPRESS, "--method", "magnitude", "--num-samples", "9", "--seed", "3", "--calibration-inputs", "corrected",
+        "--block-errors", "relative", "--search-evaluations", "7", "--score-samples", "5", "--score-on", "held-out",
+        "--verify-rounds", "40", "--max-replans", "1", "--no-onnx", "--cache-dir", str(tmp_path / "cache"),
+        "--recovery", "gradual", "--train-data", "t.txt", "--train-tokens", "1000", "--train-batch-size", "2",
+        "--train-seq-len", "256", "--learning-rate", "1e-3", "--warmup", "0.2", "--loss-weights", "0.5,2,0",
+        "--temperature", "3", "--train-precision", "no", "--prune-steps", "2", "-o", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
-    assert (seen[0].verify_rounds, seen[0].max_replans, seen[0].search_evaluations) == (40, 1, 7)
-    train = seen[0].recovery.train
-    assert (seen[0].recovery.mode, train.seq_len, train.batch_size, train.weights.squarehead) == ("gradual", 256, 2, 0)
+    train = TrainSettings(tokens=1000, batch_size=2, seq_len=256, learning_rate=1e-3, warmup=0.2,
+                          weights=LossWeights(0.5, 2, 0, temperature=3), precision="no", seed=3)  # --seed: both seeds
+    expected = CompressSettings(method="magnitude", num_samples=9, seed=3, calibration_inputs="corrected",
+                                block_errors="relative", search_evaluations=7, score_samples=5, score_on="held-out",
+                                verify_rounds=40, max_replans=1, onnx=False, cache_dir=tmp_path / "cache",
+                                recovery=RecoverySettings("gradual", "t.txt", train, prune_steps=2))
+    assert captured["compress"] == expected
+    unchanged = {name for name, value in leaves(expected).items() if leaves(CompressSettings())[name] == value}
+    assert unchanged == {"CompressSettings.dampening"} | {n for n in PYTHON_ONLY if n.startswith("TrainSettings")}
+
+
+def test_profile_options_reach_the_spec_and_settings(captured, tmp_path):
+    result = CliRunner().invoke(cli, [
+        "profile", "minilm", "--backend", "onnxruntime", "--device", "cuda", "--dtype", "float32", "--threads", "3",
+        "--batch-size", "2", "--seq-len", "64", "--mode", "decode", "--context", "16", "--ffn-step", "32",
+        "--rounds", "5", "--estimator", "median", "--retries", "0", "-o", str(tmp_path / "t.json")])
+    assert result.exit_code == 0, result.output
+    spec, settings = captured["profile"]
+    assert spec == InferenceSpec(backend="onnxruntime", device="cuda", threads=3, batch_size=2, seq_len=1,
+                                 mode="decode", context=16)  # decode times one new token
+    assert settings == ProfileSettings(ffn_step=32, rounds=5, estimator="median", retries=0)
 
 
 def test_generate_text_options_reach_the_settings(monkeypatch, tmp_path):

@@ -331,7 +331,7 @@ class BudgetRecorder:
 def test_members_are_replanned_until_measured_inside_the_band(setup, tmp_path, factors, expected_replans, status):
     from ziplm_planner.calibrate import CalibrationLoss
     from ziplm_planner.database import build_database
-    from ziplm_planner.pipeline import ZipLMPlanner
+    from ziplm_planner.ziplm import ZipLMPlanner
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path)
@@ -395,20 +395,20 @@ def test_same_seed_table_and_data_give_the_same_family_byte_for_byte(setup, tmp_
 def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch, model_type, mode):
     """Prefill, or for a decoder one new token after a cached context: the member's model.onnx is
     timed (fed its KV cache in decode mode), ships byte for byte, and re-times with `verify`."""
-    import ziplm_planner.pipeline as pipeline
+    import ziplm_planner.familydir as familydir
 
     loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=model_type == "llama")
     shape = dict(seq_len=16) if mode == "prefill" else dict(seq_len=1, mode="decode", context=12)
     table = measured_table(loaded, backend="onnxruntime", **shape)
     calib = write_sentences(tmp_path / "calib.txt")
     timed = {}
-    real_save = pipeline.save_member
+    real_save = familydir.save_member
 
     def save_and_record(folder, *args, onnx_file=None, **kwargs):
         timed[folder.name] = onnx_file.read_bytes()
         return real_save(folder, *args, onnx_file=onnx_file, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_member", save_and_record)
+    monkeypatch.setattr(familydir, "save_member", save_and_record)
     report = compress_model(loaded, table, [within(table, 1.5)], str(calib), tmp_path / "family",
                             fast_settings(tmp_path, max_replans=0))
     for row in report.rows:
@@ -468,7 +468,7 @@ def test_output_holding_other_files_is_refused_without_overwrite(setup, tmp_path
 
 @pytest.mark.parametrize("content", [b"\x00\xff garbage", b'{"source": ', b"[1, 2]", b'"just a string"'])
 def test_unreadable_family_manifest_is_another_family(tmp_path, content):
-    from ziplm_planner.pipeline import prepare_family_dir
+    from ziplm_planner.familydir import prepare_family_dir
 
     out = tmp_path / "family"
     out.mkdir()
@@ -510,26 +510,26 @@ def test_nan_hessian_names_the_layer(setup, tmp_path):
 
 
 def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cache(setup, tmp_path, monkeypatch):
-    import ziplm_planner.pipeline as pipeline
+    import ziplm_planner.familydir as familydir
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path, onnx=False, max_replans=0)
     out = tmp_path / "family"
-    real_save = pipeline.save_member
+    real_save = familydir.save_member
 
     def interrupt_on_second_target(folder, *args, **kwargs):
         if folder.name != "dense" and any(p.name.startswith("x") for p in out.iterdir()):
             raise KeyboardInterrupt
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_member", interrupt_on_second_target)
+    monkeypatch.setattr(familydir, "save_member", interrupt_on_second_target)
     with pytest.raises(KeyboardInterrupt):
         compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     monkeypatch.undo()
     complete = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "pruning.json").exists())
     assert complete == ["dense", "x1.2"] and not (out / "report.json").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    saved = record_saves(monkeypatch, pipeline)
+    saved = record_saves(monkeypatch, familydir)
     dense_row = json.loads((out / "dense" / "measurement.json").read_text())
     again = compress_model(loaded, table, [1.2, within(table, 1.6)], str(calib), out, settings)
     assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()
@@ -537,15 +537,15 @@ def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cach
     assert again.rows[0] == {k: v for k, v in dense_row.items() if k not in ("timing", "training")}
 
 
-def record_saves(monkeypatch, pipeline) -> list[str]:
+def record_saves(monkeypatch, familydir) -> list[str]:
     """Names of the member folders save_member writes from now on."""
-    saved, real_save = [], pipeline.save_member
+    saved, real_save = [], familydir.save_member
 
     def save(folder, *args, **kwargs):
         saved.append(folder.name)
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_member", save)
+    monkeypatch.setattr(familydir, "save_member", save)
     return saved
 
 
@@ -556,7 +556,7 @@ def record_saves(monkeypatch, pipeline) -> list[str]:
     lambda record: record.update(predicted_ms=record["predicted_ms"] * 2),  # another table
 ])
 def test_incomplete_or_stale_dense_is_rebuilt(setup, tmp_path, monkeypatch, damage):
-    import ziplm_planner.pipeline as pipeline
+    import ziplm_planner.familydir as familydir
 
     loaded, table, calib = setup
     settings = fast_settings(tmp_path, onnx=False, max_replans=0)
@@ -566,23 +566,33 @@ def test_incomplete_or_stale_dense_is_rebuilt(setup, tmp_path, monkeypatch, dama
     record = json.loads(path.read_text())
     damage(record)
     path.write_text(json.dumps(record))
-    saved = record_saves(monkeypatch, pipeline)
+    saved = record_saves(monkeypatch, familydir)
     again = compress_model(loaded, table, [1.2], str(calib), out, settings)
     assert saved[0] == "dense"
     rewritten = json.loads(path.read_text())
     assert again.rows[0] == {k: v for k, v in rewritten.items() if k not in ("timing", "training")} and "timing" in rewritten
 
 
+def assert_reloads_as_scored(setup, settings, folder, row):
+    """The saved member, rebuilt from its folder, has the calibration loss the report gave the member in memory."""
+    from ziplm_planner.calibrate import CalibrationLoss
+
+    loaded, table, calib = setup
+    calibration = load_calibration(loaded, str(calib), table.spec.calibration_length, settings.num_samples, settings.seed)
+    loss = CalibrationLoss(loaded.model, loaded.kind, calibration.batches(settings.score_samples))(load_pruned(folder))
+    assert row["calibration_loss"] == pytest.approx(loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("method", ["magnitude", "uniform", "layerdrop", "kwon"])
 def test_baselines_make_families_in_the_same_format(setup, tmp_path, method):
     loaded, table, calib = setup
     out = tmp_path / method
-    report = compress_model(loaded, table, [within(table, 1.5)], str(calib), out,
-                            fast_settings(tmp_path, method=method, onnx=False, max_replans=0))
+    settings = fast_settings(tmp_path, method=method, onnx=False, max_replans=0)
+    report = compress_model(loaded, table, [within(table, 1.5)], str(calib), out, settings)
     assert report.metadata["method"] == method
     row = report.rows[1]
     assert row["predicted_speedup"] >= row["target"] * 0.999
-    assert load_pruned(out / row["folder"]) is not None
+    assert_reloads_as_scored(setup, settings, out / row["folder"], row)
 
 
 def test_unknown_method_is_refused(tmp_path):
@@ -610,8 +620,7 @@ def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path, ca
     measurement = json.loads((out / row["folder"] / "measurement.json").read_text())
     assert measurement["training"]["curve"][-1]["step"] == row["train_steps"]
     assert not list(out.glob(".train-*"))  # checkpoints go once the member is saved
-    member = load_pruned(out / row["folder"])
-    assert member is not None
+    assert_reloads_as_scored(setup, settings, out / row["folder"], row)  # the trained weights, not the pruned ones
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -674,7 +683,7 @@ def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tm
 
 
 def test_intermediate_speedups_are_evenly_spaced_in_log_speedup():
-    from ziplm_planner.pipeline import intermediate_speedups
+    from ziplm_planner.member import intermediate_speedups
 
     assert intermediate_speedups(1.5, 3.0, 1) == []
     assert intermediate_speedups(1.0, 2.0, 2) == pytest.approx([2 ** 0.5])
@@ -783,6 +792,7 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, 
     """On a quiet machine (a verifier that measures what the table predicts), stopping after the first
     member (and, in steps, after the second one's intermediate step) and running again reuses that
     member and ends with the family an uninterrupted run makes."""
+    import ziplm_planner.familydir as familydir
     import ziplm_planner.pipeline as pipeline
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
@@ -797,18 +807,18 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, 
         return compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
 
     run("whole")
-    real_save = pipeline.save_member
+    real_save = familydir.save_member
 
     def stop_at_the_second_member(folder, *args, **kwargs):
         if folder.name == f"x{targets[1]:g}":
             raise KeyboardInterrupt
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_member", stop_at_the_second_member)
+    monkeypatch.setattr(familydir, "save_member", stop_at_the_second_member)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
-    monkeypatch.setattr(pipeline, "save_member", real_save)
-    saved = record_saves(monkeypatch, pipeline)
+    monkeypatch.setattr(familydir, "save_member", real_save)
+    saved = record_saves(monkeypatch, familydir)
     run("resumed")
     assert saved == [f"x{targets[1]:g}"]  # dense and the first member were reused
     for member in ("dense", "x1.2", f"x{targets[1]:g}"):
@@ -822,6 +832,7 @@ def test_a_member_interrupted_in_training_is_trained_on_as_verified_when_the_mac
     resumed on a machine now slower than its table: verifying again would re-plan that member tighter
     (the measured speedup would miss), losing its training. It is not verified again: the model the
     first run verified is trained on from its checkpoint, and the family equals an uninterrupted run's."""
+    import ziplm_planner.familydir as familydir
     import ziplm_planner.pipeline as pipeline
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
@@ -840,18 +851,18 @@ def test_a_member_interrupted_in_training_is_trained_on_as_verified_when_the_mac
         return compress_model(loaded, table, targets, str(calib), tmp_path / name, settings)
 
     run("whole")
-    real_save = pipeline.save_member
+    real_save = familydir.save_member
 
     def stop_at_the_second_member(folder, *args, **kwargs):
         if folder.name == second:
             raise KeyboardInterrupt
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_member", stop_at_the_second_member)
+    monkeypatch.setattr(familydir, "save_member", stop_at_the_second_member)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
     assert (tmp_path / "resumed" / f".verified-{second}").is_dir()
-    monkeypatch.setattr(pipeline, "save_member", real_save)
+    monkeypatch.setattr(familydir, "save_member", real_save)
     machine["now"] = "slower"
     report = run("resumed")
     assert report.rows[2]["replans"] == 0  # as the first run verified it
@@ -873,7 +884,7 @@ def test_a_family_is_resumed_from_data_copied_anew_and_refused_on_data_changed(s
     import os
     import shutil
 
-    import ziplm_planner.pipeline as pipeline
+    import ziplm_planner.familydir as familydir
     from ziplm_planner.settings import RecoverySettings, TrainSettings
 
     loaded, table, calib = setup
@@ -887,7 +898,7 @@ def test_a_family_is_resumed_from_data_copied_anew_and_refused_on_data_changed(s
         shutil.copy(copied, tmp_path / "fresh")
         os.replace(tmp_path / "fresh", copied)
         os.utime(copied, (later, later))
-    saved = record_saves(monkeypatch, pipeline)
+    saved = record_saves(monkeypatch, familydir)
     compress_model(loaded, table, [1.2], str(calib), tmp_path / "f", settings)
     assert saved == []
     with open(text, "a") as file:

@@ -7,9 +7,10 @@ import torch
 
 from ziplm_planner.data import (
     TextDataset,
-    calibration_texts,
     draw,
     read_dataset,
+    sample_rows,
+    sentences,
     tokenize_sentences,
     tokenize_stream,
 )
@@ -171,25 +172,30 @@ def test_hf_dataset_name_uses_datasets(monkeypatch):
         read_dataset("broken")
 
 
-def test_calibration_texts_deterministic_and_sized():
+def drawn(dataset, num_samples, seed, held_out=0):
+    return [sentences(dataset)[i] for i in sample_rows(dataset, num_samples, seed, held_out)]
+
+
+def test_sample_rows_are_deterministic_and_sized():
     ds = TextDataset([f"s{i}" for i in range(50)], None, None, "text", "mem")
-    a, b = calibration_texts(ds, 10, seed=0), calibration_texts(ds, 10, seed=0)
+    a, b = drawn(ds, 10, seed=0), drawn(ds, 10, seed=0)
     assert a == b and len(a) == 10 and len(set(a)) == 10 and set(a) <= set(ds.texts)
-    assert calibration_texts(ds, 10, seed=1) != a
-    assert sorted(calibration_texts(ds, 500, seed=0)) == sorted(ds.texts)
+    assert drawn(ds, 10, seed=1) != a
+    assert sorted(drawn(ds, 500, seed=0)) == sorted(ds.texts)
+    assert drawn(ds, None, seed=0) == ds.texts  # every sample, in order
     pairs = TextDataset(["a", "c"], [("a", "b"), ("c", "d")], [1.0, 2.0], "stsb", "mem")
-    assert sorted(calibration_texts(pairs, 10, seed=0)) == ["a", "b", "c", "d"]
+    assert sentences(pairs) == ["a", "b", "c", "d"] and sorted(drawn(pairs, 10, seed=0)) == ["a", "b", "c", "d"]
     with pytest.raises(UserError, match=">= 1"):
-        calibration_texts(ds, 0, seed=0)
+        sample_rows(ds, 0, seed=0)
 
 
 def test_held_out_samples_are_others_and_leave_the_calibration_sample_as_it_was():
     ds = TextDataset([f"s{i}" for i in range(50)], None, None, "text", "mem")
     for seed in (0, 3):
-        with_held = calibration_texts(ds, 10, seed, held_out=15)
-        assert with_held[:10] == calibration_texts(ds, 10, seed) and len(with_held) == 25
+        with_held = drawn(ds, 10, seed, held_out=15)
+        assert with_held[:10] == drawn(ds, 10, seed) and len(with_held) == 25
         assert not set(with_held[:10]) & set(with_held[10:]) and len(set(with_held)) == 25
-    assert len(calibration_texts(ds, 40, 0, held_out=15)) == 50  # only what is left
+    assert len(drawn(ds, 40, 0, held_out=15)) == 50  # only what is left
     assert draw(5, 10, 0, held_out=3) == draw(5, 10, 0)  # nothing left to hold out
 
 
@@ -257,5 +263,5 @@ def test_tokenize_errors(gpt_like_tok, call, match):
 @needs_shared
 def test_stream_on_wikitext_with_bert(bert_tok):
     ds = read_dataset(SHARED / "wikitext2" / "wiki.valid.raw")
-    tb = tokenize_stream(bert_tok, calibration_texts(ds, 64, seed=0), seq_len=128, num_samples=8, seed=0)
+    tb = tokenize_stream(bert_tok, drawn(ds, 64, seed=0), seq_len=128, num_samples=8, seed=0)
     assert tb.input_ids.shape == (8, 128) and tb.num_tokens == 8 * 128

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ziplm_planner.settings import LossWeights, TrainSettings
-from ziplm_planner.distill import (causal_lm_loss, distillation_terms, embedding_distance, kl_divergence,
-                                   squarehead)
-from ziplm_planner.models import CAUSAL_LM, EMBEDDING
-from tiny_models import random_batch, tiny_model
+from ziplm_planner.distill import distillation_terms, squarehead
+from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING, causal_lm_loss, embedding_distance, kind_named, kl_divergence
+from tiny_models import KIND_MODEL_TYPES, random_batch, tiny_model, tiny_of_kind
 
 
 def padded_pair(seed=0, layers=3):
@@ -78,9 +77,10 @@ def test_causal_lm_loss_is_the_models_own_loss_on_real_tokens():
     torch.testing.assert_close(causal_lm_loss(out.logits, batch["input_ids"], batch["attention_mask"]), out.loss)
 
 
-@pytest.mark.parametrize("model_type,kind", [("bert", EMBEDDING), ("llama", CAUSAL_LM)])
-def test_a_student_equal_to_its_teacher_loses_only_the_task_loss(model_type, kind):
-    teacher = tiny_model(model_type, causal_lm=kind == CAUSAL_LM)
+@pytest.mark.parametrize("kind_name,model_type", KIND_MODEL_TYPES.items())
+def test_a_student_equal_to_its_teacher_loses_only_the_task_loss(kind_name, model_type):
+    kind = kind_named(kind_name)
+    teacher = tiny_of_kind(kind, model_type)
     student = copy.deepcopy(teacher)
     batch = random_batch(teacher)
     with torch.no_grad():
@@ -93,8 +93,7 @@ def test_a_student_equal_to_its_teacher_loses_only_the_task_loss(model_type, kin
 
 @pytest.mark.parametrize("model_type,kind,weight", [("llama", CAUSAL_LM, 0.0), ("bert", EMBEDDING, 1.0)])
 def test_squarehead_is_logged_for_every_model_and_trained_on_only_with_a_weight(model_type, kind, weight):
-    teacher = tiny_model(model_type, causal_lm=kind == CAUSAL_LM)
-    student = tiny_model(model_type, causal_lm=kind == CAUSAL_LM, seed=1)
+    teacher, student = tiny_of_kind(kind, model_type), tiny_of_kind(kind, model_type, seed=1)
     batch = random_batch(teacher)
     with torch.no_grad():
         teacher_out = teacher(**batch, output_hidden_states=True)

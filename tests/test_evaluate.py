@@ -13,14 +13,13 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from ziplm_planner import evaluate
-from ziplm_planner.adapters import model_shape
-from ziplm_planner.pipeline import FamilyReport
+from ziplm_planner import evaluate, export
+from ziplm_planner.family import FamilyReport
 from ziplm_planner.verify import member_name
 from ziplm_planner.errors import UserError
 from ziplm_planner.evaluate import TASKS, evaluate_family, perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned, load_pruned_tokenizer, save_member
-from ziplm_planner.models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
+from ziplm_planner.kinds import CAUSAL_LM, CLASSIFICATION, EMBEDDING, ModelKind
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, count_parameters
 from tiny_models import minilm_tokenizer, tiny_loaded_with_tokenizer, write_sentences
 
@@ -54,7 +53,7 @@ def spread(model):
     return model
 
 
-def build_family(root: Path, model, tokenizer, kind: str, plans: dict[float, PruningPlan]) -> Path:
+def build_family(root: Path, model, tokenizer, kind: ModelKind, plans: dict[float, PruningPlan]) -> Path:
     """Member folders by save_member, and a report.json / report.csv as compress writes them."""
     rows = []
     for target, plan in plans.items():
@@ -64,7 +63,7 @@ def build_family(root: Path, model, tokenizer, kind: str, plans: dict[float, Pru
         rows.append({"target": target, "folder": member_name(target), "met_target": True, "predicted_ms": 1.0 / target,
                      "measured_speedup": target, "parameters": count_parameters(member), "replans": 0,
                      "kept_attention": [a.query_heads for a, _ in counts], "kept_ffn": [f for _, f in counts]})
-    FamilyReport(rows, {"model": "tiny", "model_kind": kind}).save(root)
+    FamilyReport(rows, {"model": "tiny", "model_kind": kind.name}).save(root)
     return root
 
 
@@ -76,7 +75,7 @@ def families(tmp_path_factory):
     data.mkdir()
     bert = tiny_loaded_with_tokenizer("bert")
     spread(bert.model)
-    shape = model_shape(bert.model.config)  # 2 layers, 4 heads, FFN 48
+    shape = bert.shape  # 2 layers, 4 heads, FFN 48
     build_family(root / "bert", bert.model, bert.tokenizer, EMBEDDING, {
         1.0: PruningPlan.dense(shape),
         1.5: PruningPlan(shape, [LayerPlan([0, 1, 2], list(range(32))), LayerPlan([1, 2, 3], list(range(8, 48)))]),
@@ -98,7 +97,7 @@ def families(tmp_path_factory):
     })
 
     llama = tiny_loaded_with_tokenizer("llama", causal_lm=True)
-    shape = model_shape(llama.model.config)  # 2 layers, 2 KV groups, FFN 48
+    shape = llama.shape  # 2 layers, 2 KV groups, FFN 48
     build_family(root / "llama", llama.model, llama.tokenizer, CAUSAL_LM, {
         1.0: PruningPlan.dense(shape),
         2.0: PruningPlan(shape, [LayerPlan([0], list(range(24))), LayerPlan([1], list(range(24, 48)))]),
@@ -167,14 +166,14 @@ def test_torch_and_onnx_backends_give_the_same_scores(families, tmp_path, name, 
 def test_a_failure_midway_leaves_the_report_as_it_was(families, tmp_path, monkeypatch):
     folder = family(families, "bert", tmp_path)
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    real = evaluate.load_pruned
+    real = export.load_pruned  # the torch backend loads each member with it
 
     def failing(path):
         if Path(path).name == "x2":  # the last member
             raise RuntimeError("scoring failed")
         return real(path)
 
-    monkeypatch.setattr(evaluate, "load_pruned", failing)
+    monkeypatch.setattr(export, "load_pruned", failing)
     with pytest.raises(RuntimeError, match="scoring failed"):
         evaluate_family(folder, "stsb", data(families, "sts.csv"))
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

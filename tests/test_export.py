@@ -15,7 +15,7 @@ from ziplm_planner.backends import TRACE_SHAPE
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import check_onnx, load_pruned, load_pruned_tokenizer, ort_generate, save_member
-from ziplm_planner.models import CAUSAL_LM, CLASSIFICATION, EMBEDDING
+from ziplm_planner.kinds import CAUSAL_LM, CLASSIFICATION, EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, count_parameters
 from tiny_models import DECODER_TYPES, TINY_CONFIGS, random_batch, tiny_model
 
@@ -61,7 +61,7 @@ def test_saved_member_reloads_to_the_same_model(tmp_path, model_type, causal_lm,
     assert count_parameters(reloaded) == count_parameters(model) == record["parameters"]
     on_disk = json.loads((tmp_path / "member" / "pruning.json").read_text())
     assert on_disk == record
-    assert on_disk["format"] == export.FORMAT and on_disk["kind"] == kind and on_disk["target_speedup"] == 2.0
+    assert on_disk["format"] == export.FORMAT and on_disk["kind"] == kind.name and on_disk["target_speedup"] == 2.0
     assert PruningPlan.from_dict(on_disk["plan"]) == plan
     assert on_disk["model_class"] == type(model).__name__ and on_disk["onnx"] is None
     # the ORIGINAL dense config: a pruned config would fail hidden_size % heads

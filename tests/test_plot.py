@@ -131,7 +131,7 @@ def test_layers_writes_png_and_svg(families, tmp_path):
 
 
 def test_layers_reads_a_report_written_by_compress(tmp_path):
-    from ziplm_planner.pipeline import FamilyReport
+    from ziplm_planner.family import FamilyReport
     from ziplm_planner.adapters.base import ModelShape
     from ziplm_planner.surgery import LayerPlan, PruningPlan
     from ziplm_planner.timing import TimingStats

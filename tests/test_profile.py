@@ -214,6 +214,7 @@ def test_shipped_tables_load():
     (dict(batch_size=0), "batch size must be at least 1"), (dict(seq_len=0), "seq len must be at least 1"),
     (dict(backend="tensorrt"), "backend"), (dict(mode="decode"), "needs --context"),
     (dict(context=8), "decode mode only"),
+    (dict(backend="onnxruntime", dtype="bfloat16"), "onnxruntime times the float32 model.onnx"),
 ])
 def test_bad_specs_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from ziplm_planner.adapters import SUPPORTED_MODEL_TYPES, architecture_for, get_module, model_layers, model_shape
 from ziplm_planner.errors import UserError
 from ziplm_planner.kvcache import cache_argument
+from ziplm_planner.layers import weight_out_in
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, build_pruned, count_parameters, unit_rows
 from tiny_models import GQA_TYPES, TINY_CONFIGS, gqa_model, random_batch, tiny_model
 
@@ -33,8 +34,7 @@ def zero_removed(model, plan: PruningPlan):
             out = get_module(layer, path)
             removed = unit_rows(sorted(set(range(total)) - set(kept_idx)), width)
             with torch.no_grad():
-                weight_in_dim = 0 if arch.conv1d else 1  # Conv1D weight is (in, out)
-                out.weight.index_fill_(weight_in_dim, removed, 0.0)
+                weight_out_in(out).index_fill_(1, removed, 0.0)
                 if not kept_idx and out.bias is not None:
                     out.bias.zero_()  # a removed pre-norm block adds nothing, bias included
     return model

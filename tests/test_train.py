@@ -13,7 +13,7 @@ from ziplm_planner.adapters import model_shape
 from ziplm_planner.data import TokenBatches
 from ziplm_planner.distill import distillation_terms
 from ziplm_planner.errors import UserError
-from ziplm_planner.models import CAUSAL_LM, EMBEDDING
+from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
 from ziplm_planner.settings import TrainSettings
 from ziplm_planner.train import autocast_precision, distil, make_accelerator, planned_steps
@@ -215,7 +215,7 @@ BF16_DISTIL = """
 import copy, sys, torch
 sys.path.insert(0, "tests")
 from test_train import settings, tiny_data, tiny_pair
-from ziplm_planner.models import EMBEDDING
+from ziplm_planner.kinds import EMBEDDING
 from ziplm_planner.train import distil, make_accelerator
 student, teacher = tiny_pair()
 plain = copy.deepcopy(student)  # never prepared: its forward is the model's own

@@ -16,7 +16,7 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-from ziplm_planner.adapters import ATTENTION, FFN, model_shape
+from ziplm_planner.adapters import ATTENTION, FFN
 from ziplm_planner.calibrate import Calibration
 from ziplm_planner.data import TokenBatches
 from ziplm_planner.profiler import ProfileSettings, profile_model
@@ -52,6 +52,7 @@ TINY_CONFIGS = {
 }
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 GQA_TYPES = ("llama", "mistral", "qwen2")
+KIND_MODEL_TYPES = {"embedding": "bert", "classification": "bert", "causal-lm": "llama"}  # per registered kind
 
 
 def gqa_model(model_type: str, kv_groups: int, heads_per_group: int, seed: int = 0):
@@ -69,6 +70,12 @@ def tiny_model(model_type: str, causal_lm: bool = False, seed: int = 0):
     config = TINY_CONFIGS[model_type]()
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     return spread_weights(cls.from_config(config, attn_implementation="sdpa").eval())
+
+
+def tiny_of_kind(kind, model_type: str, seed: int = 0):
+    """A tiny model of a kinds.ModelKind, built by the kind's own Auto class."""
+    torch.manual_seed(seed)
+    return spread_weights(kind.auto_class.from_config(TINY_CONFIGS[model_type](), attn_implementation="sdpa").eval())
 
 
 def spread_weights(model):
@@ -93,7 +100,8 @@ def tiny_loaded(model_type: str, causal_lm: bool = False, seed: int = 0):
     """A tiny model wrapped as the planner loads real ones (a stand-in tokenizer: only its input names are used)."""
     from types import SimpleNamespace
 
-    from ziplm_planner.models import CAUSAL_LM, EMBEDDING, LoadedModel, ModelSource
+    from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING
+    from ziplm_planner.models import LoadedModel, ModelSource
 
     model = tiny_model(model_type, causal_lm=causal_lm, seed=seed)
     names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
@@ -110,7 +118,8 @@ def minilm_tokenizer():
 
 def tiny_loaded_with_tokenizer(model_type: str = "bert", causal_lm: bool = False, seed: int = 0):
     """A tiny model whose vocabulary fits the real MiniLM tokenizer, for stages that tokenise text."""
-    from ziplm_planner.models import CAUSAL_LM, EMBEDDING, LoadedModel, ModelSource
+    from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING
+    from ziplm_planner.models import LoadedModel, ModelSource
 
     tokenizer = minilm_tokenizer()
     torch.manual_seed(seed)
@@ -138,7 +147,7 @@ def write_sentences(path, count: int = 200, seed: int = 0):
 def linear_table(loaded) -> LatencyTable:
     """Attention g KV groups of h query heads: g * h / (heads per dense group) ms, so k whole units
     take k ms; FFN n neurons (levels 16, 32, 48): n/16 ms; fixed part 1 ms."""
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     records = [{"block": FIXED, "level": 0, "time_ms": 1.0}]
     records += [{"block": ATTENTION, "level": g, "heads": h, "time_ms": g * h / shape.q_per_unit}
                 for g in range(1, shape.attention_units + 1) for h in range(1, shape.q_per_unit + 1)]

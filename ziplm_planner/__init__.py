@@ -13,8 +13,15 @@ import importlib
 # torch and transformers take seconds to load and `ziplm-planner --help` needs neither.
 _PUBLIC = {
     "AttentionLevel": "adapters",
+    "CompressSettings": "settings",
+    "FamilyReport": "family",
+    "GenerationSettings": "settings",
     "InferenceSpec": "spec",
     "LatencyTable": "table",
+    "LossWeights": "settings",
+    "ProfileSettings": "settings",
+    "RecoverySettings": "settings",
+    "TrainSettings": "settings",
     "compress": "api",
     "generate_text": "api",
     "load_model": "models",

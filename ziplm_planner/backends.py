@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,8 +29,11 @@ from torch import nn
 from .adapters import model_shape
 from .errors import UserError
 from .kvcache import cache_argument, cache_from_tensors, cache_tensors, find_cache
-from .models import CAUSAL_LM, CLASSIFICATION
+from .kinds import ModelKind
 from .spec import InferenceSpec
+
+if TYPE_CHECKING:
+    from .profiler import Workload
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +49,6 @@ class TensorCall(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self.fn(self.inner, dict(zip(self.names, tensors)))
-
-
-def model_output(kind: str) -> tuple[str, Callable]:
-    """The output a deployed model of this kind returns, and how to take it from a forward."""
-    if kind == CAUSAL_LM:
-        return "logits", lambda model, inputs: model(**inputs, use_cache=False).logits
-    if kind == CLASSIFICATION:
-        return "logits", lambda model, inputs: model(**inputs).logits
-    return "last_hidden_state", lambda model, inputs: model(**inputs).last_hidden_state
 
 
 def input_names(model: nn.Module, tokenizer) -> list[str]:
@@ -79,8 +74,9 @@ def random_inputs(model: nn.Module, names: list[str], batch: int, seq: int, seed
     return {name: make[name]() for name in names}
 
 
-def model_call(model: nn.Module, kind: str, input_names: list[str]) -> TensorCall:
-    return TensorCall(model, input_names, model_output(kind)[1])
+def model_call(model: nn.Module, kind: ModelKind, input_names: list[str]) -> TensorCall:
+    """The model's deployed output (`kind.output`) from named tensors."""
+    return TensorCall(model, input_names, kind.output)
 
 
 # --- the deployed model's ONNX file --------------------------------------------------------------
@@ -113,14 +109,14 @@ def past_name(present: str) -> str:
     return PAST + present[len(PRESENT):]
 
 
-def model_graph(model: nn.Module, kind: str, names: list[str]) -> ModelGraph:
-    """The graph of a member: the tokenizer's inputs and the model's output; a causal LM's also
-    takes positions and its KV cache (per layer, batch x kv_heads x past_sequence x head_dim, the
-    pruned layer's own head count and width) and returns the cache grown by the new tokens."""
-    if kind != CAUSAL_LM:
-        output = model_output(kind)[0]
-        output_axes = {0: "batch"} if kind == CLASSIFICATION else TOKEN_AXES  # (batch, labels)
-        return ModelGraph(names, [output], {**{name: TOKEN_AXES for name in names}, output: output_axes})
+def model_graph(model: nn.Module, kind: ModelKind, names: list[str]) -> ModelGraph:
+    """The graph of a member: the tokenizer's inputs and the model's output; a model that generates
+    (a causal LM) also takes positions and its KV cache (per layer, batch x kv_heads x past_sequence x
+    head_dim, the pruned layer's own head count and width) and returns the cache grown by the new tokens."""
+    if not kind.generates:
+        output = kind.output_name
+        axes = {**{name: TOKEN_AXES for name in names}, output: dict(enumerate(kind.output_axes))}
+        return ModelGraph(names, [output], axes)
     if "attention_mask" not in names:
         raise UserError(f"a causal LM's model.onnx takes an attention_mask, and its tokenizer gives only {names}")
     layers = model_shape(model.config).num_layers
@@ -165,12 +161,12 @@ def decoder_example(model: nn.Module, names: list[str]) -> dict[str, torch.Tenso
             POSITION_IDS: position_ids(mask)[:, TRACE_PAST:], **dict(zip(cache_names(PAST, len(past) // 2), past))}
 
 
-def export_model_onnx(model: nn.Module, kind: str, names: list[str], path: Path) -> Path:
+def export_model_onnx(model: nn.Module, kind: ModelKind, names: list[str], path: Path) -> Path:
     """The ONNX file a family member ships with (`model_graph`), every batch and sequence axis
     dynamic. The verifier and the profiler time files made here, so what they measure is what a
     user deploys (a static-shape export of dense MiniLM ran 6-12% slower in ONNX Runtime)."""
     graph = model_graph(model, kind, names)
-    if kind == CAUSAL_LM:
+    if kind.generates:
         call, example = TensorCall(model, graph.inputs, forward_with_cache), decoder_example(model, names)
     else:
         call, example = model_call(model, kind, names), padded_for_tracing(random_inputs(model, names, *TRACE_SHAPE))
@@ -335,21 +331,26 @@ def onnx_runner(path: Path, inputs: dict[str, torch.Tensor], spec: InferenceSpec
     return lambda: session.run(None, feeds)
 
 
-def build_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: InferenceSpec, workdir: Path,
-                 name: str) -> Callable[[], object]:
-    """A no-argument callable running `call` once on `inputs` on the spec's backend (for ONNX Runtime,
-    exported with the dynamic axes a deployed model has)."""
+# --- the registry: how each backend runs what is timed and what is scored -------------------------
+
+Runner = Callable[[], object]  # runs the timed thing once
+MODEL_ONNX, MODEL_WEIGHTS = "model.onnx", "model.safetensors"  # a member's files, as export.ONNX and export.WEIGHTS
+
+
+def at_spec_dtype(call: TensorCall, inputs: dict[str, torch.Tensor],
+                  spec: InferenceSpec) -> tuple[TensorCall, dict[str, torch.Tensor]]:
+    """`call` and its floating inputs in the spec's dtype."""
     dtype = torch_dtype(spec)
     if dtype != torch.float32 or spec.device != "cpu":
         call = copy.deepcopy(call)  # Module.to converts in place: leave the caller's model as it is
     call = call.to(dtype=dtype)
-    inputs = {n: t.to(dtype) if t.is_floating_point() else t for n, t in inputs.items()}
-    if spec.backend == "onnxruntime":
-        with torch.inference_mode():
-            output = call(*(inputs[n] for n in call.names))
-        path = export_onnx(call, padded_for_tracing(inputs), workdir / f"{name}.onnx", ["output"],
-                           symbolic_axes({n: inputs[n] for n in call.names}, output, spec))
-        return onnx_runner(path, inputs, spec)
+    return call, {n: t.to(dtype) if t.is_floating_point() else t for n, t in inputs.items()}
+
+
+def torch_block_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: InferenceSpec, workdir: Path,
+                       name: str) -> Runner:
+    """`call` run eagerly on the spec's device."""
+    call, inputs = at_spec_dtype(call, inputs, spec)
     call = call.to(device=spec.device)
     args = tuple(inputs[n].to(spec.device) for n in call.names)
 
@@ -359,5 +360,101 @@ def build_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: Infere
     return run
 
 
-def synchronizer(spec: InferenceSpec) -> Callable[[], None] | None:
-    return torch.cuda.synchronize if spec.device == "cuda" and spec.backend == "torch" else None
+def onnx_block_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: InferenceSpec, workdir: Path,
+                      name: str) -> Runner:
+    """`call` exported to `workdir/{name}.onnx` with the dynamic axes a deployed model has, run in ONNX Runtime."""
+    call, inputs = at_spec_dtype(call, inputs, spec)
+    with torch.inference_mode():
+        output = call(*(inputs[n] for n in call.names))
+    path = export_onnx(call, padded_for_tracing(inputs), workdir / f"{name}.onnx", ["output"],
+                       symbolic_axes({n: inputs[n] for n in call.names}, output, spec))
+    return onnx_runner(path, inputs, spec)
+
+
+def torch_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                       name: str) -> tuple[Runner, Path | None]:
+    return torch_block_runner(work.call(model), work.inputs, spec, workdir, name), None
+
+
+def onnx_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                      name: str) -> tuple[Runner, Path | None]:
+    """The model.onnx a member ships with, run in ONNX Runtime; returned, so the very file timed can ship."""
+    path = export_model_onnx(model, work.kind, work.names, workdir / f"{name}.onnx")
+    return onnx_runner(path, work.inputs, spec), path
+
+
+def torch_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                        name: str) -> Runner:
+    return torch_model_runner(model, work, spec, workdir, name)[0]
+
+
+def onnx_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                       name: str) -> Runner:
+    if not (folder / MODEL_ONNX).is_file():
+        raise UserError(f"member {folder} has no {MODEL_ONNX}: the family was made with --no-onnx")
+    return onnx_runner(folder / MODEL_ONNX, work.inputs, spec)
+
+
+# evaluate and export build on this module: their forwards and loader are imported when a member is scored.
+
+def torch_member_forward(folder: Path, kind: ModelKind) -> Callable:
+    from .evaluate import torch_forward
+    from .export import load_pruned
+
+    return torch_forward(load_pruned(folder), kind)
+
+
+def onnx_member_forward(folder: Path, kind: ModelKind) -> Callable:
+    from .evaluate import onnx_forward
+
+    return onnx_forward(folder / MODEL_ONNX)
+
+
+def cuda_synchronizer(spec: InferenceSpec) -> Callable[[], None] | None:
+    return torch.cuda.synchronize if spec.device == "cuda" else None
+
+
+def no_synchronizer(spec: InferenceSpec) -> None:
+    """ONNX Runtime returns once its outputs are on the host: nothing to wait for."""
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A runtime members deploy on, and everything the profiler, the verifier, `verify` and `evaluate`
+    do with it, so that none of them switches on its name (the dtypes it times are checked by
+    `InferenceSpec`, which the CLI reads without torch).
+
+    Runners take (what to run, ..., spec, workdir, name): a block or whole model's `TensorCall` and
+    inputs; a model and its `Workload` (returning the ONNX file timed, where the backend ships one);
+    a shipped member folder with its reloaded model and workload. `member_forward(folder, kind)` is
+    what evaluate scores the member with."""
+
+    name: str
+    timed: str  # what a member's timing runs, as reports name it
+    member_file: str  # the file of a member folder the backend runs
+    block_runner: Callable[[TensorCall, dict[str, torch.Tensor], InferenceSpec, Path, str], Runner]
+    model_runner: Callable[[nn.Module, Workload, InferenceSpec, Path, str], tuple[Runner, Path | None]]
+    member_runner: Callable[[Path, nn.Module, Workload, InferenceSpec, Path, str], Runner]
+    member_forward: Callable[[Path, ModelKind], Callable]
+    synchronizer: Callable[[InferenceSpec], Callable[[], None] | None]  # waited on before a clock is read
+
+
+BACKENDS = {backend.name: backend for backend in (
+    Backend("torch", "torch module", MODEL_WEIGHTS, torch_block_runner, torch_model_runner, torch_member_runner,
+            torch_member_forward, cuda_synchronizer),
+    Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, onnx_block_runner, onnx_model_runner, onnx_member_runner,
+            onnx_member_forward, no_synchronizer),
+)}
+ALIASES = {"onnx": "onnxruntime"}  # names evaluate also accepts
+
+
+def backend_named(name: str) -> Backend:
+    try:
+        return BACKENDS[ALIASES.get(name, name)]
+    except KeyError:
+        raise UserError(f"unknown backend {name!r}: use {' or '.join(BACKENDS)}") from None
+
+
+def backend_for(spec: InferenceSpec) -> Backend:
+    return BACKENDS[spec.backend]

@@ -33,12 +33,13 @@ from .adapters import (ATTENTION, BLOCKS, FFN, AttentionLevel, ModelShape, archi
                        model_layers, model_shape)
 from .calibrate import Calibration
 from .errors import UserError
+from .progress import stage
 from .fisher import fisher_targets, mask_gradients
 from .layers import LayerInput, capture_inputs, output_projection, propagate, run_layer, weight_out_in
 from .models import LoadedModel
 from .search import BlockLevels, solve_dp
 from .stitch import prune_block
-from .surgery import PruningPlan, unit_heads
+from .surgery import PruningPlan, count_parameters, unit_heads
 from .table import LatencyTable
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,21 @@ class StructurePlanner:
 
     method = ""
 
+    @classmethod
+    def prepare(cls, loaded: LoadedModel, table: LatencyTable, calibration: Calibration, settings,
+                score_loss=None, base: PruningPlan | None = None) -> StructurePlanner:
+        """The method's planner (planners.planner_for), its importances computed; `base`: what
+        `loaded.model` keeps of the dense model, when it is already pruned. Scores are the method's own."""
+        started = time.perf_counter()
+        where = "" if base is None else f"on the current model ({count_parameters(loaded.model):,} parameters)"
+        with stage(f"{cls.method} baseline", where):
+            planner = cls(loaded, table, calibration, settings.seed, base)
+        planner.seconds = time.perf_counter() - started
+        return planner
+
+    def metadata(self) -> dict:
+        return {"baseline_setup_seconds": round(self.seconds, 2)}
+
     def __init__(self, loaded: LoadedModel, table: LatencyTable, base: PruningPlan | None = None):
         self.loaded, self.table = loaded, table
         self.shape = model_shape(loaded.model.config)
@@ -419,18 +435,3 @@ class KwonPlanner(StructurePlanner):
     def finish(self, model: nn.Module) -> nn.Module:
         tune_masks(self.loaded.model, model, self.inputs)
         return model
-
-
-BASELINES = {planner.method: planner for planner in (MagnitudePlanner, UniformPlanner, LayerDropPlanner, KwonPlanner)}
-
-
-def baseline_planner(method: str, loaded: LoadedModel, table: LatencyTable, calibration: Calibration,
-                     seed: int = 0, base: PruningPlan | None = None) -> StructurePlanner:
-    """The planner of a baseline method, its importances computed; `base`: what `loaded.model` keeps of
-    the dense model, when it is already pruned."""
-    if method not in BASELINES:
-        raise UserError(f"unknown baseline method {method!r}: supported are {', '.join(BASELINES)}")
-    started = time.perf_counter()
-    planner = BASELINES[method](loaded, table, calibration, seed, base)
-    log.info("%s baseline: importances in %.1f s", method, time.perf_counter() - started)
-    return planner

@@ -6,29 +6,111 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, Field, fields, is_dataclass
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import click
 
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import (BLOCK_ERRORS, CALIBRATION_INPUTS, CAUSAL_LM_DEFAULTS, LOSS_TERMS, METHODS, OTHER_KIND_DEFAULTS,
-                       PERPLEXITY_SEQ_LEN, PRECISIONS, RECOVERY_MODES, SCORE_ON, CompressSettings, GenerationSettings,
-                       KindDefaults, LossWeights, ProfileSettings, RecoverySettings, TrainSettings, default)
-from .timing import ESTIMATORS
+from .settings import CLI, CompressSettings, GenerationSettings, Option, ProfileSettings
+from .spec import BACKENDS, InferenceSpec
 
 MODEL_FORMS = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
                f"{', '.join(ALIASES)}.")
 MODEL_HELP = f"{MODEL_FORMS} Default: {DEFAULT_MODEL}."
 TARGETS_HELP = "Speedup targets over the dense model, e.g. 1.5,2,3: one family member each."
-BACKEND_HELP = "Runtime the model is deployed on: PyTorch or ONNX Runtime."
 
 
-def default_weights(kind: KindDefaults) -> str:
-    """--loss-weights as a model of this kind gets them when the flag is left out."""
-    weights = LossWeights()
-    return f"{weights.task:g},{weights.kl:g},{kind.squarehead:g}"
+# --- settings on the command line: each option is declared once, in its field's metadata (settings.Option) --
+
+
+def cli_fields(cls) -> Iterator[tuple[type, Field, Option]]:
+    """(class, field, option) for every field of `cls` and of its nested settings that has an option, in order."""
+    for f in fields(cls):
+        if f.metadata.get(CLI):
+            yield cls, f, f.metadata[CLI]
+        if is_dataclass(f.default_factory):
+            yield from cli_fields(f.default_factory)
+        elif CLI not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} says neither its option nor PYTHON_ONLY")
+
+
+def flag(f: Field, option: Option) -> str:
+    return option.flag or "--" + f.name.replace("_", "-")
+
+
+def param_name(f: Field, option: Option) -> str:
+    """The keyword click passes the flag's value as."""
+    return flag(f, option).lstrip("-").replace("-", "_")
+
+
+def reads_text(f: Field) -> bool:
+    """Whether the flag is text its fields parse: --loss-weights, declared by the nested weights."""
+    return bool(f.metadata[CLI].parse) or is_dataclass(f.default_factory)
+
+
+def field_type(cls, f: Field) -> type:
+    """The type a flag's value has: text where it is parsed, else the field's (None taken out of an optional one)."""
+    if reads_text(f):
+        return str
+    hint = get_type_hints(cls)[f.name]
+    return next((t for t in get_args(hint) if t is not type(None)), hint)
+
+
+CLICK_TYPES = {int: int, float: float, str: str, Path: click.Path(path_type=Path)}
+
+
+def click_option(cls, f: Field, option: Option) -> tuple[list[str], dict]:
+    """click.option's arguments for the flag `option` declares."""
+    kind = field_type(cls, f)
+    if kind is bool:  # a flag: it flips the field's default
+        return [flag(f, option), param_name(f, option)], dict(is_flag=True, help=option.help)
+    if option.default:
+        default = option.default
+    elif reads_text(f):
+        default = None  # left out: the fields keep their defaults
+    else:
+        default = f.default_factory if f.default is MISSING else f.default  # click calls a factory when needed
+    return [flag(f, option), param_name(f, option)], dict(
+        type=click.Choice(option.choices) if option.choices else CLICK_TYPES[kind], default=default,
+        show_default=option.show_default, help=option.help)
+
+
+def settings_options(*classes) -> Callable:
+    """Decorator: a click option for every flag the fields of `classes` declare, in field order."""
+    declared = [click_option(owner, f, option)
+                for cls in classes for owner, f, option in cli_fields(cls) if option.help]
+
+    def decorate(command):
+        for decls, attrs in reversed(declared):  # click lists options in the reverse order of decoration
+            command = click.option(*decls, **attrs)(command)
+        return command
+
+    return decorate
+
+
+def settings_from(cls, flags: dict):
+    """`cls` made from click's keyword arguments: a flag left out (None) leaves its fields at their defaults."""
+    values = {}
+    for f in fields(cls):
+        option = f.metadata.get(CLI)
+        if is_dataclass(f.default_factory):
+            values[f.name] = settings_from(f.default_factory, flags)
+        elif option and (value := flags[param_name(f, option)]) is not None:
+            values[f.name] = option.parse(value) if option.parse else (
+                value != f.default if field_type(cls, f) is bool else value)
+    return cls(**values)
+
+
+def option_help(cls, name: str) -> str:
+    return next(f for f in fields(cls) if f.name == name).metadata[CLI].help
+
+
+# --- commands ------------------------------------------------------------------------------------------
 
 
 class DefaultCommandGroup(click.Group):
@@ -71,36 +153,15 @@ def profile() -> None:
 
 @profile.command("run", epilog=MODEL_HELP)
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
-              help=BACKEND_HELP)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per call, as deployed.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (prefill).")
-@click.option("--mode", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
-              help="prefill: one forward over --seq-len tokens; decode: one new token after --context cached ones.")
-@click.option("--context", type=int, default=0, help="KV-cache length for --mode decode.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads [default: all cores].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device to time on.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Weight and activation type (float16 on cuda only).")
-@click.option("--ffn-step", type=int, default=default(ProfileSettings, "ffn_step"), show_default=True, help="FFN sizes timed: multiples of this.")
-@click.option("--rounds", type=int, default=default(ProfileSettings, "rounds"), show_default=True,
-              help="Interleaved repetitions per block.")
-@click.option("--estimator", type=click.Choice(ESTIMATORS), default=default(ProfileSettings, "estimator"),
-              show_default=True,
-              help="Statistic of each block's timings taken as its cost (p10 stays stable on a busy machine).")
-@click.option("--retries", type=int, default=default(ProfileSettings, "retries"), show_default=True,
-              help="Profile again, up to this many times, while the table fails its trust checks (a noisy machine); "
-                   "the soundest is kept.")
+@settings_options(InferenceSpec, ProfileSettings)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Latency table to write (JSON).")
-def profile_run(model, backend, batch_size, seq_len, mode, context, threads, device, dtype, ffn_step, rounds,
-                estimator, retries, output) -> None:
+def profile_run(model, output, **flags) -> None:
     """Time MODEL's attention, FFN and fixed parts at every pruned size; write a latency table."""
     from . import api
 
-    table = api.profile(model, output=output, backend=backend, batch_size=batch_size, seq_len=seq_len, mode=mode,
-                        context=context, threads=threads, device=device, dtype=dtype,
-                        ffn_step=ffn_step, rounds=rounds, estimator=estimator, retries=retries)
+    table = api.profile(model, output, spec=settings_from(InferenceSpec, flags),
+                        settings=settings_from(ProfileSettings, flags))
     median, worst = table.additivity_errors()
     click.echo(f"wrote {output}: dense {table.dense_ms:.2f} ms predicted, fixed part {table.fixed_share:.1%} of it, "
                f"max speedup {table.max_speedup:.2f}x, additivity error median {median:.1%} max {worst:.1%}, "
@@ -121,81 +182,15 @@ def profile_show(table_path) -> None:
 @click.option("--profile", "table", type=click.Path(path_type=Path), required=True, help="Latency table (profile -o).")
 @click.option("--targets", required=True, help=TARGETS_HELP)
 @click.option("--calib", "calibration", required=True, help="Calibration data: text, STS-B or GLUE TSV file.")
-@click.option("--method", type=click.Choice(METHODS), default=default(CompressSettings, "method"),
-              show_default=True, help="ziplm, or a baseline planned on the same table and budgets.")
-@click.option("--num-samples", type=int, default=default(CompressSettings, "num_samples"), show_default=True, help="Calibration samples for the Hessians.")
-@click.option("--seed", type=int, default=default(CompressSettings, "seed"), show_default=True,
-              help="Seed of the calibration sample and the search.")
-@click.option("--calibration-inputs", type=click.Choice(CALIBRATION_INPUTS),
-              default=default(CompressSettings, "calibration_inputs"), show_default=True,
-              help="dense: members' OBS weights from the dense model's inputs; sequential: members re-pruned on "
-                   "inputs of the model compressed so far; corrected: the same structures as dense, weights fit "
-                   "layer by layer on the compressed model's inputs to the dense model's output.")
-@click.option("--block-errors", type=click.Choice(BLOCK_ERRORS), default=default(CompressSettings, "block_errors"),
-              show_default=True,
-              help="What the search weighs a block's OBS error by: fisher: its Fisher on the calibration loss, so blocks "
-                   "compare in loss units; relative: nothing (each block's error relative to its own output).")
-@click.option("--search-evaluations", type=int, default=default(CompressSettings, "search_evaluations"),
-              show_default=True, help="SPDY: models scored per target.")
-@click.option("--score-samples", type=int, default=default(CompressSettings, "score_samples"), show_default=True,
-              help="Calibration samples each SPDY candidate is scored on.")
-@click.option("--score-on", type=click.Choice(SCORE_ON), default=default(CompressSettings, "score_on"), show_default=True,
-              help="held-out: score candidates on calibration samples the Hessians did not see (drawn from the rest of "
-                   "--calib); calibration: on the Hessians' own samples.")
-@click.option("--verify-rounds", type=int, default=default(CompressSettings, "verify_rounds"), show_default=True,
-              help="Interleaved rounds each member is timed in against the dense model (a miss is confirmed with "
-                   "twice as many more); raise it on a noisy machine.")
-@click.option("--max-replans", type=int, default=default(CompressSettings, "max_replans"), show_default=True,
-              help="Re-plans, at a tighter or looser budget, of a member measured outside [0.97, 1.10] x its target.")
-@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of each member.")
+@settings_options(CompressSettings)
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another family.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].")
-@click.option("--recovery", type=click.Choice(RECOVERY_MODES), default=default(RecoverySettings, "mode"),
-              show_default=True, help="none: members as pruned; oneshot: each member pruned from the dense model, then distilled; "
-                   "gradual: each member pruned from the last one (re-planned on it), then distilled.")
-@click.option("--prune-steps", type=int, default=default(RecoverySettings, "prune_steps"), show_default=True,
-              help="Gradual: prune-and-distil steps per member, through intermediate speedups spaced evenly in log "
-                   "speedup from the last member's; --train-tokens is split over them.")
-@click.option("--train-data", default=None, help="Recovery training text, STS-B or GLUE file [default: --calib].")
-@click.option("--train-tokens", type=int, default=default(TrainSettings, "tokens"), show_default=True,
-              help="Recovery: real tokens each member is trained on.")
-@click.option("--train-batch-size", type=int, default=default(TrainSettings, "batch_size"),
-              help=f"Recovery: samples per step on each process [default: {CAUSAL_LM_DEFAULTS.batch_size} for causal "
-                   f"LMs, {OTHER_KIND_DEFAULTS.batch_size} for others: about 512 tokens either way].")
-@click.option("--train-seq-len", type=int, default=default(TrainSettings, "seq_len"),
-              help=f"Recovery: tokens per training sample [default: {PERPLEXITY_SEQ_LEN} for causal LMs (capped at "
-                   "the model's positions), the calibration length for others].")
-@click.option("--learning-rate", type=float, default=default(TrainSettings, "learning_rate"), show_default=True,
-              help="Recovery: AdamW peak learning rate (linear warm-up, then linear decay).")
-@click.option("--warmup", type=float, default=default(TrainSettings, "warmup"), show_default=True,
-              help="Recovery: share of the steps spent warming up.")
-@click.option("--loss-weights", default=None,
-              help=f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms [default: "
-                   f"{default_weights(CAUSAL_LM_DEFAULTS)} for causal LMs, {default_weights(OTHER_KIND_DEFAULTS)} "
-                   "for others].")
-@click.option("--temperature", type=float, default=default(LossWeights, "temperature"), show_default=True,
-              help="Recovery: distillation temperature of the KL term.")
-@click.option("--train-precision", type=click.Choice(PRECISIONS), default=default(TrainSettings, "precision"),
-              show_default=True, help="Recovery: autocast dtype. auto: bf16 on GPUs that have it and on CPUs with "
-                                      "AMX or AVX-512 BF16, fp16 on other GPUs, float32 (no) on other CPUs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
-def compress(model, table, targets, calibration, method, num_samples, seed, calibration_inputs, block_errors,
-             search_evaluations, score_samples, score_on, verify_rounds, max_replans, no_onnx, overwrite, cache_dir,
-             recovery, prune_steps, train_data, train_tokens, train_batch_size, train_seq_len, learning_rate, warmup,
-             loss_weights, temperature, train_precision, output) -> None:
+def compress(model, table, targets, calibration, overwrite, output, **flags) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
 
-    train = TrainSettings(tokens=train_tokens, batch_size=train_batch_size, seq_len=train_seq_len,
-                          learning_rate=learning_rate, warmup=warmup,
-                          weights=LossWeights.parse(loss_weights, temperature), precision=train_precision, seed=seed)
-    report = api.compress(model, table, targets, calibration, output, method=method, num_samples=num_samples, seed=seed,
-                          calibration_inputs=calibration_inputs, block_errors=block_errors,
-                          search_evaluations=search_evaluations,
-                          score_samples=score_samples, score_on=score_on, verify_rounds=verify_rounds,
-                          max_replans=max_replans, onnx=not no_onnx, overwrite=overwrite, cache_dir=cache_dir,
-                          recovery=recovery, train_data=train_data, train=train, prune_steps=prune_steps)
+    report = api.compress(model, table, targets, calibration, output, settings=settings_from(CompressSettings, flags),
+                          overwrite=overwrite)
     if report is None:  # another process of a distributed run: the main process reports
         return
     click.echo(format_report(report.rows))
@@ -205,33 +200,16 @@ def compress(model, table, targets, calibration, method, num_samples, seed, cali
 @cli.command("generate-text", epilog=MODEL_FORMS)
 @click.argument("model")
 @click.option("--prompts", default=None, help="Text file whose windows' first tokens start the samples [default: BOS].")
-@click.option("--tokens", type=int, default=default(GenerationSettings, "tokens"), show_default=True,
-              help="New tokens to write, prompts not counted.")
-@click.option("--seq-len", type=int, default=default(GenerationSettings, "seq_len"), show_default=True,
-              help="Tokens per sample, prompt included: the profile's sequence length, as recovery trains on.")
-@click.option("--prompt-tokens", type=int, default=default(GenerationSettings, "prompt_tokens"), show_default=True,
-              help="Tokens of --prompts text each sample continues.")
-@click.option("--batch-size", type=int, default=default(GenerationSettings, "batch_size"), show_default=True,
-              help="Samples generated together.")
-@click.option("--temperature", type=float, default=default(GenerationSettings, "temperature"), show_default=True,
-              help="Sampling temperature; 1 samples the model's own distribution.")
-@click.option("--top-p", type=float, default=default(GenerationSettings, "top_p"), show_default=True,
-              help="Nucleus sampling; 1 keeps every token.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=default(GenerationSettings, "precision"),
-              show_default=True, help="Autocast while sampling, as --train-precision.")
-@click.option("--seed", type=int, default=default(GenerationSettings, "seed"), show_default=True, help="Sampling seed.")
+@settings_options(GenerationSettings)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Text file to write (.txt), for compress --train-data.")
-def generate_text(model, prompts, tokens, seq_len, prompt_tokens, batch_size, temperature, top_p, precision, seed,
-                  output) -> None:
+def generate_text(model, prompts, output, **flags) -> None:
     """Write recovery training text sampled from MODEL (a causal LM), continuing windows of --prompts, for
     compress --train-data where there is no text to train on. Real in-domain text recovers far more where there
     is some (docs/BENCHMARKS.md)."""
     from .api import generate_text as run
 
-    settings = GenerationSettings(tokens=tokens, seq_len=seq_len, prompt_tokens=prompt_tokens, batch_size=batch_size,
-                                  temperature=temperature, top_p=top_p, precision=precision, seed=seed)
-    generated = run(model, output, prompts, settings=settings)
+    generated = run(model, output, prompts, settings=settings_from(GenerationSettings, flags))
     click.echo(f"wrote {len(generated.samples):,} samples, {generated.new_tokens:,} new tokens "
                f"({generated.tokens_per_second:.0f} tokens/s) to {output}")
 
@@ -292,8 +270,8 @@ def plot(families, output, task) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ziplm-demo"), show_default=True,
               help="Folder for the table, the family, the texts and the plots.")
 @click.option("--targets", default="1.5,2,3", show_default=True, help=TARGETS_HELP)
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="onnxruntime", show_default=True,
-              help=BACKEND_HELP)
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
+              help=option_help(InferenceSpec, "backend"))
 @click.option("--stsb", default=None, help="An STS-B file (e.g. sts-dev.csv) to score the family on as well.")
 def demo(output, targets, backend, stsb) -> None:
     """The whole pipeline on the bundled model with Python's own text: profile, compress, evaluate, plot."""

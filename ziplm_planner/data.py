@@ -77,15 +77,22 @@ def draw(population: int, count: int, seed: int, held_out: int = 0) -> list[int]
     return chosen + random.Random(seed + 1).sample(rest, min(held_out, len(rest)))
 
 
-def calibration_texts(dataset: TextDataset, num_samples: int, seed: int, held_out: int = 0) -> list[str]:
-    """`num_samples` texts drawn without replacement (both sentences of a pair count; all if fewer),
-    then up to `held_out` texts more that are not among them."""
+def sentences(dataset: TextDataset) -> list[str]:
+    """Every sentence: the texts, or both sentences of each pair."""
+    return dataset.texts if dataset.pairs is None else [s for pair in dataset.pairs for s in pair]
+
+
+def sample_rows(dataset: TextDataset, num_samples: int | None, seed: int, held_out: int = 0) -> list[int]:
+    """Which of `sentences(dataset)` make the samples: all, in order, for None; else `num_samples` drawn
+    without replacement (all if fewer), then up to `held_out` more that are not among them."""
+    count = len(sentences(dataset))
+    if num_samples is None:
+        return list(range(count))
     if num_samples < 1:
         raise UserError(f"number of calibration samples must be >= 1, got {num_samples}")
-    pool = dataset.texts if dataset.pairs is None else [s for pair in dataset.pairs for s in pair]
-    if len(pool) < num_samples:
-        log.warning("%s has %d samples, fewer than the %d asked for; using all", dataset.source, len(pool), num_samples)
-    return [pool[i] for i in draw(len(pool), num_samples, seed, held_out)]
+    if count < num_samples:
+        log.warning("%s has %d samples, fewer than the %d asked for; using all", dataset.source, count, num_samples)
+    return draw(count, num_samples, seed, held_out)
 
 
 def _detect(path: Path, lines: list[str]) -> str:

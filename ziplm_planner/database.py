@@ -34,6 +34,7 @@ from .adapters import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, AttentionLevel
 from .calibrate import Calibration
 from .errors import UserError
 from .fisher import block_fisher
+from .kinds import ModelKind
 from .layers import block_hessians, capture_inputs, output_projection, propagate, weight_out_in
 from .obs import obs_prune, prune_heads_per_group, reconstruct_weights
 from .progress import bar, stage
@@ -229,7 +230,7 @@ def _trace(layer: dict, shape: ModelShape, block: str) -> BlockTrace:
 
 
 def build_database(model: nn.Module, calibration: Calibration, table: LatencyTable, dampening: float = 0.01,
-                   base: PruningPlan | None = None, kind: str | None = None) -> LevelDatabase:
+                   base: PruningPlan | None = None, kind: ModelKind | None = None) -> LevelDatabase:
     """Hessians from the inputs of `model` (dense, or pruned as `base` says), then greedy OBS per block
     down to removed, errors at every table level within the block's current size. With the model's
     `kind`, also each block's Fisher on the calibration loss (`loss_scales`); without, relative errors."""

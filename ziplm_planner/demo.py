@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import random
 import re
 from pathlib import Path
@@ -15,12 +16,14 @@ from pathlib import Path
 from .aliases import DEFAULT_MODEL
 from .atomic import atomic_write_text, check_creatable_dir
 from .progress import stage
+from .settings import ProfileSettings
 
 STDLIB_MODULES = ("argparse", "asyncio", "collections", "configparser", "contextlib", "csv", "dataclasses", "datetime",
                   "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "heapq", "http.client",
                   "inspect", "io", "itertools", "json", "logging", "mailbox", "os", "pathlib", "pickle", "random", "re",
                   "shutil", "smtplib", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap",
                   "threading", "unittest", "urllib.request", "uuid", "zipfile")
+PROFILE = ProfileSettings(rounds=20)  # half the default rounds: the demo should take minutes
 
 
 def python_sentences() -> list[str]:
@@ -48,18 +51,18 @@ def write_demo_texts(folder: Path, held_out: int = 300, seed: int = 0) -> tuple[
     return calibration, heldout
 
 
-def run_demo(output: Path, targets=(1.5, 2.0, 3.0), backend: str = "onnxruntime", stsb: str | None = None,
-             rounds: int = 20, num_samples: int = 512) -> dict:
+def run_demo(output: Path, targets=(1.5, 2.0, 3.0), backend: str = "onnxruntime", stsb: str | None = None) -> dict:
     """Profile, compress, evaluate and plot the bundled model; returns the paths written. The demo's
     family folder is rebuilt on every run."""
     targets = list(targets)
     check_creatable_dir(output)  # before anything starts: bad input is one line
     with stage("demo", f"{DEFAULT_MODEL} to {', '.join(f'{t:g}x' for t in targets)} on {backend}, into {output}"):
-        return _run_demo(output, targets, backend, stsb, rounds, num_samples)
+        return _run_demo(output, targets, backend, stsb)
 
 
-def _run_demo(output: Path, targets: list[float], backend: str, stsb: str | None, rounds: int, num_samples: int) -> dict:
+def _run_demo(output: Path, targets: list[float], backend: str, stsb: str | None) -> dict:
     from . import api
+    from .spec import InferenceSpec
     from .evaluate import evaluate_family
     from .models import load_model
     from .plot import plot_frontier, plot_layers, read_family
@@ -69,10 +72,10 @@ def _run_demo(output: Path, targets: list[float], backend: str, stsb: str | None
     with stage("demo texts", "sentences from the docstrings of Python's standard library"):
         calibration, heldout = write_demo_texts(output)
     table_path = output / f"profile-{backend}.json"
-    api.profile(loaded, table_path, backend=backend, rounds=rounds)
+    api.profile(loaded, table_path, spec=InferenceSpec(backend=backend, threads=os.cpu_count()), settings=PROFILE)
     family = output / "family"
     with stage("compress", "the dense reference and a member per target"):
-        api.compress(loaded, table_path, targets, calibration, family, num_samples=num_samples, overwrite=True)
+        api.compress(loaded, table_path, targets, calibration, family, overwrite=True)
     evaluate_family(family, "fidelity", str(heldout))
     if stsb:
         evaluate_family(family, "stsb", stsb)

@@ -34,13 +34,13 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from .atomic import atomic_write_text
-from .backends import derived_input, graph_feeds, model_output, ort_session
-from .calibrate import mean_pool
+from .backends import Backend, backend_named, derived_input, graph_feeds, ort_session
 from .data import TextDataset, right_padding, read_dataset
 from .errors import UserError
 from .family import read_report, report_csv
-from .export import ONNX, PRUNING, WEIGHTS, load_pruned, load_pruned_tokenizer, read_record
-from .models import CAUSAL_LM, CLASSIFICATION, EMBEDDING, head_kind
+from .export import ONNX, PRUNING, load_pruned_tokenizer, read_record
+from .kinds import (CAUSAL_LM, CLASSIFICATION, EMBEDDING, KINDS, ModelKind, kind_named, max_positions, mean_pool,
+                    perplexity_window)
 from .progress import bar, stage
 from .settings import PERPLEXITY_SEQ_LEN
 from .spec import InferenceSpec
@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 32  # texts per forward
 MAX_LENGTH = 128  # tokens per text (STS-B, classification, fidelity)
 PERPLEXITY_BATCH = 4  # windows per forward
-BACKEND_ALIASES = {"torch": "torch", "onnxruntime": "onnxruntime", "onnx": "onnxruntime"}
-KIND_NAMES = {EMBEDDING: "an embedding model", CLASSIFICATION: "a sequence-classification model",
-              CAUSAL_LM: "a causal LM"}
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 Scorer = Callable[[Forward], dict[str, float]]
@@ -61,16 +58,11 @@ Scorer = Callable[[Forward], dict[str, float]]
 # --- forwards -----------------------------------------------------------------------------------
 
 
-def module_kind(model: nn.Module) -> str:
-    """EMBEDDING, CLASSIFICATION or CAUSAL_LM, from the transformers class (its head)."""
-    return head_kind(type(model).__name__)
-
-
-def torch_forward(model: nn.Module, kind: str | None = None) -> Forward:
-    """The model's deployed output (last_hidden_state or logits) as float32 on the CPU.
+def torch_forward(model: nn.Module, kind: ModelKind) -> Forward:
+    """The model's deployed output (`kind.output`: last_hidden_state or logits) as float32 on the CPU.
 
     Inputs the model's forward does not name (token_type_ids for a Llama) are dropped."""
-    call = model_output(kind or module_kind(model))[1]
+    call = kind.output
     accepted = inspect.signature(model.forward).parameters
     device = next(model.parameters()).device
 
@@ -97,7 +89,7 @@ def onnx_forward(path: Path, spec: InferenceSpec = InferenceSpec()) -> Forward:
     return forward
 
 
-def as_forward(model: nn.Module | Forward, kind: str | None = None) -> Forward:
+def as_forward(model: nn.Module | Forward, kind: ModelKind) -> Forward:
     return torch_forward(model, kind) if isinstance(model, nn.Module) else model
 
 
@@ -201,29 +193,13 @@ def _perplexity_scorer(data: TextDataset, tokenizer, seq_len: int, max_tokens: i
     return score
 
 
-def _pool_embedding(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return mean_pool(output, mask)  # (texts, d)
+def _pooled(forward: Forward, kind: ModelKind, batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    return (kind.fidelity_pool(forward(b), b["attention_mask"]) for b in batches)
 
 
-def _pool_classes(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return output.softmax(dim=-1)  # (texts, labels)
-
-
-def _pool_next_token(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return output[mask.bool()].softmax(dim=-1)  # (real tokens, vocab)
-
-
-# How fidelity pools each kind's output into the vectors it compares.
-POOLING = {EMBEDDING: _pool_embedding, CLASSIFICATION: _pool_classes, CAUSAL_LM: _pool_next_token}
-
-
-def _pooled(forward: Forward, kind: str, batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
-    return (POOLING[kind](forward(b), b["attention_mask"]) for b in batches)
-
-
-def _fidelity_scorer(reference: Forward, kind: str, batches: list[dict[str, torch.Tensor]]) -> Scorer:
-    # a causal LM's reference is (tokens, vocab) per batch: too large to keep, recomputed for each member
-    kept = None if kind == CAUSAL_LM else list(_pooled(reference, kind, batches))
+def _fidelity_scorer(reference: Forward, kind: ModelKind, batches: list[dict[str, torch.Tensor]]) -> Scorer:
+    # one reference per token (a causal LM's: tokens x vocab per batch) is too large to keep: recomputed per member
+    kept = None if kind.fidelity_per_token else list(_pooled(reference, kind, batches))
 
     def score(forward: Forward) -> dict[str, float]:
         expected = kept if kept is not None else _pooled(reference, kind, batches)
@@ -280,21 +256,12 @@ class Metric:
     higher_is_better: bool
 
 
-def max_positions(config) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or PERPLEXITY_SEQ_LEN)
-
-
-def perplexity_window(config) -> int:
-    """Tokens per perplexity window for a model of this config."""
-    return min(PERPLEXITY_SEQ_LEN, max_positions(config))
-
-
 @dataclass(frozen=True)
 class Member:
     """One family member, ready to score."""
 
     name: str
-    kind: str
+    kind: ModelKind
     config: object  # the dense config saved with the member
     tokenizer: object
     forward: Forward
@@ -309,7 +276,7 @@ class Task:
     name: str
     label: str
     higher_is_better: bool
-    kinds: tuple[str, ...]  # the model kinds it can score
+    kinds: tuple[ModelKind, ...]  # the model kinds it can score
     needs: str  # the model it needs, for errors
     read: Callable[[str], TextDataset]  # reads the data file, refusing the wrong format
     prepare: Callable[[TextDataset, Member, int | None], Scorer]  # (data, dense, max_tokens): once per family
@@ -347,7 +314,7 @@ TASKS = {task.name: task for task in (
          _prepare_classification, extra=(Metric("f1", "macro-F1 (%)", True),)),
     Task("perplexity", "perplexity", False, (CAUSAL_LM,), "a causal LM (a language-modelling head)", _text_data,
          _prepare_perplexity),
-    Task("fidelity", "fidelity (cosine to dense)", True, (EMBEDDING, CLASSIFICATION, CAUSAL_LM), "any model",
+    Task("fidelity", "fidelity (cosine to dense)", True, KINDS, "any model",
          _read, _prepare_fidelity),
 )}
 
@@ -361,26 +328,9 @@ def task_named(name: str) -> Task:
 # --- one model, in Python -------------------------------------------------------------------------
 
 
-def sentence_embeddings(model: nn.Module | Forward, tokenizer, sentences: list[str],
-                        max_length: int = MAX_LENGTH) -> torch.Tensor:
-    """Mean-pooled last hidden states, (n, d), in the sentence-transformers convention."""
-    return _embed(as_forward(model, EMBEDDING), _encode(tokenizer, sentences, max_length=max_length))
-
-
 def stsb_spearman(model: nn.Module | Forward, tokenizer, path: str) -> float:
     """Spearman x 100 between cosine similarity of the pair's embeddings and the gold score."""
     return _stsb_scorer(_stsb_data(path), tokenizer)(as_forward(model, EMBEDDING))["stsb"]
-
-
-def classification_scores(model: nn.Module | Forward, tokenizer, path: str, num_labels: int | None = None) -> dict:
-    """{"accuracy", "f1"} in %, of the argmax of the logits on a labelled GLUE TSV."""
-    if num_labels is None:
-        if not isinstance(model, nn.Module):
-            raise ValueError("give num_labels with a Forward")
-        num_labels = model.config.num_labels
-    scorer = _classification_scorer(_classification_data(path), tokenizer, num_labels)
-    scores = scorer(as_forward(model, CLASSIFICATION))
-    return {"accuracy": scores["classification"], "f1": scores["f1"]}
 
 
 def perplexity(model: nn.Module | Forward, tokenizer, path: str, seq_len: int = PERPLEXITY_SEQ_LEN,
@@ -390,25 +340,14 @@ def perplexity(model: nn.Module | Forward, tokenizer, path: str, seq_len: int = 
     return scorer(as_forward(model, CAUSAL_LM))["perplexity"]
 
 
-def fidelity(model: nn.Module | Forward, dense: nn.Module | Forward, tokenizer, texts: list[str],
-             kind: str | None = None) -> float:
-    """Mean cosine similarity of pooled outputs to the dense model's, on held-out text (1.0 = identical)."""
-    if kind is None:
-        if not isinstance(dense, nn.Module):
-            raise ValueError("give the model kind with a Forward")
-        kind = module_kind(dense)
-    batches = _encode(tokenizer, texts)
-    return _fidelity_scorer(as_forward(dense, kind), kind, batches)(as_forward(model, kind))["fidelity"]
-
-
 # --- a family -----------------------------------------------------------------------------------
 
 
-def _required_files(backend: str) -> tuple[str, ...]:
-    return (PRUNING, "config.json", "tokenizer_config.json", WEIGHTS if backend == "torch" else ONNX)
+def _required_files(backend: Backend) -> tuple[str, ...]:
+    return (PRUNING, "config.json", "tokenizer_config.json", backend.member_file)
 
 
-def _check_member(folder: Path, name: str, backend: str) -> str:
+def _check_member(folder: Path, name: str, backend: Backend) -> ModelKind:
     """The member's kind, after checking that its folder has what `backend` needs."""
     path = folder / name
     if not path.is_dir():
@@ -417,18 +356,17 @@ def _check_member(folder: Path, name: str, backend: str) -> str:
         if not (path / required).is_file():
             hint = " (compressed with --no-onnx? evaluate with backend torch)" if required == ONNX else ""
             raise UserError(f"member {name} is incomplete: {required} missing{hint}")
-    return read_record(path)["kind"]
+    return kind_named(read_record(path)["kind"])
 
 
-def _load_member(folder: Path, name: str, kind: str, backend: str) -> Member:
+def _load_member(folder: Path, name: str, kind: ModelKind, backend: Backend) -> Member:
     path = folder / name
     tokenizer = load_pruned_tokenizer(path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UserError(f"member {name} has an unreadable config.json: {str(err).splitlines()[0]}") from None
-    forward = torch_forward(load_pruned(path), kind) if backend == "torch" else onnx_forward(path / ONNX)
-    return Member(name, kind, config, tokenizer, forward)
+    return Member(name, kind, config, tokenizer, backend.member_forward(path, kind))
 
 
 def _with_scores(report: dict, task: Task, scores: dict[str, dict[str, float]], meta: dict) -> dict:
@@ -450,9 +388,7 @@ def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: st
     (score_<key> columns), both written only once every member is scored. max_tokens caps the
     tokens perplexity and fidelity read (other tasks score their whole file)."""
     spec, folder, data = task_named(task), Path(folder), str(data)
-    if backend not in BACKEND_ALIASES:
-        raise UserError(f"unknown backend {backend!r}: use torch or onnxruntime")
-    backend = BACKEND_ALIASES[backend]
+    backend = backend_named(backend)
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"max tokens must be >= 1, got {max_tokens}")
     report = read_report(folder)
@@ -460,16 +396,16 @@ def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: st
     kinds = {name: _check_member(folder, name, backend) for name in names}
     if others := {n: k for n, k in kinds.items() if k != kinds["dense"]}:
         name, kind = next(iter(others.items()))
-        raise UserError(f"member {name} is a {kind} model, the dense member a {kinds['dense']} one: "
+        raise UserError(f"member {name} is a {kind.name} model, the dense member a {kinds['dense'].name} one: "
                         "not one family; run `ziplm-planner compress` again")
     kind = kinds["dense"]
     if kind not in spec.kinds:
         fitting = [t.name for t in TASKS.values() if kind in t.kinds]
-        raise UserError(f"task {spec.name} needs {spec.needs}, and {folder} holds {KIND_NAMES[kind]}: "
+        raise UserError(f"task {spec.name} needs {spec.needs}, and {folder} holds {kind.description}: "
                         f"use {' or '.join(fitting)}")
     dataset = spec.read(data)
 
-    with stage(f"evaluate {spec.name}", f"{len(names)} models of {folder} on {backend}, data {data}"):
+    with stage(f"evaluate {spec.name}", f"{len(names)} models of {folder} on {backend.name}, data {data}"):
         dense = _load_member(folder, "dense", kind, backend)
         scorer = spec.prepare(dataset, dense, max_tokens)
         scores = {}
@@ -478,9 +414,15 @@ def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: st
             scores[name] = scorer(member.forward)
             log.info("%s %s: %s", name, spec.name, ", ".join(f"{k} {v:.4f}" for k, v in scores[name].items()))
 
-    meta = {"data": data, "backend": backend, **({"max_tokens": max_tokens} if max_tokens is not None else {})}
+    meta = {"data": data, "backend": backend.name, **({"max_tokens": max_tokens} if max_tokens is not None else {})}
     updated = _with_scores(report, spec, scores, meta)
     csv_text, json_text = report_csv(updated["members"]), json.dumps(updated, indent=1)
     atomic_write_text(folder / "report.csv", csv_text)
     atomic_write_text(folder / "report.json", json_text)
     return {name: values[spec.name] for name, values in scores.items()}
+
+
+def retained(score: float, dense_score: float, task: str) -> float:
+    """`score` as a share of the dense member's on `task` ("retained" in the benchmarks): above 1 is better
+    than dense, whichever way the task's score runs."""
+    return score / dense_score if task_named(task).higher_is_better else dense_score / score

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .backends import (PAST, as_array, decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names,
-                       is_past, model_graph, model_output, next_token_feeds, ort_session, random_inputs)
+                       is_past, model_graph, next_token_feeds, ort_session, random_inputs)
 from .errors import UserError
-from .models import CAUSAL_LM, model_class
+from .kinds import ModelKind, kind_named
 from .progress import stage
 from .spec import InferenceSpec
 from .surgery import PruningPlan, build_pruned, count_parameters
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FORMAT = "ziplm-planner/member/v1"
 WEIGHTS, PRUNING, ONNX, MEASUREMENT = "model.safetensors", "pruning.json", "model.onnx", "measurement.json"
 CHECK_SHAPE = (3, 12)  # (batch, sequence): the check runs at another size than the trace (TRACE_SHAPE)
+TOLERANCE = 1e-3  # of the ONNX file's and the reloaded member's outputs, times the output's largest magnitude (>= 1)
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -74,9 +75,9 @@ def _cached_logits(session, model: nn.Module, inputs: dict[str, torch.Tensor], p
     return np.concatenate([first, second], axis=1)
 
 
-def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> dict:
+def check_onnx(path: Path, model: nn.Module, kind: ModelKind, names: list[str], tolerance: float) -> dict:
     """Graph input/output names and dynamic axes, and ONNX Runtime vs torch at an untraced size (a
-    causal LM's file also fed its own cache, and its cache's shapes compared with torch's)."""
+    generating model's file also fed its own cache, and its cache's shapes compared with torch's)."""
     expected = model_graph(model, kind, names)
     found_inputs, found_outputs, dims = _graph_dims(path)
     axes = {name: {axis: dims[name][axis] for axis in wanted} for name, wanted in expected.dynamic_axes.items() if name in dims}
@@ -85,10 +86,10 @@ def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolera
                            f"expected {expected.inputs}, {expected.outputs}, {expected.dynamic_axes}")
     inputs = _check_batch(model, names)
     session = ort_session(path, InferenceSpec())
-    actual = _cached_logits(session, model, inputs, path) if kind == CAUSAL_LM \
+    actual = _cached_logits(session, model, inputs, path) if kind.generates \
         else session.run(None, graph_feeds(session, inputs))[0]
     with torch.no_grad():
-        reference = model_output(kind)[1](model, inputs).cpu()
+        reference = kind.output(model, inputs).cpu()
     diff = _max_diff(torch.from_numpy(np.asarray(actual)), reference, inputs.get("attention_mask"))
     # relative to the output's scale: float32 round-off over many layers grows with it (LM logits ~ 20)
     allowed = tolerance * max(1.0, float(reference.abs().max()))
@@ -98,9 +99,9 @@ def check_onnx(path: Path, model: nn.Module, kind: str, names: list[str], tolera
             "checked_shape": list(CHECK_SHAPE), "max_abs_diff": diff, "allowed_abs_diff": allowed}
 
 
-def check_reload(folder: Path, model: nn.Module, kind: str, names: list[str], tolerance: float) -> float:
+def check_reload(folder: Path, model: nn.Module, kind: ModelKind, names: list[str], tolerance: float) -> float:
     """Rebuild the member from `folder` alone and compare it with `model`; returns the max abs diff."""
-    forward = model_output(kind)[1]
+    forward = kind.output
     inputs = _check_batch(model, names)
     reloaded = load_pruned(folder).to(next(model.parameters()).device)
     with torch.no_grad():
@@ -133,15 +134,14 @@ def _swap_in(tmp: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, kind: str, info: dict,
-                onnx: bool = True, onnx_tolerance: float = 1e-3, onnx_file: Path | None = None,
-                measurement: dict | None = None) -> dict:
+def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, kind: ModelKind, info: dict,
+                onnx: bool = True, onnx_file: Path | None = None, measurement: dict | None = None) -> dict:
     """Write one family member folder, checked, all at once (built in a temporary sibling, then renamed).
 
     `onnx_file`, when given, is the model's export already made (and timed) by `export_model_onnx`:
-    it ships as it is; `measurement` (how it was timed) goes to measurement.json. Every save is checked: the folder is reloaded with `load_pruned` and the ONNX
-    file run in ONNX Runtime, both compared with `model` within `onnx_tolerance` times the output's
-    largest magnitude (at least 1). Returns pruning.json's dict."""
+    it ships as it is; `measurement` (how it was timed) goes to measurement.json. Every save is checked:
+    the folder is reloaded with `load_pruned` and the ONNX file run in ONNX Runtime, both compared with
+    `model` (TOLERANCE). Returns pruning.json's dict."""
     folder = Path(folder)
     if clash := {"format", "kind", "model_class", "plan", "parameters", "onnx", "reload_max_abs_diff"} & info.keys():
         raise ValueError(f"info would overwrite pruning.json fields {sorted(clash)}")
@@ -159,18 +159,18 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
             model.config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            record = {"format": FORMAT, "kind": kind, "model_class": type(model).__name__, "plan": plan.to_dict(),
+            record = {"format": FORMAT, "kind": kind.name, "model_class": type(model).__name__, "plan": plan.to_dict(),
                       "parameters": count_parameters(model), **info, "onnx": None}
             if onnx:
                 if onnx_file is not None:
                     shutil.copyfile(onnx_file, tmp / ONNX)
                 else:
                     export_model_onnx(model, kind, names, tmp / ONNX)
-                record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, onnx_tolerance)
+                record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, TOLERANCE)
             if measurement is not None:
                 _write_json(tmp / MEASUREMENT, measurement)
             _write_json(tmp / PRUNING, record)
-            record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, onnx_tolerance)
+            record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, TOLERANCE)
             _write_json(tmp / PRUNING, record)
             _swap_in(tmp, folder)
     except BaseException:
@@ -197,8 +197,8 @@ def read_record(folder: Path) -> dict:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"{folder / PRUNING} is not a ziplm-planner member file (expected format {FORMAT})")
     try:
-        model_class(record["kind"])
-    except (KeyError, TypeError):
+        kind_named(record.get("kind"))
+    except UserError:
         raise UserError(f"{folder / PRUNING} has an unknown model kind {record.get('kind')!r}") from None
     return record
 

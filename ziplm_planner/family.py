@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .errors import UserError
 
 FAMILY_FORMAT = "ziplm-planner/family/v1"
+
+
+@dataclass
+class FamilyReport:
+    """What compress returns and writes beside the members: one row per member, and the run's metadata."""
+
+    rows: list[dict]
+    metadata: dict
+
+    def to_dict(self) -> dict:
+        return {"format": FAMILY_FORMAT, "metadata": self.metadata, "members": self.rows}
+
+    def save(self, folder: Path) -> None:
+        atomic_write_text(folder / "report.csv", report_csv(self.rows))
+        atomic_write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1))
 
 
 def read_report(folder: str | Path) -> dict:

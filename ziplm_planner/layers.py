@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapters import ATTENTION, BLOCKS, architecture_for, get_module, model_layers
 from .kvcache import without_cache
@@ -148,4 +149,4 @@ def cross_hessians(layer: nn.Module, model_config, block: str, inputs: list[Laye
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as (d_out, d_in), a view of the parameter (GPT-2's Conv1D stores (in, out))."""
-    return module.weight.data.T if type(module).__name__ == "Conv1D" else module.weight.data
+    return module.weight.data.T if isinstance(module, Conv1D) else module.weight.data

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import CONFIG_NAME
 
-from .adapters import architecture_for
+from .adapters import Architecture, ModelShape, architecture_for, model_shape
 from .aliases import ALIASES
 from .errors import UserError
+from .kinds import ModelKind, kind_of
 from .progress import stage, transformers_bars
-from .settings import CAUSAL_LM, CLASSIFICATION, EMBEDDING
-
-_MODEL_CLASSES = {EMBEDDING: AutoModel, CLASSIFICATION: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,16 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     source: ModelSource
-    kind: str  # EMBEDDING, CLASSIFICATION or CAUSAL_LM
+    kind: ModelKind
+
+    # read from the model's config (a pruned model keeps the dense one): right after replace(loaded, model=...)
+    @property
+    def architecture(self) -> Architecture:
+        return architecture_for(self.model.config)
+
+    @property
+    def shape(self) -> ModelShape:
+        return model_shape(self.model.config)
 
 
 def resolve_model(reference: str) -> ModelSource:
@@ -91,34 +98,14 @@ def load_config(source: ModelSource):
     return config
 
 
-def head_kind(class_name: str) -> str:
-    """What a transformers class computes, from its head: next-token logits, class logits or embeddings."""
-    if class_name.endswith(("ForCausalLM", "LMHeadModel")):
-        return CAUSAL_LM
-    return CLASSIFICATION if class_name.endswith("ForSequenceClassification") else EMBEDDING
-
-
-def model_kind(config) -> str:
-    """The kind of model a config describes (its architectures; a causal head wins)."""
-    names = config.architectures or []
-    if not names and architecture_for(config).pre_norm:  # GGUF configs carry no architectures
-        return CAUSAL_LM
-    kinds = {head_kind(name) for name in names}
-    return next((kind for kind in (CAUSAL_LM, CLASSIFICATION) if kind in kinds), EMBEDDING)
-
-
-def model_class(kind: str):
-    return _MODEL_CLASSES[kind]
-
-
 def load_model(reference: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a supported model and its tokenizer for pruning: float weights, SDPA attention, eval mode."""
     source = resolve_model(reference)
     config = load_config(source)
-    kind = model_kind(config)
+    kind = kind_of(config)
     try:
-        with stage("load model", f"{source.reference} ({config.model_type}, {kind})"), transformers_bars():
-            model = model_class(kind).from_pretrained(
+        with stage("load model", f"{source.reference} ({config.model_type}, {kind.name})"), transformers_bars():
+            model = kind.auto_class.from_pretrained(
                 source.location, dtype=dtype, attn_implementation="sdpa", **source.kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
     except (OSError, ValueError) as err:

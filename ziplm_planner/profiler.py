@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from .adapters import REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, model_layers, model_shape
-from .backends import (TensorCall, build_runner, export_model_onnx, input_names, model_call, onnx_runner, random_inputs,
-                       synchronizer)
+from .backends import TensorCall, backend_for, input_names, model_call, random_inputs
 from .environment import CpuSnapshot, library_versions, machine_info, now, others_share
 from .errors import UserError
 from .kvcache import cache_argument, find_cache
-from .models import CAUSAL_LM, LoadedModel
+from .kinds import ModelKind
+from .models import LoadedModel
 from .progress import bar, stage
 from .spec import InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
@@ -75,15 +75,7 @@ class Workload:
     inputs: dict[str, torch.Tensor]
     names: list[str]
     call: Callable[[nn.Module], TensorCall]
-    kind: str
-
-    def runner(self, model: nn.Module, spec: InferenceSpec, workdir: Path, name: str) -> tuple[Callable, Path | None]:
-        """Run `model` as it is deployed: on ONNX Runtime, the model.onnx a member ships with (returned,
-        so the very file timed can ship); on torch, the module itself."""
-        if spec.backend == "onnxruntime":
-            path = export_model_onnx(model, self.kind, self.names, workdir / f"{name}.onnx")
-            return onnx_runner(path, self.inputs, spec), path
-        return build_runner(self.call(model), self.inputs, spec, workdir, name), None
+    kind: ModelKind
 
 
 def prefill_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
@@ -122,7 +114,7 @@ def workload(loaded: LoadedModel, spec: InferenceSpec, seed: int = 0) -> Workloa
         what = f"--context {spec.context} plus the new token" if spec.mode == "decode" else f"--seq-len {spec.seq_len}"
         raise UserError(f"{what} is {length} tokens, more than the model's {limit} positions: use a shorter one")
     if spec.mode == "decode":
-        if loaded.kind != CAUSAL_LM:
+        if not loaded.kind.generates:
             raise UserError("decode mode is for causal LMs: use --mode prefill for this model")
         return decode_workload(loaded, spec, seed)
     return prefill_workload(loaded, spec, seed)
@@ -240,14 +232,14 @@ def profile_once(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSett
         work = workload(loaded, spec, settings.seed)
         runners = block_runners(loaded.model, work, grid, spec, Path(tmp))
         with stage("timing blocks", f"{len(runners)} blocks x {settings.rounds} rounds, interleaved"):
-            stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed, synchronizer(spec),
-                                     description=f"timing {len(runners)} blocks")
+            stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed,
+                                     backend_for(spec).synchronizer(spec), description=f"timing {len(runners)} blocks")
         records = [{"block": block, **record_fields(level), "time_ms": s.estimate(settings.estimator), **s.to_dict()}
                    for (block, level), s in sorted(stats.items())]
         table = LatencyTable(spec, shape, settings.estimator, records)
         table.additivity = measure_additivity(loaded, table, work, settings, Path(tmp))
     table.metadata = {
-        **table.metadata, "model": loaded.source.reference, "model_kind": loaded.kind, "created": now(), "machine": machine_info(),
+        **table.metadata, "model": loaded.source.reference, "model_kind": loaded.kind.name, "created": now(), "machine": machine_info(),
         "versions": library_versions(), "settings": asdict(settings),
         "others_cpu_share": _rounded(others_share(cpu_before, CpuSnapshot.now())),
     }
@@ -262,6 +254,7 @@ def record_fields(level: AttentionLevel | int) -> dict[str, int]:
 def block_runners(model: nn.Module, work: Workload, grid: dict[str, list], spec: InferenceSpec,
                   workdir: Path) -> dict[tuple[str, AttentionLevel | int], Callable[[], object]]:
     """A runner per (block, level) of `grid` on the spec's backend, and one for the fixed part."""
+    backend = backend_for(spec)
     hidden, kwargs = capture_layer_call(model, work)
     first_layer = model_layers(model)[0]
     runners = {}
@@ -271,8 +264,8 @@ def block_runners(model: nn.Module, work: Workload, grid: dict[str, list], spec:
             layer = layer_candidate(first_layer, model, block, level)
             kv_heads = level.groups if block == ATTENTION else None
             call, inputs = layer_call(layer, hidden, kwargs, kv_heads)
-            runners[(block, level)] = build_runner(call, inputs, spec, workdir, f"{block}{level}")
-        runners[(FIXED, 0)] = work.runner(fixed_part(model), spec, workdir, "fixed")[0]
+            runners[(block, level)] = backend.block_runner(call, inputs, spec, workdir, f"{block}{level}")
+        runners[(FIXED, 0)] = backend.model_runner(fixed_part(model), work, spec, workdir, "fixed")[0]
     return runners
 
 
@@ -335,11 +328,11 @@ def fit_whole_models(sums: list[float], measured: list[float]) -> tuple[str, flo
 def measure_models(loaded: LoadedModel, plans: list[PruningPlan], spec: InferenceSpec, work: Workload,
                    rounds: int, warmup: int, seed: int, workdir: Path, description: str) -> list[TimingStats]:
     """Whole pruned models, timed interleaved on the spec's backend."""
-    runners = {}
+    backend, runners = backend_for(spec), {}
     for i, plan in enumerate(bar(plans, desc="building models", leave=False)):
         pruned = apply_plan(copy.deepcopy(loaded.model), plan)
-        runners[i] = work.runner(pruned, spec, workdir, f"model{i}")[0]
-    stats = time_interleaved(runners, rounds, warmup, seed, synchronizer(spec), description=description)
+        runners[i] = backend.model_runner(pruned, work, spec, workdir, f"model{i}")[0]
+    stats = time_interleaved(runners, rounds, warmup, seed, backend.synchronizer(spec), description=description)
     return [stats[i] for i in range(len(plans))]
 
 

@@ -1,11 +1,12 @@
-"""Recovering accuracy after pruning: distil each member from the dense model (DESIGN.md, "Recovery").
+"""Recovering accuracy after pruning: distil each member from the dense model (ZipLM's gradual mode).
 
 Modes: `none` (one-shot, as pruned), `oneshot` (each member pruned from the dense model, then
 distilled: the cheap mode, and the control for gradual pruning) and `gradual` (each member pruned
-from the last one distilled: `pipeline.gradual_planner`, then distilled here). Distillation changes
-weights, never shapes, so a member keeps the speed it was verified at; it is measured once more
-all the same, because the file that ships is the trained model's export.
+from the last one distilled, re-planned on it, then distilled here). Distillation changes weights,
+never shapes, so a member keeps the speed it was verified at; it is measured once more all the same,
+because the file that ships is the trained model's export.
 
+Recovery is one step of a member's road (member.py); `NoRecovery` is the step when there is none.
 With several processes only the main one prunes, measures and writes; `follow` is the others' part.
 """
 
@@ -16,31 +17,24 @@ import hashlib
 import json
 import logging
 import shutil
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 from .calibrate import CalibrationLoss
-from .data import TokenBatches, read_dataset, tokenize_sentences, tokenize_stream
+from .data import TokenBatches, read_dataset
 from .errors import UserError
-from .evaluate import perplexity_window
-from .models import CAUSAL_LM, CLASSIFICATION, LoadedModel
+from .models import LoadedModel
 from .progress import stage
 from .settings import RecoverySettings, TrainSettings
 from .surgery import PruningPlan, build_pruned
 from .train import TrainRecord, distil, make_accelerator
-from .verify import MemberResult, Verifier
+from .familydir import FamilyDir, Member, held_folder
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
 DONE = "done"  # what the main process shares when nothing more is to be trained
 FAILED = "failed"  # ... and when it stopped on an error
-
-
-def held_folder(workdir: Path, name: str) -> Path:
-    """Where a verified member waits, as pruned, until it is trained and saved: a rerun after an
-    interruption trains this very model. Verifying again could re-plan another one on a machine whose
-    speed drifted meanwhile, and the training done so far would be lost."""
-    return workdir / f".verified-{name}"
 
 
 def joined(parts: list[dict]) -> dict:
@@ -62,20 +56,15 @@ def summary(record: TrainRecord) -> dict:
 
 
 def training_length(loaded: LoadedModel, requested: int | None, calibration_length: int) -> int:
-    """Tokens per training sample: `requested`, else for a causal LM the windows its perplexity is scored
-    on (512, capped at its positions; never fewer than the calibration's), else the calibration length.
-    A decoder reads more context than the profiled shape, and positions it never trains on stay as
-    pruning left them: at 2x on SmolLM2, 512-token windows recovered 1.8 perplexity more than 128-token
-    ones at the same tokens and steps (BENCHMARKS)."""
+    """Tokens per training sample: `requested`, else what the model's kind trains on (a causal LM the
+    windows its perplexity is scored on, other models the calibration length)."""
     positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if requested is not None:
         if positions and requested > positions:
             raise UserError(f"training samples of {requested} tokens are longer than the model's {positions} "
                             "positions: give a smaller --train-seq-len")
         return requested
-    if loaded.kind != CAUSAL_LM:
-        return calibration_length
-    return max(perplexity_window(loaded.model.config), calibration_length)
+    return loaded.kind.training_length(loaded.model.config, calibration_length)
 
 
 def for_model(loaded: LoadedModel, train: TrainSettings, calibration_length: int) -> TrainSettings:
@@ -87,13 +76,32 @@ def for_model(loaded: LoadedModel, train: TrainSettings, calibration_length: int
 def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int) -> TokenBatches:
     """Every sample of a training file, tokenised as calibration data is (windows of running text for
     causal LMs, one sentence per sample otherwise; both sentences of a pair)."""
-    dataset = read_dataset(path)
-    if loaded.kind == CAUSAL_LM:
-        texts = dataset.texts + [s for pair in dataset.pairs or [] for s in pair[1:]]
-        return tokenize_stream(loaded.tokenizer, texts, seq_len, None, seed)
-    texts = dataset.texts if dataset.pairs is None else [s for pair in dataset.pairs for s in pair]
-    labels = dataset.labels if loaded.kind == CLASSIFICATION and dataset.pairs is None else None
-    return tokenize_sentences(loaded.tokenizer, texts, seq_len, labels)
+    return loaded.kind.tokenize(loaded.tokenizer, read_dataset(path), seq_len, None, seed)
+
+
+class NoRecovery:
+    """The recovery step of a one-shot family: members ship as pruned."""
+
+    is_main_process = True
+    data_path = None
+
+    def leading(self):
+        return nullcontext()
+
+    def metadata(self) -> dict:
+        return {}
+
+    def hold(self, family: FamilyDir, member: Member) -> None:
+        pass
+
+    def held(self, family: FamilyDir, target: float, cut_from) -> None:
+        return None
+
+    def recover(self, member: Member, verifier: Verifier, score_loss: CalibrationLoss) -> Member:
+        return member
+
+    def finished(self, member: Member) -> None:
+        pass
 
 
 class Recovery:
@@ -113,6 +121,7 @@ class Recovery:
             raise UserError(f"training data {path} has {len(self.data.input_ids)} samples, fewer than one batch of "
                             f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
         self.accelerator = make_accelerator(precision=settings.train.precision)
+        self.is_main_process = self.accelerator.is_main_process
         self._training = False  # the main process is training with the others: they are in the same collectives
 
     def metadata(self) -> dict:
@@ -121,20 +130,28 @@ class Recovery:
         return {"train_precision": self.accelerator.mixed_precision, "train_batch_size": train.batch_size,
                 "train_seq_len": train.seq_len, "train_loss_weights": dataclasses.asdict(train.weights)}
 
-    def recover(self, result: MemberResult, model, verifier: Verifier, score_loss: CalibrationLoss,
-                steps: list[dict] = ()) -> MemberResult:
-        """Distil `model` (in place) with every process, then time its export again; returns the member's
-        new result, its training summed with that of the intermediate `steps` it was reached through.
-        The main process calls this; the others are in `follow`."""
+    def hold(self, family: FamilyDir, member: Member) -> None:
+        """Keep the verified member, as pruned, until its training is done: a rerun trains this very one."""
+        family.hold(member)
+
+    def held(self, family: FamilyDir, target: float, cut_from) -> Member | None:
+        return family.held(target, cut_from)
+
+    def recover(self, member: Member, verifier: Verifier, score_loss: CalibrationLoss) -> Member:
+        """Distil the member's model (in place) with every process, then time its export again; its
+        training is summed with that of the intermediate steps it was reached through. The main process
+        calls this; the others are in `follow`."""
+        result, model = member.result, member.model
         record = self._distil(model, result.plan, result.folder)
         measurement = verifier.measure(model, result.target)
         if result.measurement.onnx_file is not None:
             result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
         recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
-        if steps:  # the member's budget went into every step: report it whole, and each step's share
-            recovery.update(joined([*steps, {"speedup": result.target, **summary(record)}]))
-        return dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
-                                   recovery=recovery)
+        if member.steps:  # the member's budget went into every step: report it whole, and each step's share
+            recovery.update(joined([*member.steps, {"speedup": result.target, **summary(record)}]))
+        trained = dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),
+                                      recovery=recovery)
+        return dataclasses.replace(member, result=trained)
 
     def intermediate(self, model, plan: PruningPlan, name: str, speedup: float, predicted_speedup: float) -> dict:
         """Distil a model pruned to an intermediate speedup on the way to a member (gradual, --prune-steps);
@@ -197,7 +214,17 @@ class Recovery:
             return distil(model, self.loaded.model, self.loaded.kind, self.data, train, self.accelerator, checkpoint,
                           label=f"distil {name}")
 
-    def finished(self, result: MemberResult) -> None:
+    def finished(self, member: Member) -> None:
         """The member is saved: its checkpoints and its verified model are no longer needed."""
-        for checkpoint in [*self.workdir.glob(f".train-{result.folder}-*"), held_folder(self.workdir, result.folder)]:
+        name = member.result.folder
+        for checkpoint in [*self.workdir.glob(f".train-{name}-*"), held_folder(self.workdir, name)]:
             shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def recovery_step(loaded: LoadedModel, settings: RecoverySettings, calibration_path: str, calibration_length: int,
+                  output: Path, seed: int) -> Recovery | NoRecovery:
+    """The recovery step of every member of a run; its training data is read now: a bad file fails
+    before any pruning."""
+    if not settings.trains:
+        return NoRecovery()
+    return Recovery(loaded, settings, calibration_path, calibration_length, output, seed)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .backends import onnx_runner, synchronizer
+from .backends import backend_for
 from .errors import UserError
-from .export import ONNX, load_pruned, load_pruned_tokenizer, read_record
+from .export import load_pruned, load_pruned_tokenizer, read_record
 from .family import read_report
+from .kinds import kind_named
 from .models import LoadedModel, ModelSource
 from .profiler import workload
 from .spec import InferenceSpec
@@ -33,20 +34,16 @@ def verify_family(folder: str | Path, rounds: int = 40, seed: int = 0) -> list[d
     names = [row["folder"] for row in rows]
     if "dense" not in names:
         raise UserError(f"{folder}/report.json has no dense member to time against")
-    runners = {}
+    backend, runners = backend_for(spec), {}
     with tempfile.TemporaryDirectory(prefix="ziplm-verify-") as tmp:
         for name in names:
             member = folder / name
-            kind = read_record(member)["kind"]
+            kind = kind_named(read_record(member)["kind"])
             loaded = LoadedModel(load_pruned(member), load_pruned_tokenizer(member), ModelSource(name, str(member)), kind)
             work = workload(loaded, spec, seed)
-            if spec.backend == "onnxruntime":
-                if not (member / ONNX).is_file():
-                    raise UserError(f"member {member} has no {ONNX}: the family was made with --no-onnx")
-                runners[name] = onnx_runner(member / ONNX, work.inputs, spec)
-            else:
-                runners[name] = work.runner(loaded.model, spec, Path(tmp), name)[0]
-        samples = interleaved_samples(runners, rounds, 3, seed, synchronizer(spec), description="timing the family")
+            runners[name] = backend.member_runner(member, loaded.model, work, spec, Path(tmp), name)
+        samples = interleaved_samples(runners, rounds, 3, seed, backend.synchronizer(spec),
+                                      description="timing the family")
     dense = TimingStats.from_samples(samples["dense"])
     results = []
     for row in rows:
@@ -57,5 +54,5 @@ def verify_family(folder: str | Path, rounds: int = 40, seed: int = 0) -> list[d
                         "interval": measured.interval, "status": verdict(measured.speedup, row["target"]),
                         "reported_speedup": row.get("measured_speedup"), "member_ms": member.estimate(estimator),
                         "dense_ms": dense.estimate(estimator), "speedup_median": dense.median_ms / member.median_ms,
-                        "timed": "model.onnx" if spec.backend == "onnxruntime" else "torch module"})
+                        "timed": backend.timed})
     return results

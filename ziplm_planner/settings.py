@@ -1,19 +1,24 @@
-"""Choices and settings the CLI shares with the library, light to import (no torch): the CLI reads
-its choices and defaults from here, so each is defined once."""
+"""Choices and settings the CLI shares with the library, light to import (no torch). Each settings field
+carries its command-line option in its metadata (Option): cli.py makes the click options from the
+fields, so each option, its default, choices and help, is defined once."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .planners import METHODS, ZIPLM
 from .timing import DEFAULT_ESTIMATOR, ESTIMATORS
 
-ZIPLM = "ziplm"
-METHODS = (ZIPLM, "magnitude", "uniform", "layerdrop", "kwon")  # the baselines: baselines.py, same table and budgets
+if TYPE_CHECKING:  # kinds imports torch; the CLI reads this module without it
+    from .kinds import ModelKind
+
 # calibration inputs: of the dense model; of the one compressed so far, members re-pruned on them; or
 # the dense model's structures, with weights fit on the compressed model's inputs to the dense output
 DENSE, SEQUENTIAL, CORRECTED = "dense", "sequential", "corrected"
@@ -29,37 +34,75 @@ NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # training autocast; "no" is float32
-EMBEDDING, CLASSIFICATION, CAUSAL_LM = "embedding", "classification", "causal-lm"  # model kinds (models.py)
 PERPLEXITY_SEQ_LEN = 512  # tokens per perplexity window, capped at the model's positions
 
 
 @dataclass(frozen=True)
+class Option:
+    """A settings field on the command line, kept in the field's metadata (`option(...)`).
+
+    An Option with help declares its flag; one without reads a flag another field declares (--seed seeds
+    training too; the three loss weights read --loss-weights). A flag left out, None, leaves its fields at
+    their defaults; a bool field's flag flips its default (--no-onnx)."""
+
+    help: str = ""
+    flag: str | None = None  # default: --the-field-name
+    choices: tuple[str, ...] | None = None
+    parse: Callable[[str], object] | None = None  # the flag's text -> the field's value, where not its type
+    default: Callable[[], object] | None = None  # the CLI's where not the field's, computed when left out
+    show_default: bool = True
+
+
+CLI = "cli"  # the metadata key: an Option, or None for a field set in Python only
+PYTHON_ONLY = {CLI: None}
+
+
+def option(help: str = "", **kwargs) -> dict:
+    """Field metadata: the field's command-line option."""
+    return {CLI: Option(help, **kwargs)}
+
+
+def loss_terms(text: str) -> tuple[float, ...]:
+    """'1,1,1' -> the task, KL and SquareHead weights, each a finite number >= 0."""
+    try:
+        values = tuple(float(item) for item in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != len(LOSS_TERMS) or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UserError(f"loss weights are {len(LOSS_TERMS)} numbers >= 0 for {', '.join(LOSS_TERMS)}, got {text!r}")
+    return values
+
+
+def loss_weight(term: str) -> dict:
+    """A loss weight on the command line: its term of --loss-weights (declared by TrainSettings.weights)."""
+    return option(flag="--loss-weights", parse=lambda text: loss_terms(text)[LOSS_TERMS.index(term)])
+
+
+@dataclass(frozen=True)
 class LossWeights:
-    task: float = 1.0  # LM cross-entropy on the training text (causal LMs), the task loss with labels
-    kl: float = 1.0  # T^2 KL(teacher || student) on logits; pooled-embedding distance for embedding models
+    # LM cross-entropy on the training text (causal LMs), the task loss with labels
+    task: float = field(default=1.0, metadata=loss_weight("task"))
+    # T^2 KL(teacher || student) on logits; pooled-embedding distance for embedding models
+    kl: float = field(default=1.0, metadata=loss_weight("kl"))
     # per-layer normalised hidden-state error, summed over layers; None: the model kind's (KindDefaults)
-    squarehead: float | None = None
-    temperature: float = 2.0
+    squarehead: float | None = field(default=None, metadata=loss_weight("squarehead"))
+    temperature: float = field(default=2.0, metadata=option("Recovery: distillation temperature of the KL term."))
+
+    def __post_init__(self):
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise UserError(f"the distillation temperature must be a number > 0, got {self.temperature}")
 
     @classmethod
-    def parse(cls, text: str | None, temperature: float = 2.0) -> LossWeights:
-        """'1,1,1' -> the task, KL and SquareHead weights, each a finite number >= 0; None: the defaults."""
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise UserError(f"the distillation temperature must be a number > 0, got {temperature}")
-        if text is None:
-            return cls(temperature=temperature)
-        try:
-            values = [float(item) for item in text.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != len(LOSS_TERMS) or not all(math.isfinite(v) and v >= 0 for v in values):
-            raise UserError(f"loss weights are {len(LOSS_TERMS)} numbers >= 0 for {', '.join(LOSS_TERMS)}, got {text!r}")
-        return cls(*values, temperature=temperature)
+    def parse(cls, text: str | None, **others) -> LossWeights:
+        """'1,1,1' -> the task, KL and SquareHead weights (None: the defaults), beside `others` (the temperature)."""
+        terms = {} if text is None else dict(zip(LOSS_TERMS, loss_terms(text)))
+        return cls(**terms, **others)
 
 
 @dataclass(frozen=True)
 class KindDefaults:
-    """Recovery settings a user leaves to the model, by its kind (chosen on the benchmarks)."""
+    """Recovery settings a user leaves to the model, by its kind (kinds.ModelKind.defaults; chosen on the
+    benchmarks)."""
 
     batch_size: int  # samples per step on each process
     squarehead: float  # SquareHead's loss weight
@@ -74,28 +117,41 @@ CAUSAL_LM_DEFAULTS = KindDefaults(batch_size=1, squarehead=0.0)
 OTHER_KIND_DEFAULTS = KindDefaults(batch_size=16, squarehead=1.0)
 
 
-def kind_defaults(kind: str) -> KindDefaults:
-    return CAUSAL_LM_DEFAULTS if kind == CAUSAL_LM else OTHER_KIND_DEFAULTS
+def default_weights(kind: KindDefaults) -> str:
+    """--loss-weights as a model of this kind gets them when the flag is left out."""
+    weights = LossWeights()
+    return f"{weights.task:g},{weights.kl:g},{kind.squarehead:g}"
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    tokens: int = 500_000  # real tokens the student sees per member
+    tokens: int = field(default=500_000, metadata=option("Recovery: real tokens each member is trained on.",
+                                                         flag="--train-tokens"))
     # samples per step on each process, and tokens per sample; None: what suits the model (KindDefaults,
     # recovery.training_length)
-    batch_size: int | None = None
-    seq_len: int | None = None
-    learning_rate: float = 3e-4  # on SmolLM2 3e-4 recovered 1.8 perplexity more than 1e-4 (BENCHMARKS)
-    warmup: float = 0.1  # share of the steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    weights: LossWeights = field(default_factory=LossWeights)
+    batch_size: int | None = field(default=None, metadata=option(
+        f"Recovery: samples per step on each process [default: {CAUSAL_LM_DEFAULTS.batch_size} for causal LMs, "
+        f"{OTHER_KIND_DEFAULTS.batch_size} for others: about 512 tokens either way].", flag="--train-batch-size"))
+    seq_len: int | None = field(default=None, metadata=option(
+        f"Recovery: tokens per training sample [default: {PERPLEXITY_SEQ_LEN} for causal LMs (capped at the model's "
+        "positions), the calibration length for others].", flag="--train-seq-len"))
+    # on SmolLM2 3e-4 recovered 1.8 perplexity more than 1e-4 (BENCHMARKS)
+    learning_rate: float = field(default=3e-4, metadata=option(
+        "Recovery: AdamW peak learning rate (linear warm-up, then linear decay)."))
+    warmup: float = field(default=0.1, metadata=option("Recovery: share of the steps spent warming up."))
+    weight_decay: float = field(default=0.0, metadata=PYTHON_ONLY)
+    max_grad_norm: float = field(default=1.0, metadata=PYTHON_ONLY)
+    weights: LossWeights = field(default_factory=LossWeights, metadata=option(
+        f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms [default: {default_weights(CAUSAL_LM_DEFAULTS)} "
+        f"for causal LMs, {default_weights(OTHER_KIND_DEFAULTS)} for others].", flag="--loss-weights"))
     # autocast dtype: "auto" is bf16 where the hardware multiplies it natively (bf16 GPUs, CPUs with AMX or
     # AVX-512 BF16), fp16 on other GPUs, float32 elsewhere
-    precision: str = "auto"
-    seed: int = 0
-    log_every: int = 10  # steps between points of the loss curve
-    checkpoint_every: int = 200
+    precision: str = field(default="auto", metadata=option(
+        "Recovery: autocast dtype. auto: bf16 on GPUs that have it and on CPUs with AMX or AVX-512 BF16, fp16 on "
+        "other GPUs, float32 (no) on other CPUs.", flag="--train-precision", choices=PRECISIONS))
+    seed: int = field(default=0, metadata=option(flag="--seed"))  # on the command line, the run's seed
+    log_every: int = field(default=10, metadata=PYTHON_ONLY)  # steps between points of the loss curve
+    checkpoint_every: int = field(default=200, metadata=PYTHON_ONLY)
 
     def __post_init__(self):
         if self.tokens < 1:
@@ -107,9 +163,9 @@ class TrainSettings:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown training precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
-    def for_kind(self, kind: str) -> TrainSettings:
+    def for_kind(self, kind: ModelKind) -> TrainSettings:
         """These settings with the batch size and SquareHead weight they leave to the model filled in."""
-        defaults = kind_defaults(kind)
+        defaults = kind.defaults
         weights = self.weights
         if weights.squarehead is None:
             weights = replace(weights, squarehead=defaults.squarehead)
@@ -118,11 +174,16 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class RecoverySettings:
-    mode: str = NONE
-    train_data: str | None = None  # a text, STS-B or GLUE file; default: the calibration file
+    mode: str = field(default=NONE, metadata=option(
+        "none: members as pruned; oneshot: each member pruned from the dense model, then distilled; gradual: each "
+        "member pruned from the last one (re-planned on it), then distilled.", flag="--recovery",
+        choices=RECOVERY_MODES))
+    train_data: str | None = field(default=None, metadata=option(
+        "Recovery training text, STS-B or GLUE file [default: --calib]."))
     train: TrainSettings = field(default_factory=TrainSettings)
-    # gradual: prune-and-distil steps per member, through intermediate speedups; the budget is split over them
-    prune_steps: int = 1
+    prune_steps: int = field(default=1, metadata=option(
+        "Gradual: prune-and-distil steps per member, through intermediate speedups spaced evenly in log speedup "
+        "from the last member's; --train-tokens is split over them."))
 
     def __post_init__(self):
         if self.mode not in RECOVERY_MODES:
@@ -134,6 +195,15 @@ class RecoverySettings:
                             "it needs --recovery gradual")
 
     @property
+    def trains(self) -> bool:
+        return self.mode != NONE
+
+    @property
+    def nested(self) -> bool:
+        """Gradual: each member is cut from the last one, trained, so the members are nested."""
+        return self.mode == GRADUAL
+
+    @property
     def step_train(self) -> TrainSettings:
         """Training at each pruning step: the member's budget split evenly over its steps."""
         return replace(self.train, tokens=math.ceil(self.train.tokens / self.prune_steps))
@@ -143,14 +213,18 @@ class RecoverySettings:
 class GenerationSettings:
     """Training text sampled from the dense model (synthetic.py)."""
 
-    tokens: int = 250_000  # new tokens to write, prompts not counted
-    seq_len: int = 128  # tokens per sample, prompt included: the training window
-    prompt_tokens: int = 8  # tokens of real text each sample starts from, when a prompt file is given
-    batch_size: int = 128  # samples generated together
-    temperature: float = 1.0  # 1 with top_p 1 samples the model's own distribution, what distillation matches
-    top_p: float = 1.0
-    precision: str = "auto"  # autocast, as TrainSettings.precision
-    seed: int = 0
+    tokens: int = field(default=250_000, metadata=option("New tokens to write, prompts not counted."))
+    seq_len: int = field(default=128, metadata=option(
+        "Tokens per sample, prompt included: the profile's sequence length, as recovery trains on."))
+    prompt_tokens: int = field(default=8, metadata=option("Tokens of --prompts text each sample continues."))
+    batch_size: int = field(default=128, metadata=option("Samples generated together."))
+    # 1 with top_p 1 samples the model's own distribution, what distillation matches
+    temperature: float = field(default=1.0, metadata=option(
+        "Sampling temperature; 1 samples the model's own distribution."))
+    top_p: float = field(default=1.0, metadata=option("Nucleus sampling; 1 keeps every token."))
+    precision: str = field(default="auto", metadata=option("Autocast while sampling, as --train-precision.",
+                                                           choices=PRECISIONS))
+    seed: int = field(default=0, metadata=option("Sampling seed."))
 
     def __post_init__(self):
         if self.tokens < 1 or self.batch_size < 1:
@@ -168,19 +242,32 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class CompressSettings:
-    method: str = ZIPLM
-    num_samples: int = 512
-    seed: int = 0
-    dampening: float = 0.01
-    calibration_inputs: str = DENSE  # one of CALIBRATION_INPUTS
-    block_errors: str = FISHER  # one of BLOCK_ERRORS
-    search_evaluations: int = 30  # SPDY: stitched models scored per target
-    score_samples: int = 128  # calibration samples the SPDY score uses
-    score_on: str = CALIBRATION  # one of SCORE_ON
-    verify_rounds: int = 20
-    max_replans: int = 3
-    onnx: bool = True
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    method: str = field(default=ZIPLM, metadata=option(
+        "ziplm, or a baseline planned on the same table and budgets.", choices=METHODS))
+    num_samples: int = field(default=512, metadata=option("Calibration samples for the Hessians."))
+    seed: int = field(default=0, metadata=option("Seed of the calibration sample and the search."))
+    dampening: float = field(default=0.01, metadata=PYTHON_ONLY)
+    calibration_inputs: str = field(default=DENSE, metadata=option(
+        "dense: members' OBS weights from the dense model's inputs; sequential: members re-pruned on inputs of the "
+        "model compressed so far; corrected: the same structures as dense, weights fit layer by layer on the "
+        "compressed model's inputs to the dense model's output.", choices=CALIBRATION_INPUTS))
+    block_errors: str = field(default=FISHER, metadata=option(
+        "What the search weighs a block's OBS error by: fisher: its Fisher on the calibration loss, so blocks compare "
+        "in loss units; relative: nothing (each block's error relative to its own output).", choices=BLOCK_ERRORS))
+    search_evaluations: int = field(default=30, metadata=option("SPDY: models scored per target."))
+    score_samples: int = field(default=128, metadata=option("Calibration samples each SPDY candidate is scored on."))
+    score_on: str = field(default=CALIBRATION, metadata=option(
+        "held-out: score candidates on calibration samples the Hessians did not see (drawn from the rest of --calib); "
+        "calibration: on the Hessians' own samples.", choices=SCORE_ON))
+    verify_rounds: int = field(default=20, metadata=option(
+        "Interleaved rounds each member is timed in against the dense model (a miss is confirmed with twice as many "
+        "more); raise it on a noisy machine."))
+    max_replans: int = field(default=3, metadata=option(
+        "Re-plans, at a tighter or looser budget, of a member measured outside [0.97, 1.10] x its target."))
+    onnx: bool = field(default=True, metadata=option("Skip the ONNX export of each member.", flag="--no-onnx"))
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir(), metadata=option(
+        "Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].",
+        show_default=False))
     recovery: RecoverySettings = field(default_factory=RecoverySettings)
 
     def __post_init__(self):
@@ -209,14 +296,20 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    ffn_step: int = 64  # FFN sizes timed: every multiple of this, plus the full size
-    rounds: int = 40  # interleaved repetitions of every block candidate
-    warmup: int = 3
-    estimator: str = DEFAULT_ESTIMATOR
-    additivity_models: int = 8  # random whole models, small to large, checked against the prediction (plus dense)
-    additivity_rounds: int = 15
-    retries: int = 2  # profiles again while the table fails its trust checks (a noisy machine), keeping the soundest
-    seed: int = 0
+    # the full size is timed too
+    ffn_step: int = field(default=64, metadata=option("FFN sizes timed: multiples of this."))
+    rounds: int = field(default=40, metadata=option("Interleaved repetitions per block."))
+    warmup: int = field(default=3, metadata=PYTHON_ONLY)
+    estimator: str = field(default=DEFAULT_ESTIMATOR, metadata=option(
+        "Statistic of each block's timings taken as its cost (p10 stays stable on a busy machine).",
+        choices=ESTIMATORS))
+    # random whole models, small to large, checked against the prediction (plus dense)
+    additivity_models: int = field(default=8, metadata=PYTHON_ONLY)
+    additivity_rounds: int = field(default=15, metadata=PYTHON_ONLY)
+    retries: int = field(default=2, metadata=option(
+        "Profile again, up to this many times, while the table fails its trust checks (a noisy machine); the soundest "
+        "is kept."))
+    seed: int = field(default=0, metadata=PYTHON_ONLY)
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -225,9 +318,3 @@ class ProfileSettings:
             raise UserError("ffn step must be >= 1 and rounds >= 2")
         if self.retries < 0:
             raise UserError(f"retries must be >= 0 (0: profile once, whatever the machine), not {self.retries}")
-
-
-def default(cls, name: str):
-    """A settings field's default, for the CLI."""
-    spec = next(f for f in fields(cls) if f.name == name)
-    return spec.default if spec.default is not MISSING else spec.default_factory()

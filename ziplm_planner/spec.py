@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
+from .settings import option
 
+# The backends of backends.py's registry by name, and those that time the float32 model.onnx members
+# ship with: here, so that the CLI and a spec's checks read them without importing torch.
 BACKENDS = ("torch", "onnxruntime")
+FLOAT32_ONLY = ("onnxruntime",)
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("prefill", "decode")
@@ -20,14 +25,19 @@ class InferenceSpec:
     KV cache of `context` tokens (decoders only; seq_len is then 1 by definition).
     """
 
-    backend: str = "torch"
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int = 2
-    batch_size: int = 8
-    seq_len: int = 128
-    mode: str = "prefill"
-    context: int = 0
+    backend: str = field(default="torch", metadata=option(
+        "Runtime the model is deployed on: PyTorch or ONNX Runtime.", choices=BACKENDS))
+    device: str = field(default="cpu", metadata=option("Device to time on.", choices=DEVICES))
+    dtype: str = field(default="float32", metadata=option("Weight and activation type (float16 on cuda only).",
+                                                          choices=DTYPES))
+    threads: int = field(default=2, metadata=option("Intra-op threads [default: all cores].", default=os.cpu_count,
+                                                    show_default=False))
+    batch_size: int = field(default=8, metadata=option("Sequences per call, as deployed."))
+    seq_len: int = field(default=128, metadata=option("Tokens per sequence (prefill)."))
+    mode: str = field(default="prefill", metadata=option(
+        "prefill: one forward over --seq-len tokens; decode: one new token after --context cached ones.",
+        choices=MODES))
+    context: int = field(default=0, metadata=option("KV-cache length for --mode decode.", show_default=False))
 
     def __post_init__(self):
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("device", self.device, DEVICES),
@@ -42,8 +52,8 @@ class InferenceSpec:
                 raise UserError("decode mode needs --context N (the KV-cache length), N >= 1")
         elif self.context:
             raise UserError("--context applies to decode mode only: add --mode decode or drop --context")
-        if self.backend == "onnxruntime" and self.dtype != "float32":
-            raise UserError("onnxruntime times the float32 model.onnx that members ship with: use --dtype float32")
+        if self.backend in FLOAT32_ONLY and self.dtype != "float32":
+            raise UserError(f"{self.backend} times the float32 model.onnx that members ship with: use --dtype float32")
         if self.device == "cpu" and self.dtype == "float16":
             raise UserError("float16 on cpu is not a deployment target: use float32 or bfloat16 on cpu")
 

@@ -20,7 +20,8 @@ import torch
 from .atomic import atomic_write_text, check_writable
 from .data import TEXT_SUFFIXES
 from .errors import UserError
-from .models import CAUSAL_LM, LoadedModel
+from .kinds import ModelKind
+from .models import LoadedModel
 from .progress import bar, stage
 from .recovery import load_training_data
 from .settings import GenerationSettings
@@ -70,9 +71,9 @@ def generate_text(loaded: LoadedModel, settings: GenerationSettings = Generation
     return GeneratedText(samples, written, time.perf_counter() - started)
 
 
-def check_writes_text(reference: str, kind: str) -> None:
-    if kind != CAUSAL_LM:
-        raise UserError(f"{reference} is not a causal language model ({kind}), so it writes no text: "
+def check_writes_text(reference: str, kind: ModelKind) -> None:
+    if not kind.generates:
+        raise UserError(f"{reference} is not a causal language model ({kind.name}), so it writes no text: "
                         "give real text to --train-data")
 
 

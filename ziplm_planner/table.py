@@ -1,6 +1,6 @@
 """Latency lookup tables: block times per pruned size on one machine, backend and spec.
 
-Predicted latency of a configuration (DESIGN.md, "Latency table"):
+Predicted latency of a configuration (ZipLM, Kurtic et al. 2023: a runtime lookup table per structure):
     T = scale * (fixed + sum over layers of attention(a_l) + ffn(n_l)) + offset
 with attention(removed) = ffn(0) = 0 (a removed block). An attention level a is an `AttentionLevel`
 (KV groups kept, query heads kept in each): its record holds the groups as `level` and the heads
@@ -51,6 +51,8 @@ class LatencyTable:
     scale: float = 1.0  # whole model ms = scale * block sum + offset_ms, fitted on measured whole models,
     offset_ms: float = 0.0  # for block sums from line_from_ms up; below it, proportional to the block sum
     line_from_ms: float = 0.0
+    # the file it was read from or saved to (None: made in memory); how warnings and reports name it
+    path: Path | None = field(default=None, compare=False)
     # (the records list it was made from, {block: (levels, times)}): searches and baselines look up
     # block times thousands of times per plan; a new records list makes it anew
     _lookup: tuple = field(default_factory=lambda: (None, {}), init=False, repr=False, compare=False)
@@ -222,7 +224,13 @@ class LatencyTable:
                 "scale": self.scale, "offset_ms": self.offset_ms, "line_from_ms": self.line_from_ms, "metadata": self.metadata, "records": self.records, "additivity": self.additivity}
 
     def save(self, path: str | Path) -> Path:
-        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        self.path = atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        return self.path
+
+    @property
+    def name(self) -> str:
+        """The table as warnings and reports name it: its file, else the model it was profiled for."""
+        return str(self.path) if self.path is not None else f"the table of {self.metadata.get('model', 'a model')}"
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
@@ -238,7 +246,7 @@ class LatencyTable:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UserError(f"{path} is not a ziplm-planner latency table (expected format {FORMAT!r})")
         try:
-            return cls.from_dict(data)
+            return dataclasses.replace(cls.from_dict(data), path=path)
         except InvalidTable as err:
             raise UserError(f"latency table {path} is incomplete or corrupt ({err}): "
                             "re-run `ziplm-planner profile`") from None

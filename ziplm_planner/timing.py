@@ -1,7 +1,7 @@
 """Timing like a benchmark harness: warm up, interleave candidates, repeat, keep the spread.
 
 On a noisy shared machine noise only ever adds time, so a low quantile of many short
-interleaved runs is the stable estimate of a candidate's cost (DESIGN.md, "Latency table");
+interleaved runs is the stable estimate of a candidate's cost (docs/BENCHMARKS.md, "Profiler");
 the median is kept beside it because a user on a busy server lives with the median.
 """
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .data import TokenBatches
 from .distill import distillation_terms
 from .errors import UserError
+from .kinds import ModelKind
 from .progress import bar, note
 from .settings import TrainSettings
 
@@ -133,12 +134,12 @@ def _read_progress(folder: Path | None, identity: dict) -> dict | None:
         return None
     progress = json.loads((folder / PROGRESS).read_text())
     if progress.get("identity") != identity:
-        raise UserError(f"checkpoint {folder} was made with other training settings or data: "
-                        "remove it or give another --checkpoint-dir")
+        raise UserError(f"checkpoint {folder} was made with other training settings or data: rerun with "
+                        "those to resume it, or remove the folder to train this member afresh")
     return progress
 
 
-def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches, settings: TrainSettings,
+def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenBatches, settings: TrainSettings,
            accelerator, checkpoint: Path | None = None, label: str = "distil") -> TrainRecord:
     """Train `student` in place to match `teacher` on `data`; returns the record. `accelerator` is an
     `accelerate.Accelerator`; every process calls this with the same arguments."""
@@ -215,7 +216,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: str, data: TokenBatches
                        {k: v for k, v in final.items() if k not in ("step", "tokens")}, progress["curve"])
 
 
-def train_step(model, teacher: nn.Module, kind: str, batch: dict[str, torch.Tensor], settings: TrainSettings,
+def train_step(model, teacher: nn.Module, kind: ModelKind, batch: dict[str, torch.Tensor], settings: TrainSettings,
                accelerator, optimizer, scheduler) -> dict[str, float]:
     """One optimiser step on one batch; the loss terms, averaged over the processes."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -1,8 +1,7 @@
 """Verify by measurement: time each member as it ships against the dense model, and re-plan the
 ones that miss their target or overshoot it.
 
-A single timing on a busy machine lies, and only ever upward (DESIGN.md, "Measurement that noise
-cannot fool"). So a member is timed interleaved with the dense model, a bootstrap interval is kept
+A single timing on a busy machine lies, and only ever upward. So a member is timed interleaved with the dense model, a bootstrap interval is kept
 beside the speedup, and a result outside the accepted band is confirmed with more rounds before
 anything is re-planned. Among members that meet a target, the one closest to it is kept.
 """
@@ -13,17 +12,18 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from .backends import synchronizer
+from .backends import backend_for
 from .calibrate import CalibrationLoss
 from .models import LoadedModel
 from .profiler import workload
 from .surgery import PruningPlan, count_parameters
 from .table import LatencyTable
 from .timing import TimingStats, interleaved_samples, speedup_interval
+
+if TYPE_CHECKING:
+    from .planners import Planner
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,20 @@ class Verifier:
 
     def __init__(self, loaded: LoadedModel, table: LatencyTable, rounds: int, workdir: Path, seed: int = 0):
         self.table, self.rounds, self.workdir, self.seed = table, rounds, workdir, seed
-        self.work = workload(loaded, table.spec, seed)
-        self.dense, self.dense_onnx = self.work.runner(loaded.model, table.spec, workdir, "dense")
+        self.work, self.backend = workload(loaded, table.spec, seed), backend_for(table.spec)
+        self.dense, self.dense_onnx = self.backend.model_runner(loaded.model, self.work, table.spec, workdir, "dense")
         self.count = 0
 
     def measure_dense(self) -> Measurement:
-        samples = interleaved_samples({"dense": self.dense}, self.rounds, 3, self.seed, synchronizer(self.table.spec))
+        samples = interleaved_samples({"dense": self.dense}, self.rounds, 3, self.seed,
+                                      self.backend.synchronizer(self.table.spec))
         stats = TimingStats.from_samples(samples["dense"])
         return Measurement(stats, stats, self.table.estimator, (1.0, 1.0), self.rounds, False, self.dense_onnx)
 
     def measure(self, model, target: float) -> Measurement:
         """Time `model` against the dense model; outside the accepted band, confirm with more rounds."""
         self.count += 1
-        runner, onnx_file = self.work.runner(model, self.table.spec, self.workdir, f"m{self.count}")
+        runner, onnx_file = self.backend.model_runner(model, self.work, self.table.spec, self.workdir, f"m{self.count}")
         candidates = {"dense": self.dense, "member": runner}
         samples = self._samples(candidates, self.rounds, warmup=3)
         measurement = self._summary(samples, False, onnx_file)
@@ -103,7 +104,7 @@ class Verifier:
     def _samples(self, candidates: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
         # a new order for every measurement: a fixed one would put the same candidate first after each pause
         return interleaved_samples(candidates, rounds, warmup, self.seed + 7919 * self.count,
-                                   synchronizer(self.table.spec))
+                                   self.backend.synchronizer(self.table.spec))
 
     def _summary(self, samples: dict[str, list[float]], remeasured: bool, onnx_file: Path | None) -> Measurement:
         interval = speedup_interval(samples["dense"], samples["member"], self.table.estimator, seed=self.seed)
@@ -185,14 +186,6 @@ def next_budget(budget: float, speedup: float, target: float, fast: list[float],
     if low is not None and high is not None and not low < guess < high:
         guess = math.sqrt(low * high)
     return max(floor, guess)
-
-
-class Planner(Protocol):
-    """What every method is to the verify loop: a pruned model for a latency budget. ZipLM
-    (pipeline.ZipLMPlanner) and each baseline (baselines.py) implement it."""
-
-    def build(self, budget_ms: float) -> tuple[nn.Module, PruningPlan, list[tuple[int, int]]]:
-        """(pruned model, its plan, kept (attention, FFN) per layer) predicted to run in `budget_ms`."""
 
 
 def keeps_over(result: MemberResult, other: MemberResult | None) -> bool:

@@ -78,7 +78,6 @@ class Architecture:
     attention_bypass: tuple[tuple[str, Bypass], ...]
     ffn_bypass: tuple[tuple[str, Bypass], ...]
     pre_norm: bool  # a zeroed block leaves the residual stream untouched (no norm after it)
-    conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
     fused_qkv: bool = False  # query, key and value are one projection, in that order
     head_count_attrs: tuple[str, ...] = ()  # attention attributes set to the kept query-head count
     head_width_attrs: tuple[str, ...] = ()  # attention attributes set to kept query heads * head_dim

@@ -16,7 +16,6 @@ GPT2 = Architecture(
     attention_bypass=(("ln_1", Bypass.IDENTITY), ("attn", Bypass.ZERO_ATTENTION)),
     ffn_bypass=(("ln_2", Bypass.IDENTITY), ("mlp", Bypass.ZERO_MLP)),
     pre_norm=True,
-    conv1d=True,
     fused_qkv=True,
     head_count_attrs=("num_heads",),
     head_width_attrs=("split_size",),
