@@ -1,4 +1,4 @@
-"""Distillation loss terms, stateless: tensors in, a scalar out (DESIGN.md, "Recovery").
+"""Distillation loss terms, stateless: tensors in, a scalar out (SquareHead, Kurtic et al. 2023).
 
     loss = w_task * task + w_kl * T^2 * KL(teacher || student) + w_sq * SquareHead
 

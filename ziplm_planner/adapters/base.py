@@ -5,7 +5,7 @@ the FFN projections and what replaces a block when it is removed entirely. Every
 acts on a model (surgery, calibration hooks, profiling) reads these fields; no code outside
 the adapters knows a module name.
 
-Structures (DESIGN.md, "Architectures and structures"):
+Structures:
 - attention unit: one head, or for grouped-query attention one KV group = its K and V heads
   plus every query head that shares them. A unit owns `q_per_unit * head_dim` rows of Q and
   columns of the output projection, and `head_dim` rows of K and V.

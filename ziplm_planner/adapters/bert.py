@@ -13,7 +13,7 @@ BERT = Architecture(
     attention_output="attention.output.dense",
     ffn_inputs=("intermediate.dense",),
     ffn_output="output.dense",
-    # post-norm: the LayerNorm after a removed block goes with it (DESIGN.md)
+    # post-norm: the LayerNorm after a removed block goes with it
     attention_bypass=(("attention", Bypass.SKIP_ATTENTION),),
     ffn_bypass=(("intermediate", Bypass.IDENTITY), ("output", Bypass.RESIDUAL_OUTPUT)),
     pre_norm=False,
