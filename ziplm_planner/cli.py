@@ -220,7 +220,7 @@ def generate_text(model, prompts, output, **flags) -> None:
               help="stsb (embedding models), classification (classifiers), perplexity (causal LMs), "
                    "or fidelity to the dense member (any model).")
 @click.option("--data", required=True, help="STS-B file, GLUE TSV with labels, or raw text (perplexity, fidelity).")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
               help="Score each member's torch model or its model.onnx.")
 @click.option("--max-tokens", type=int, default=None, help="Perplexity and fidelity: score at most N tokens of the data.")
 def evaluate(family, task, data, backend, max_tokens) -> None:
