@@ -97,6 +97,12 @@ def test_table_round_trips_through_json(table, tmp_path):
     frame = loaded.to_frame()
     assert {"block", "level", "time_ms", "p10_ms", "p90_ms", "runs", "spread"} <= set(frame.columns)
     assert "additivity" in loaded.describe() and "attention" in loaded.describe()
+    assert loaded.name == str(path)  # warnings and reports name the table by its file, not by its model
+
+
+def test_a_table_made_in_memory_is_named_by_its_model(table):
+    in_memory = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert in_memory.path is None and in_memory.name == f"the table of {table.metadata['model']}"
 
 
 def test_prediction_is_the_sum_of_block_times(table):
