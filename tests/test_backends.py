@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ziplm_planner import export, spec
+from ziplm_planner import spec
 from ziplm_planner.adapters import model_shape
-from ziplm_planner.backends import BACKENDS, MODEL_ONNX, MODEL_WEIGHTS, backend_for, backend_named
+from ziplm_planner.backends import BACKENDS, MODEL_ONNX, backend_for, backend_named
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned, save_member
 from ziplm_planner.profiler import workload
@@ -27,7 +27,6 @@ def test_the_registry_names_the_backends_a_spec_accepts():
     assert all(backend_for(InferenceSpec(backend=name)) is BACKENDS[name] for name in spec.BACKENDS)
     # the float32-only rule a spec checks is the one for backends that run the shipped model.onnx
     assert {name for name, backend in BACKENDS.items() if backend.member_file == MODEL_ONNX} == set(spec.FLOAT32_ONLY)
-    assert (MODEL_ONNX, MODEL_WEIGHTS) == (export.ONNX, export.WEIGHTS)
 
 
 def test_backends_are_named_as_evaluate_accepts_them():

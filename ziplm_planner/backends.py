@@ -334,7 +334,7 @@ def onnx_runner(path: Path, inputs: dict[str, torch.Tensor], spec: InferenceSpec
 # --- the registry: how each backend runs what is timed and what is scored -------------------------
 
 Runner = Callable[[], object]  # runs the timed thing once
-MODEL_ONNX, MODEL_WEIGHTS = "model.onnx", "model.safetensors"  # a member's files, as export.ONNX and export.WEIGHTS
+MODEL_ONNX, MODEL_WEIGHTS = "model.onnx", "model.safetensors"  # a member's files (export.ONNX, WEIGHTS)
 
 
 def at_spec_dtype(call: TensorCall, inputs: dict[str, torch.Tensor],

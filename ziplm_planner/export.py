@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .backends import (PAST, as_array, decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names,
+from .backends import (MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names,
                        is_past, model_graph, next_token_feeds, ort_session, random_inputs)
 from .errors import UserError
 from .kinds import ModelKind, kind_named
@@ -32,7 +32,8 @@ from .surgery import PruningPlan, build_pruned, count_parameters
 log = logging.getLogger(__name__)
 
 FORMAT = "ziplm-planner/member/v1"
-WEIGHTS, PRUNING, ONNX, MEASUREMENT = "model.safetensors", "pruning.json", "model.onnx", "measurement.json"
+WEIGHTS, ONNX = MODEL_WEIGHTS, MODEL_ONNX  # the files a backend runs (backends.py)
+PRUNING, MEASUREMENT = "pruning.json", "measurement.json"
 CHECK_SHAPE = (3, 12)  # (batch, sequence): the check runs at another size than the trace (TRACE_SHAPE)
 TOLERANCE = 1e-3  # of the ONNX file's and the reloaded member's outputs, times the output's largest magnitude (>= 1)
 
