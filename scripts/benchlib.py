@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,8 +40,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def profile_spec(args: argparse.Namespace, **fields) -> InferenceSpec:
-    """The spec add_profile_arguments' flags give, on all cores as the CLI's, with `fields`."""
-    return InferenceSpec(batch_size=args.batch_size, seq_len=args.seq_len, threads=os.cpu_count(), **fields)
+    """The spec add_profile_arguments' flags give (on all cores, as the CLI's), with `fields`."""
+    return InferenceSpec(batch_size=args.batch_size, seq_len=args.seq_len, **fields)
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser, targets: str) -> None:

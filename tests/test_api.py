@@ -1,7 +1,6 @@
 """The public Python API is what the README says it is."""
 
 import importlib
-import os
 from pathlib import Path
 
 import pytest
@@ -58,4 +57,4 @@ def test_profile_takes_a_spec_and_settings(monkeypatch):
     zp.profile("m", spec=zp.InferenceSpec(mode="decode", context=64), settings=settings)
     zp.profile("m")
     assert seen[0] == ("m", zp.InferenceSpec(mode="decode", context=64, seq_len=1), settings)  # decode: one token
-    assert seen[1] == ("m", zp.InferenceSpec(threads=os.cpu_count()), zp.ProfileSettings())  # all cores by default
+    assert seen[1] == ("m", zp.InferenceSpec(), zp.ProfileSettings())  # all cores by default

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,9 +20,9 @@ def _loaded(model: str | LoadedModel) -> LoadedModel:
 
 def profile(model: str | LoadedModel = DEFAULT_MODEL, output: str | Path | None = None, *,
             spec: InferenceSpec | None = None, settings: ProfileSettings = ProfileSettings()) -> LatencyTable:
-    """Profile `model` on this machine for `spec` (default: InferenceSpec() on all cores); save the table
+    """Profile `model` on this machine for `spec` (default: InferenceSpec(), on all cores); save the table
     to `output` if given."""
-    spec = spec or InferenceSpec(threads=os.cpu_count())
+    spec = spec or InferenceSpec()
     if spec.mode == "decode":  # one new token per sequence: the table records a sequence length of 1
         spec = replace(spec, seq_len=1)
     if output is not None:

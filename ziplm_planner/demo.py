@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import random
 import re
 from pathlib import Path
@@ -72,7 +71,7 @@ def _run_demo(output: Path, targets: list[float], backend: str, stsb: str | None
     with stage("demo texts", "sentences from the docstrings of Python's standard library"):
         calibration, heldout = write_demo_texts(output)
     table_path = output / f"profile-{backend}.json"
-    api.profile(loaded, table_path, spec=InferenceSpec(backend=backend, threads=os.cpu_count()), settings=PROFILE)
+    api.profile(loaded, table_path, spec=InferenceSpec(backend=backend), settings=PROFILE)
     family = output / "family"
     with stage("compress", "the dense reference and a member per target"):
         api.compress(loaded, table_path, targets, calibration, family, overwrite=True)

@@ -30,8 +30,8 @@ class InferenceSpec:
     device: str = field(default="cpu", metadata=option("Device to time on.", choices=DEVICES))
     dtype: str = field(default="float32", metadata=option("Weight and activation type (float16 on cuda only).",
                                                           choices=DTYPES))
-    threads: int = field(default=2, metadata=option("Intra-op threads [default: all cores].", default=os.cpu_count,
-                                                    show_default=False))
+    threads: int = field(default_factory=os.cpu_count, metadata=option("Intra-op threads [default: all cores].",
+                                                                       show_default=False))
     batch_size: int = field(default=8, metadata=option("Sequences per call, as deployed."))
     seq_len: int = field(default=128, metadata=option("Tokens per sequence (prefill)."))
     mode: str = field(default="prefill", metadata=option(
