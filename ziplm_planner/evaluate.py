@@ -35,7 +35,7 @@ from torch import nn
 
 from .atomic import atomic_write_text
 from .backends import Backend, backend_named, derived_input, graph_feeds, ort_session
-from .data import TextDataset, right_padding, read_dataset
+from .data import TextDataset, read_dataset, right_padding, sentences
 from .errors import UserError
 from .family import read_report, report_csv
 from .export import ONNX, PRUNING, load_pruned_tokenizer, read_record
@@ -106,10 +106,6 @@ def _encode(tokenizer, first: Sequence[str], second: Sequence[str] | None = None
             batches.append(dict(tokenizer(*texts, padding=True, truncation=True, max_length=max_length,
                                           return_tensors="pt")))
     return batches
-
-
-def _all_texts(data: TextDataset) -> list[str]:
-    return data.texts if data.pairs is None else [s for pair in data.pairs for s in pair]
 
 
 def _first_tokens(tokenizer, texts: list[str], max_tokens: int, max_length: int) -> list[str]:
@@ -300,7 +296,7 @@ def _prepare_perplexity(data: TextDataset, dense: Member, max_tokens: int | None
 
 
 def _prepare_fidelity(data: TextDataset, dense: Member, max_tokens: int | None) -> Scorer:
-    texts = _all_texts(data)
+    texts = sentences(data)
     if max_tokens is not None:
         texts = _first_tokens(dense.tokenizer, texts, max_tokens, dense.max_length)
     return _fidelity_scorer(dense.forward, dense.kind, _encode(dense.tokenizer, texts, max_length=dense.max_length))

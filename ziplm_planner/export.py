@@ -21,8 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .backends import (MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache, graph_feeds, input_names,
-                       is_past, model_graph, next_token_feeds, ort_session, random_inputs)
+from .backends import (MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache,
+                       graph_feeds, input_names, is_past, model_graph, next_token_feeds, ort_session, random_inputs)
 from .errors import UserError
 from .kinds import ModelKind, kind_named
 from .progress import stage

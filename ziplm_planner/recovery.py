@@ -121,8 +121,11 @@ class Recovery:
             raise UserError(f"training data {path} has {len(self.data.input_ids)} samples, fewer than one batch of "
                             f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
         self.accelerator = make_accelerator(precision=settings.train.precision)
-        self.is_main_process = self.accelerator.is_main_process
         self._training = False  # the main process is training with the others: they are in the same collectives
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
 
     def metadata(self) -> dict:
         """For the family report: how training ran, where the settings left it to the model and machine."""
