@@ -141,8 +141,8 @@ def test_layers_reads_a_report_written_by_compress(tmp_path):
     fast, slow = TimingStats(1.0, 1.0, 1.1, 1.2, 5), TimingStats(2.0, 2.0, 2.1, 2.2, 5)
     half = PruningPlan(shape, [LayerPlan([0, 1], list(range(32))), LayerPlan([], [])])
     results = [MemberResult(1.0, "dense", PruningPlan.dense(shape), 2.0,
-                            Measurement(slow, slow, "p10", (1.0, 1.0), 5, False), 0.0, 1000),
-               MemberResult(2.0, "x2", half, 1.0, Measurement(fast, slow, "p10", (1.9, 2.1), 5, False), 0.1, 500)]
+                            Measurement(slow, slow, "p10", (1.0, 1.0), 5, False, "torch module"), 0.0, 1000),
+               MemberResult(2.0, "x2", half, 1.0, Measurement(fast, slow, "p10", (1.9, 2.1), 5, False, "torch module"), 0.1, 500)]
     (tmp_path / "fam").mkdir()
     FamilyReport([r.row(2.0) for r in results], {"model": "tiny", "spec": SPEC, "estimator": "p10"}).save(tmp_path / "fam")
     family = read_family(tmp_path / "fam")

@@ -77,7 +77,8 @@ def test_compress_the_real_minilm_with_the_shipped_table(minilm, tmp_path):
     report = compress(minilm, table, [2.0], calibration, tmp_path / "family", settings=settings)
     dense, row = report.rows
     assert row["replans"] == 0 and row["predicted_speedup"] >= 2.0 * 0.999 and row["parameters"] < dense["parameters"]
-    timing = Measurement.from_dict(json.loads((tmp_path / "family" / "x2" / "measurement.json").read_text())["timing"])
+    record = json.loads((tmp_path / "family" / "x2" / "measurement.json").read_text())
+    timing = Measurement.from_dict(record["timing"], row["timed_file"])
     assert timing.member.median_ms > 0 and timing.dense.median_ms > 0 and 0 < timing.interval[0] <= timing.interval[1]
     assert row["measured_speedup"] == round(timing.speedup, 4) and row["status"] == verdict(timing.speedup, 2.0)
     assert row["met_target"] == (row["status"] == "met") and (row["met_target"] or timing.remeasured)  # misses confirmed

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .backends import backend_for
 from .database import data_identity, file_digest
 from .errors import UserError
 from .export import MEASUREMENT, ONNX, WEIGHTS, load_pruned, read_record, save_member
@@ -112,10 +113,10 @@ def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
     try:
         record, saved = read_record(folder), json.loads((folder / MEASUREMENT).read_text())
         plan = PruningPlan.from_dict(record["plan"])
-        result = MemberResult(target, member_name(target), plan, table.predict(plan.kept_counts()),
-                              Measurement.from_dict(saved["timing"]), saved["calibration_loss"], saved["parameters"],
-                              saved["replans"], saved["speedups_tried"], saved.get("predicted_speedups_tried", []),
-                              saved["training"])
+        measurement = Measurement.from_dict(saved["timing"], backend_for(table.spec).timed)
+        result = MemberResult(target, member_name(target), plan, table.predict(plan.kept_counts()), measurement,
+                              saved["calibration_loss"], saved["parameters"], saved["replans"], saved["speedups_tried"],
+                              saved.get("predicted_speedups_tried", []), saved["training"])
     except (UserError, OSError, ValueError, KeyError, TypeError):  # missing, unreadable, or from an older version
         return None
     files = ["config.json", WEIGHTS, *([ONNX] if onnx else [])]

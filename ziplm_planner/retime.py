@@ -49,7 +49,7 @@ def verify_family(folder: str | Path, rounds: int = 40, seed: int = 0) -> list[d
     for row in rows:
         member = TimingStats.from_samples(samples[row["folder"]])
         measured = Measurement(member, dense, estimator, speedup_interval(samples["dense"], samples[row["folder"]],
-                                                                         estimator, seed=seed), rounds, False)
+                                                                         estimator, seed=seed), rounds, False, backend.timed)
         results.append({"folder": row["folder"], "target": row["target"], "speedup": measured.speedup,
                         "interval": measured.interval, "status": verdict(measured.speedup, row["target"]),
                         "reported_speedup": row.get("measured_speedup"), "member_ms": member.estimate(estimator),

@@ -53,6 +53,7 @@ class Measurement:
     interval: tuple[float, float]  # bootstrap 90% interval of the speedup
     rounds: int
     remeasured: bool  # confirmed with more rounds: the first timing fell outside the band
+    timed: str  # what was run, as the backend names it ("model.onnx", "torch module")
     onnx_file: Path | None = None  # the file timed (ONNX Runtime); it ships with the member
 
     @property
@@ -64,9 +65,10 @@ class Measurement:
                 "interval": list(self.interval), "rounds": self.rounds, "remeasured": self.remeasured}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Measurement:
+    def from_dict(cls, data: dict, timed: str) -> Measurement:
+        """The measurement `to_dict` wrote, of a member timed as `timed` (its family's backend says)."""
         return cls(TimingStats(**data["member"]), TimingStats(**data["dense"]), data["estimator"],
-                   tuple(data["interval"]), data["rounds"], data["remeasured"])
+                   tuple(data["interval"]), data["rounds"], data["remeasured"], timed)
 
     def describe(self) -> str:
         how = f"re-measured, {self.rounds} rounds in all" if self.remeasured else f"{self.rounds} rounds"
@@ -87,7 +89,8 @@ class Verifier:
         samples = interleaved_samples({"dense": self.dense}, self.rounds, 3, self.seed,
                                       self.backend.synchronizer(self.table.spec))
         stats = TimingStats.from_samples(samples["dense"])
-        return Measurement(stats, stats, self.table.estimator, (1.0, 1.0), self.rounds, False, self.dense_onnx)
+        return Measurement(stats, stats, self.table.estimator, (1.0, 1.0), self.rounds, False,
+                           self.backend.timed, self.dense_onnx)
 
     def measure(self, model, target: float) -> Measurement:
         """Time `model` against the dense model; outside the accepted band, confirm with more rounds."""
@@ -109,7 +112,8 @@ class Verifier:
     def _summary(self, samples: dict[str, list[float]], remeasured: bool, onnx_file: Path | None) -> Measurement:
         interval = speedup_interval(samples["dense"], samples["member"], self.table.estimator, seed=self.seed)
         return Measurement(TimingStats.from_samples(samples["member"]), TimingStats.from_samples(samples["dense"]),
-                           self.table.estimator, interval, len(samples["member"]), remeasured, onnx_file)
+                           self.table.estimator, interval, len(samples["member"]), remeasured,
+                           self.backend.timed, onnx_file)
 
 
 @dataclass
@@ -155,7 +159,7 @@ class MemberResult:
             "dense_median_ms": round(m.dense.median_ms, 4),
             "speedup_median": round(m.dense.median_ms / m.member.median_ms, 4),
             "verify_rounds": m.rounds, "remeasured": m.remeasured, "confirmation": m.describe(),
-            "timed_file": "model.onnx" if m.onnx_file else "torch module",
+            "timed_file": m.timed,
             "parameters": self.parameters, "calibration_loss": self.calibration_loss, "replans": self.replans,
             "speedups_tried": [round(s, 4) for s in self.history],
             "predicted_speedups_tried": [round(s, 4) for s in self.predicted_history],
