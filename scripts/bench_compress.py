@@ -22,19 +22,14 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import add_compress_arguments, compress_settings, scratch_dir
+from benchlib import add_compress_arguments, compress_settings, scratch_dir, task_of
 from ziplm_planner.evaluate import perplexity, retained, stsb_spearman
 from ziplm_planner.export import load_pruned
-from ziplm_planner.kinds import CAUSAL_LM
 from ziplm_planner.pipeline import parse_targets
 from ziplm_planner.settings import PERPLEXITY_SEQ_LEN, CompressSettings
 from ziplm_planner.table import LatencyTable, record_level
 
 ATTENTION_LEVELS = ("all", "whole-groups")
-
-
-def task_of(loaded) -> str:
-    return "perplexity" if loaded.kind is CAUSAL_LM else "stsb"
 
 
 def score(model, loaded, args) -> float:

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import ziplm_planner as zp
-from benchlib import add_compress_arguments, add_training_arguments, compress_settings, parse_loss_weights, scratch_dir
+from benchlib import (add_compress_arguments, add_training_arguments, compress_settings, parse_loss_weights,
+                      scratch_dir, task_of)
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import evaluate_family, retained
 from ziplm_planner.family import read_report
-from ziplm_planner.kinds import CAUSAL_LM
 from ziplm_planner.pipeline import parse_targets
 from ziplm_planner.plot import plot_frontier, read_families
 from ziplm_planner.progress import show_stages
@@ -55,7 +55,7 @@ def main() -> None:
     show_stages()  # a family trains for hours: its log says how far it has come
 
     loaded = zp.load_model(args.model)
-    task = "perplexity" if loaded.kind is CAUSAL_LM else "stsb"
+    task = task_of(loaded)
     cache = args.cache_dir or scratch_dir("bench-cache-")
     train = TrainSettings(tokens=args.train_tokens, learning_rate=args.learning_rate, batch_size=args.batch_size,
                           seq_len=args.seq_len, precision=args.precision,

@@ -10,9 +10,15 @@ import tempfile
 from pathlib import Path
 
 from ziplm_planner.aliases import DEFAULT_MODEL
+from ziplm_planner.kinds import CAUSAL_LM
 from ziplm_planner.settings import (CAUSAL_LM_DEFAULTS, OTHER_KIND_DEFAULTS, PERPLEXITY_SEQ_LEN, PRECISIONS,
                                     CompressSettings, LossWeights, ProfileSettings, TrainSettings)
 from ziplm_planner.spec import InferenceSpec
+
+
+def task_of(loaded) -> str:
+    """The task the benchmarks score a model on: perplexity for a causal LM, else STS-B."""
+    return "perplexity" if loaded.kind is CAUSAL_LM else "stsb"
 
 
 def scratch_dir(prefix: str) -> Path:
