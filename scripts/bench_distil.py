@@ -77,7 +77,7 @@ def main() -> None:
         for weights, rate in parse_variants(args.variants):
             student = load_pruned(args.member)
             settings = dataclasses.replace(shape, tokens=budget, learning_rate=rate or args.learning_rate, weights=weights,
-                                           precision=args.precision)
+                                           precision=args.precision).for_kind(loaded.kind)
             started = time.perf_counter()
             record = distil(student, loaded.model, loaded.kind, data, settings, accelerator)
             label = (f"task {weights.task:g}, kl {weights.kl:g}, squarehead {weights.squarehead:g}, "

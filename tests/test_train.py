@@ -47,8 +47,9 @@ def loss_on(student, teacher, data):
                                         TrainSettings().for_kind(EMBEDDING).weights)["loss"])
 
 
-def settings(**kw):
-    return TrainSettings(**{"tokens": 2500, "batch_size": 8, "learning_rate": 3e-3, "log_every": 1, **kw})
+def settings(kind=EMBEDDING, **kw):
+    """Quick training settings, with what they leave to a model of `kind` filled in, as distil takes them."""
+    return TrainSettings(**{"tokens": 2500, "batch_size": 8, "learning_rate": 3e-3, "log_every": 1, **kw}).for_kind(kind)
 
 
 def test_distillation_brings_a_pruned_student_closer_to_its_teacher():
@@ -77,7 +78,7 @@ def distil_until_checkpoint(monkeypatch, student, teacher, kind, folder, checkpo
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        distil(student, teacher, kind, tiny_data(), settings(checkpoint_every=every), make_accelerator(cpu=True),
+        distil(student, teacher, kind, tiny_data(), settings(kind, checkpoint_every=every), make_accelerator(cpu=True),
                folder)
     monkeypatch.undo()
 
@@ -121,12 +122,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, c
         return tiny_pair(model_type=model_type, causal_lm=kind == CAUSAL_LM)
 
     whole, teacher = pair()
-    distil(whole, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+    distil(whole, teacher, kind, tiny_data(), settings(kind, checkpoint_every=2), make_accelerator(cpu=True),
            tmp_path / "whole")
     resumed, _ = pair()
     distil_until_checkpoint(monkeypatch, resumed, teacher, kind, tmp_path / "resumed", checkpoints=2, every=2)
     resumed, _ = pair()  # a new process: the weights come from the checkpoint
-    record = distil(resumed, teacher, kind, tiny_data(), settings(checkpoint_every=2), make_accelerator(cpu=True),
+    record = distil(resumed, teacher, kind, tiny_data(), settings(kind, checkpoint_every=2), make_accelerator(cpu=True),
                     tmp_path / "resumed")
     assert record.steps == planned_steps(tiny_data(), settings(), 1)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
@@ -142,6 +143,12 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     with pytest.raises(UserError, match="other training settings"):
         distil(student, teacher, EMBEDDING, tiny_data(), settings(learning_rate=1e-3), make_accelerator(cpu=True),
                tmp_path / "c")
+
+
+def test_distil_takes_settings_with_the_model_defaults_filled_in():
+    student, teacher = tiny_pair()
+    with pytest.raises(ValueError, match="TrainSettings.for_kind"):
+        distil(student, teacher, EMBEDDING, tiny_data(), TrainSettings(tokens=100), make_accelerator(cpu=True))
 
 
 @pytest.mark.parametrize("bad", [dict(tokens=0), dict(batch_size=0), dict(learning_rate=0.0), dict(warmup=1.0),

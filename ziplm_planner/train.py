@@ -141,11 +141,13 @@ def _read_progress(folder: Path | None, identity: dict) -> dict | None:
 
 def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenBatches, settings: TrainSettings,
            accelerator, checkpoint: Path | None = None, label: str = "distil") -> TrainRecord:
-    """Train `student` in place to match `teacher` on `data`; returns the record. `accelerator` is an
+    """Train `student` in place to match `teacher` on `data`; returns the record. `settings` are complete:
+    what they leave to the model is filled in by `TrainSettings.for_kind`. `accelerator` is an
     `accelerate.Accelerator`; every process calls this with the same arguments."""
     from accelerate.utils import set_seed
 
-    settings = settings.for_kind(kind)
+    if settings.batch_size is None or settings.weights.squarehead is None:
+        raise ValueError("distil takes training settings with the model's defaults filled in: TrainSettings.for_kind")
     set_seed(settings.seed)
     steps = planned_steps(data, settings, accelerator.num_processes)
     identity = {"settings": json.loads(json.dumps(asdict(settings))), "samples": len(data.input_ids),
@@ -162,16 +164,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, settings.warmup))
     teacher = teacher.to(accelerator.device).eval()  # run under no_grad; its flags stay the caller's
     model, optimizer, prepared, scheduler = accelerator.prepare(student.train(), optimizer, loader, scheduler)
-    if progress["step"]:
-        accelerator.load_state(str(checkpoint))
-        log.info("%s: resuming at step %d of %d from %s", label, progress["step"], steps, checkpoint)
-        if progress.get("precision", accelerator.mixed_precision) != accelerator.mixed_precision:
-            # `auto` resolves per machine (bf16 where the CPU or GPU has it): a run resumed elsewhere may
-            # switch; it is the same setting, so it goes on, but the member's training is then mixed
-            log.warning("%s: trained in %s up to step %d, goes on in %s on this machine (--train-precision %s); "
-                        "resume on a machine like the first to keep one precision", label, progress["precision"],
-                        progress["step"], accelerator.mixed_precision, settings.precision)
-    progress["precision"] = accelerator.mixed_precision
+    resume(accelerator, checkpoint, progress, steps, settings.precision, label)
     per_epoch = len(prepared)
     window: dict[str, list[float]] = {}
     started = time.perf_counter() - progress["seconds"]
@@ -200,6 +193,28 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
                         note(f"{label}: {progress_line(progress, steps)}; checkpoint saved")
                 if progress["step"] >= steps:
                     break
+    hand_back(accelerator, model, student)
+    final = progress["curve"][-1] if progress["curve"] else {}
+    return TrainRecord(progress["step"], progress["tokens"], time.perf_counter() - started,
+                       {k: v for k, v in final.items() if k not in ("step", "tokens")}, progress["curve"])
+
+
+def resume(accelerator, checkpoint: Path | None, progress: dict, steps: int, precision: str, label: str) -> None:
+    """Load the checkpoint's state where `progress` is past step 0; record the precision training runs in."""
+    if progress["step"]:
+        accelerator.load_state(str(checkpoint))
+        log.info("%s: resuming at step %d of %d from %s", label, progress["step"], steps, checkpoint)
+        if progress.get("precision", accelerator.mixed_precision) != accelerator.mixed_precision:
+            # `auto` resolves per machine (bf16 where the CPU or GPU has it): a run resumed elsewhere may
+            # switch; it is the same setting, so it goes on, but the member's training is then mixed
+            log.warning("%s: trained in %s up to step %d, goes on in %s on this machine (--train-precision %s); "
+                        "resume on a machine like the first to keep one precision", label, progress["precision"],
+                        progress["step"], accelerator.mixed_precision, precision)
+    progress["precision"] = accelerator.mixed_precision
+
+
+def hand_back(accelerator, model: nn.Module, student: nn.Module) -> None:
+    """Leave the trained weights in the caller's `student`, as a plain module, once every process is done."""
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(model).eval()
     # prepare() set an autocast-wrapped forward on the student; left on, every later forward (scoring, the
@@ -211,9 +226,6 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
     if trained is not student:  # DDP/FSDP wrap a copy on some setups: hand the caller its own module back
         student.load_state_dict(trained.state_dict())
     accelerator.free_memory()  # the accelerator serves the next member: let go of this one's model and optimiser
-    final = progress["curve"][-1] if progress["curve"] else {}
-    return TrainRecord(progress["step"], progress["tokens"], time.perf_counter() - started,
-                       {k: v for k, v in final.items() if k not in ("step", "tokens")}, progress["curve"])
 
 
 def train_step(model, teacher: nn.Module, kind: ModelKind, batch: dict[str, torch.Tensor], settings: TrainSettings,
