@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from ziplm_planner import spec
-from ziplm_planner.adapters import model_shape
 from ziplm_planner.backends import BACKENDS, MODEL_ONNX, backend_for, backend_named
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned, save_member
@@ -50,7 +49,7 @@ def test_a_backend_runs_what_torch_computes(tmp_path, name):
     with torch.no_grad():
         expected = work.call(loaded.model)(*(work.inputs[n] for n in work.names))
     folder = tmp_path / "member"
-    save_member(folder, loaded.model, None, PruningPlan.dense(model_shape(loaded.model.config)), loaded.kind, {})
+    save_member(folder, loaded.model, None, PruningPlan.dense(loaded.shape), loaded.kind, {})
     model_run, timed_file = backend.model_runner(loaded.model, work, settings, tmp_path, "model")
     runs = {"block": backend.block_runner(work.call(loaded.model), work.inputs, settings, tmp_path, "block"),
             "model": model_run,
@@ -73,7 +72,7 @@ def test_onnxruntime_refuses_a_member_shipped_without_its_onnx_file(tmp_path):
     loaded = tiny_loaded("bert")
     settings = InferenceSpec(backend="onnxruntime", batch_size=2, seq_len=8, threads=1)
     folder = tmp_path / "member"
-    save_member(folder, loaded.model, None, PruningPlan.dense(model_shape(loaded.model.config)), loaded.kind, {},
+    save_member(folder, loaded.model, None, PruningPlan.dense(loaded.shape), loaded.kind, {},
                 onnx=False)
     with pytest.raises(UserError, match="has no model.onnx: the family was made with --no-onnx"):
         BACKENDS["onnxruntime"].member_runner(folder, load_pruned(folder), workload(loaded, settings), settings,

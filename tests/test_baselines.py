@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, get_module, model_layers, model_shape
+from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, get_module, model_layers
 from ziplm_planner.baselines import (block_sums, magnitude_importance, mask_normal_equations, rearrange, solve_mask,
                                      top_k, tune_masks)
 from ziplm_planner.fisher import block_fisher, fisher_targets
@@ -191,7 +191,7 @@ def test_kwon_fisher_is_the_sum_of_squared_per_sample_gradients(model_type, caus
 
     batch = calibration.batches()[0]
     target = fisher_targets(loaded.model, loaded.kind, [batch], seed=3)[0]
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     width = shape.q_per_unit * shape.head_dim
     grads = torch.stack([finite_difference(loaded.model, loaded.kind, batch, target, 0, ATTENTION, u, width)
                          for u in range(shape.attention_units)], dim=1)  # (samples, units)
@@ -279,7 +279,7 @@ def test_mask_solve_recovers_scales_and_leaves_dead_structures_at_one():
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
 def test_mask_tuning_reduces_the_reconstruction_error(model_type):
     loaded = tiny_loaded(model_type)
-    dense, shape = loaded.model, model_shape(loaded.model.config)
+    dense, shape = loaded.model, loaded.shape
     calibration = random_calibration(loaded, samples=24)
     inputs = capture_inputs(dense, calibration.batches())
     units = shape.attention_units

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, model_layers, model_shape
+from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, model_layers
 from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.pipeline import compress_model, parse_targets
 from ziplm_planner.settings import CompressSettings
@@ -95,7 +95,7 @@ def test_level_database_errors_and_stitching(setup):
     loaded, table, calib = setup
     calibration = load_calibration(loaded, str(calib), 16, 32)
     db = build_database(loaded.model, calibration, table)
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     for layer in db.blocks:
         for block, full, removed in ((ATTENTION, shape.full_attention, REMOVED_ATTENTION), (FFN, shape.intermediate_size, 0)):
             trace = layer[block]
@@ -124,7 +124,7 @@ def test_level_database_holds_query_heads_inside_groups():
     from ziplm_planner.surgery import build_pruned, regular_groups
 
     loaded = tiny_loaded("llama", causal_lm=True)
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     calibration = random_calibration(loaded, samples=32)
     db = build_database(loaded.model, calibration, linear_table(loaded))
     levels = [AttentionLevel(2, 2), AttentionLevel(2, 1), AttentionLevel(1, 2), AttentionLevel(1, 1), REMOVED_ATTENTION]
@@ -192,7 +192,7 @@ def test_corrected_stitch_keeps_the_structures_and_fits_the_dense_output(model_t
     compressed model's inputs. Nothing pruned, it is the dense model; pruned, it is closer to the
     dense model's output than plain stitching."""
     loaded = tiny_loaded(model_type, causal_lm=model_type == "llama")
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     calibration = random_calibration(loaded, samples=32)
     db = build_database(loaded.model, calibration, linear_table(loaded))
     batches = calibration.batches(8)

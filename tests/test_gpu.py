@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from ziplm_planner.adapters import model_shape
 from ziplm_planner.profiler import attention_levels, ffn_levels, profile_model
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
@@ -31,7 +30,7 @@ def table(loaded):
 
 
 def test_a_tiny_model_is_profiled_on_cuda(loaded, table):
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     assert table.spec == SPEC and torch.cuda.max_memory_allocated() > 0
     assert table.levels(ATTENTION) == attention_levels(shape)
     assert table.levels(FFN) == ffn_levels(shape.intermediate_size, FAST_PROFILE.ffn_step)
@@ -40,12 +39,12 @@ def test_a_tiny_model_is_profiled_on_cuda(loaded, table):
 
 
 def test_a_member_is_timed_on_cuda_against_the_dense_model(loaded, table, tmp_path):
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     plan = PruningPlan(shape, [LayerPlan.first(shape, shape.whole_groups(2), 16)] * shape.num_layers)
     member = apply_plan(copy.deepcopy(loaded.model), plan)
     torch.cuda.reset_peak_memory_stats()
     measurement = Verifier(loaded, table, 4, tmp_path).measure(member, 2.0)
     assert torch.cuda.max_memory_allocated() > 0 and next(member.parameters()).is_cpu
-    assert measurement.rounds >= 4 and measurement.onnx_file is None  # the module itself, on torch
+    assert measurement.rounds >= 4 and measurement.onnx_file is None and measurement.timed == "torch module"
     assert measurement.member.min_ms > 0 and measurement.dense.min_ms > 0 and measurement.speedup > 0
     assert 0 < measurement.interval[0] <= measurement.interval[1]

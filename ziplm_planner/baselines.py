@@ -278,7 +278,7 @@ class StructurePlanner:
 
     def __init__(self, loaded: LoadedModel, table: LatencyTable, base: PruningPlan | None = None):
         self.loaded, self.table = loaded, table
-        self.shape = model_shape(loaded.model.config)
+        self.shape = loaded.shape
         table.check_compatible(self.shape, source="latency table")
         self.base = base or PruningPlan.dense(self.shape)
         if any(layer.query_heads is not None for layer in self.base.layers):

@@ -224,7 +224,7 @@ def soundness(table: LatencyTable) -> tuple:
 
 def profile_once(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSettings) -> LatencyTable:
     cpu_before = CpuSnapshot.now()  # what else runs here while this profile times
-    shape = model_shape(loaded.model.config)
+    shape = loaded.shape
     torch.set_num_threads(spec.threads)
     grid = {ATTENTION: attention_levels(shape), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
     with stage("profile", f"{loaded.source.reference}, {spec.backend} on {spec.device}, {spec.mode}"), \
