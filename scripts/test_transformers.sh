@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the decoder tests against another transformers release: the lowest one pyproject.toml
+# Run the decoder tests and the members' modeling file's (remote_code) against another transformers release: the lowest one pyproject.toml
 # declares, or the newest on the index (to see the next API change coming as a red test, not as
 # wrong tokens in a user's generation). The rest of the environment stays as constraints.txt pins it.
 #   bash scripts/test_transformers.sh lowest|newest|VERSION [pytest args...]
@@ -23,9 +23,9 @@ grep -vE '^(transformers|tokenizers|huggingface[-_]hub|hf-xet)==' constraints.tx
 install=("$python" -m pip install -q --disable-pip-version-check -c "$loose")
 "${install[@]}" --upgrade "$requirement" 2>&1 | grep -v "dependency conflicts\|requires transformers" || true
 version=$("$python" -c 'import transformers; print(transformers.__version__)')
-echo "decoder tests on transformers $version (declared: $declared)"
+echo "decoder and remote-code tests on transformers $version (declared: $declared)"
 status=0
-"$python" -m pytest -q -m "decoder and not realmodel" "$@" || status=$?
+"$python" -m pytest -q -m "(decoder or remote_code) and not realmodel" "$@" || status=$?
 "$python" -m pip install -q --disable-pip-version-check -c constraints.txt transformers tokenizers huggingface_hub
 specifier=$(sed -E 's/"transformers(.*)"/\1/' <<<"$declared")
 if [ "$status" -ne 0 ] && [ "$which" = newest ] && ! "$python" -c "import sys; from packaging.specifiers import SpecifierSet

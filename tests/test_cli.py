@@ -57,6 +57,12 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     (["compress", "minilm", "--profile", "x.json", "--targets", "2,inf", "--calib", "x", "-o", "{tmp}/f"], "finite number"),
     (["compress", "minilm", "--profile", "x.json", "--targets", "1.5,,2", "--calib", "x", "-o", "{tmp}/f"], "empty item"),
     (["demo", "--targets", "nan", "-o", "{tmp}/f"], "finite number > 1"),
+    (["compress", "minilm", "--profile", "x.json", "--targets", "2,3,2.0", "--calib", "x", "-o", "{tmp}/f"],
+     "target 2 is given more than once in '2,3,2.0' (one member, x2): give each speedup once"),
+    (["demo", "--targets", "2,2", "-o", "{tmp}/f"], "target 2 is given more than once"),
+    (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "{tmp}/none.txt", "-o", "{tmp}/f"],
+     "error: --calib file "),
+    ([*COMPRESS, "--train-data", "{tmp}/none.txt", "-o", "{tmp}/f"], "error: --train-data file "),
     (["compress", "{model}", "--profile", str(TABLE), "--targets", "1000", "--calib", "x", "-o", "{tmp}/f"],
      "beyond this table's maximum speedup"),
     ([*COMPRESS, "-o", "/proc/family"], "folder /proc is not writable"),
@@ -215,6 +221,7 @@ def captured(monkeypatch):
     """What the commands hand the library: (spec,) settings, by the function called."""
     seen = {}
     monkeypatch.setattr("ziplm_planner.api._loaded", lambda model: model)
+    monkeypatch.setattr("ziplm_planner.api.check_runs_here", lambda spec: None)  # --device cuda on a CPU machine
     # returns None, as a distributed run's other processes do: nothing to print
     monkeypatch.setattr("ziplm_planner.pipeline.compress_model", lambda *args: seen.update(compress=args[5]))
     monkeypatch.setattr("ziplm_planner.api.profile_model",
@@ -239,11 +246,14 @@ def test_the_commands_defaults_are_the_settings_defaults(captured, tmp_path):
 
 
 def test_compress_options_reach_the_settings(captured, tmp_path):
+    train_data = tmp_path / "t.txt"
+    train_data.write_text("training text\n")
     result = CliRunner().invoke(cli, [
         *COMPRESS, "--method", "magnitude", "--num-samples", "9", "--seed", "3", "--calibration-inputs", "corrected",
         "--block-errors", "relative", "--search-evaluations", "7", "--score-samples", "5", "--score-on", "held-out",
-        "--verify-rounds", "40", "--max-replans", "1", "--no-onnx", "--cache-dir", str(tmp_path / "cache"),
-        "--recovery", "gradual", "--train-data", "t.txt", "--train-tokens", "1000", "--train-batch-size", "2",
+        "--verify-rounds", "40", "--max-replans", "1", "--no-verify", "--machine-tolerance", "2.5", "--no-onnx",
+        "--cache-dir", str(tmp_path / "cache"),
+        "--recovery", "gradual", "--train-data", str(train_data), "--train-tokens", "1000", "--train-batch-size", "2",
         "--train-seq-len", "256", "--learning-rate", "1e-3", "--warmup", "0.2", "--loss-weights", "0.5,2,0",
         "--temperature", "3", "--train-precision", "no", "--prune-steps", "2", "-o", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
@@ -251,8 +261,9 @@ def test_compress_options_reach_the_settings(captured, tmp_path):
                           weights=LossWeights(0.5, 2, 0, temperature=3), precision="no", seed=3)  # --seed: both seeds
     expected = CompressSettings(method="magnitude", num_samples=9, seed=3, calibration_inputs="corrected",
                                 block_errors="relative", search_evaluations=7, score_samples=5, score_on="held-out",
-                                verify_rounds=40, max_replans=1, onnx=False, cache_dir=tmp_path / "cache",
-                                recovery=RecoverySettings("gradual", "t.txt", train, prune_steps=2))
+                                verify_rounds=40, max_replans=1, verify=False, machine_tolerance=2.5, onnx=False,
+                                cache_dir=tmp_path / "cache",
+                                recovery=RecoverySettings("gradual", str(train_data), train, prune_steps=2))
     assert captured["compress"] == expected
     unchanged = {name for name, value in leaves(expected).items() if leaves(CompressSettings())[name] == value}
     assert unchanged == {"CompressSettings.dampening"} | {n for n in PYTHON_ONLY if n.startswith("TrainSettings")}

@@ -7,6 +7,7 @@ import torch
 
 from ziplm_planner.data import (
     TextDataset,
+    check_exists,
     draw,
     read_dataset,
     sample_rows,
@@ -265,3 +266,13 @@ def test_stream_on_wikitext_with_bert(bert_tok):
     ds = read_dataset(SHARED / "wikitext2" / "wiki.valid.raw")
     tb = tokenize_stream(bert_tok, drawn(ds, 64, seed=0), seq_len=128, num_samples=8, seed=0)
     assert tb.input_ids.shape == (8, 128) and tb.num_tokens == 8 * 128
+
+
+def test_a_missing_file_is_named_as_the_option_it_came_from(tmp_path):
+    with pytest.raises(UserError, match=r"^--train-data file .*nope\.txt does not exist; check the path$"):
+        read_dataset(tmp_path / "nope.txt", what="--train-data file")
+    with pytest.raises(UserError, match=r"^--calib file .*nope\.txt does not exist; check the path$"):
+        check_exists(tmp_path / "nope.txt", "--calib file")
+    check_exists("wikitext/wikitext-2-raw-v1", "--calib file")  # a dataset name: tried when it is read
+    with pytest.raises(UserError, match=r"^--calib file .* is a directory; pass a data file"):
+        check_exists(tmp_path, "--calib file")

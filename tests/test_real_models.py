@@ -115,3 +115,69 @@ def test_a_pruned_smollm2_generates_the_same_tokens_in_onnx_runtime_as_in_torch(
     found = ort_generate(tmp_path / "member", batch["input_ids"], batch["attention_mask"], max_new_tokens=32,
                          eos_token_id=eos, pad_token_id=pad)
     assert found.tolist() == expected.tolist()
+
+
+STS_DEV = "../shared/data/stsb/sts-dev.csv"
+SENTENCE_TRANSFORMERS_SPEARMAN = """
+import csv, sys
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+with open(sys.argv[2], newline="") as handle:
+    rows = [r for r in csv.reader(handle, delimiter="\\t", quoting=csv.QUOTE_NONE) if len(r) >= 7]
+evaluator = EmbeddingSimilarityEvaluator([r[5] for r in rows], [r[6] for r in rows], [float(r[4]) / 5 for r in rows],
+                                         main_similarity="cosine", write_csv=False)
+model = SentenceTransformer(sys.argv[1], trust_remote_code=True, device="cpu")
+assert "ziplm_planner" not in sys.modules
+print(evaluator(model)["spearman_cosine"], model.encode(["A man is playing a guitar."])[0] @ model.encode(["A man is playing a guitar."])[0])
+"""
+
+
+def test_a_pruned_minilm_member_is_a_sentence_transformers_model(minilm, tmp_path):
+    """Its modules (pooling, Normalize) kept, loaded by sentence-transformers alone: its own STS-B
+    evaluator gives the project's figure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ziplm_planner.evaluate import stsb_spearman
+    from ziplm_planner.export import load_pruned, save_member
+    from test_portable import heterogeneous_plan
+
+    data = str(Path(__file__).parents[1] / STS_DEV)
+    plan = heterogeneous_plan(minilm.shape)
+    pruned = apply_plan(copy.deepcopy(minilm.model), plan)
+    save_member(tmp_path / "member", pruned, minilm.tokenizer, plan, EMBEDDING, {}, onnx=False, source=minilm.source.folder)
+    done = subprocess.run([sys.executable, "-c", SENTENCE_TRANSFORMERS_SPEARMAN, str(tmp_path / "member"), data],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs, norm = map(float, done.stdout.split()[-2:])
+    ours = stsb_spearman(load_pruned(tmp_path / "member"), minilm.tokenizer, data) / 100
+    assert abs(theirs - ours) <= 0.01 and norm == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_pruned_smollm2_member_generates_with_transformers_alone(smollm2, tmp_path):
+    """AutoModelForCausalLM(trust_remote_code=True) in a process without ziplm_planner: greedy tokens
+    through the KV cache equal load_pruned's; layers keep different heads, some none."""
+    import subprocess
+    import sys
+
+    from ziplm_planner.export import load_pruned, save_member
+    from test_portable import heterogeneous_plan
+
+    plan = heterogeneous_plan(smollm2.shape, query_heads=True)
+    pruned = apply_plan(copy.deepcopy(smollm2.model), plan)
+    save_member(tmp_path / "member", pruned, smollm2.tokenizer, plan, CAUSAL_LM, {}, onnx=False)
+    script = ("import sys, torch, transformers\n"
+              "folder = sys.argv[1]\n"
+              "tok = transformers.AutoTokenizer.from_pretrained(folder)\n"
+              "model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()\n"
+              "assert 'ziplm_planner' not in sys.modules\n"
+              "ids = tok(['The history of the city begins'], return_tensors='pt')\n"
+              "print(model.generate(**ids, do_sample=False, max_new_tokens=24)[0].tolist())\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "member")], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    batch = smollm2.tokenizer(["The history of the city begins"], return_tensors="pt")
+    with torch.no_grad():
+        expected = load_pruned(tmp_path / "member").generate(**batch, do_sample=False, max_new_tokens=24)
+    assert done.stdout.strip().splitlines()[-1] == str(expected[0].tolist())

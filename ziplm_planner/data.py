@@ -46,15 +46,15 @@ class TextDataset:
     source: str  # path or Hugging Face dataset name
 
 
-def read_dataset(path: str | os.PathLike, fmt: str | None = None) -> TextDataset:
-    """Read a data file, detecting its format unless `fmt` is given."""
+def read_dataset(path: str | os.PathLike, fmt: str | None = None, what: str = "data file") -> TextDataset:
+    """Read a data file, detecting its format unless `fmt` is given; `what` names it in errors (the option
+    it came from)."""
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)} or leave it out")
+    check_exists(path, what)
     p = Path(path)
     if not p.exists():
-        return _load_hf(str(path))
-    if p.is_dir():
-        raise UserError(f"{p} is a directory; pass a data file (text lines, STS-B or GLUE TSV)")
+        return _load_hf(str(path), what)
     try:
         content = p.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -90,8 +90,6 @@ def sample_rows(dataset: TextDataset, num_samples: int | None, seed: int, held_o
         return list(range(count))
     if num_samples < 1:
         raise UserError(f"number of calibration samples must be >= 1, got {num_samples}")
-    if count < num_samples:
-        log.warning("%s has %d samples, fewer than the %d asked for; using all", dataset.source, count, num_samples)
     return draw(count, num_samples, seed, held_out)
 
 
@@ -189,16 +187,24 @@ def _label(value: str, path: Path, n: int) -> int | float:
     raise UserError(f"{path} line {n}: label {value!r} is not numeric; map class names to numbers first")
 
 
-def _load_hf(name: str) -> TextDataset:
-    """A missing path that looks like `name` or `name/config` is tried as a Hugging Face dataset."""
-    looks_hf = _HF_NAME.fullmatch(name) and Path(name).suffix.lower() not in _FILE_SUFFIXES
-    if not looks_hf:
-        raise UserError(f"calibration file {name} does not exist; check the path")
+def check_exists(path: str | os.PathLike, what: str = "data file") -> None:
+    """Refuse a path that is neither a file nor a Hugging Face dataset name (`name` or `name/config`):
+    cheap, so commands check their data options before a model loads; `what` names the path in errors."""
+    p, name = Path(path), str(path)
+    if p.is_dir():
+        raise UserError(f"{what} {name} is a directory; pass a data file (text lines, STS-B or GLUE TSV)")
+    looks_hf = _HF_NAME.fullmatch(name) and p.suffix.lower() not in _FILE_SUFFIXES
+    if not p.exists() and not looks_hf:
+        raise UserError(f"{what} {name} does not exist; check the path")
+
+
+def _load_hf(name: str, what: str) -> TextDataset:
+    """A name (checked by check_exists) tried as a Hugging Face dataset."""
     try:
         datasets = importlib.import_module("datasets")
     except ImportError:
         raise UserError(
-            f"calibration file {name} does not exist; Hugging Face dataset names need the "
+            f"{what} {name} does not exist; Hugging Face dataset names need the "
             "`datasets` package (pip install datasets) and network access"
         ) from None
     try:
@@ -303,8 +309,6 @@ def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: 
         )
     if num_samples is None:
         num_samples = n_windows
-    elif n_windows < num_samples:
-        log.warning("only %d windows of %d tokens available, fewer than %d asked for", n_windows, seq_len, num_samples)
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
     input_ids = windows[draw(n_windows, num_samples, seed, held_out)]  # (samples, seq_len)
     return TokenBatches(input_ids, torch.ones_like(input_ids), None)

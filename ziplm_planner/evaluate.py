@@ -37,6 +37,7 @@ from .atomic import atomic_write_text
 from .backends import Backend, backend_named, derived_input, graph_feeds, ort_session
 from .data import TextDataset, read_dataset, right_padding, sentences
 from .errors import UserError
+from .cards import write_cards
 from .family import read_report, report_csv
 from .export import ONNX, PRUNING, load_pruned_tokenizer, read_record
 from .kinds import (CAUSAL_LM, CLASSIFICATION, EMBEDDING, KINDS, ModelKind, kind_named, max_positions, mean_pool,
@@ -415,6 +416,7 @@ def evaluate_family(folder: str | Path, task: str, data: str | Path, backend: st
     csv_text, json_text = report_csv(updated["members"]), json.dumps(updated, indent=1)
     atomic_write_text(folder / "report.csv", csv_text)
     atomic_write_text(folder / "report.json", json_text)
+    write_cards(folder)  # the members' cards show their quality
     return {name: values[spec.name] for name, values in scores.items()}
 
 

@@ -21,10 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .adapters import SUPPORTED_MODEL_TYPES
+from .atomic import usual_permissions
 from .backends import (MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache,
                        graph_feeds, input_names, is_past, model_graph, next_token_feeds, ort_session, random_inputs)
 from .errors import UserError
 from .kinds import ModelKind, kind_named
+from .portable import copy_source_files, dense_config, write_config
 from .progress import stage
 from .spec import InferenceSpec
 from .surgery import PruningPlan, build_pruned, count_parameters
@@ -136,15 +139,18 @@ def _swap_in(tmp: Path, folder: Path) -> None:
 
 
 def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, kind: ModelKind, info: dict,
-                onnx: bool = True, onnx_file: Path | None = None, measurement: dict | None = None) -> dict:
+                onnx: bool = True, onnx_file: Path | None = None, measurement: dict | None = None,
+                source: Path | None = None) -> dict:
     """Write one family member folder, checked, all at once (built in a temporary sibling, then renamed).
 
     `onnx_file`, when given, is the model's export already made (and timed) by `export_model_onnx`:
-    it ships as it is; `measurement` (how it was timed) goes to measurement.json. Every save is checked:
+    it ships as it is; `measurement` (how it was timed) goes to measurement.json. A `source` folder gives its
+    sentence-transformers modules and licence files (portable.py). Every save is checked:
     the folder is reloaded with `load_pruned` and the ONNX file run in ONNX Runtime, both compared with
     `model` (TOLERANCE). Returns pruning.json's dict."""
     folder = Path(folder)
-    if clash := {"format", "kind", "model_class", "plan", "parameters", "onnx", "reload_max_abs_diff"} & info.keys():
+    if clash := {"format", "kind", "model_class", "plan", "parameters", "auto_class", "remote_code", "onnx",
+                 "reload_max_abs_diff"} & info.keys():
         raise ValueError(f"info would overwrite pruning.json fields {sorted(clash)}")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cannot write member {folder}: a file of that name exists")
@@ -157,11 +163,14 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
     try:
         with stage(f"export {folder.name}", f"weights{', ONNX' if onnx else ''} and their checks, to {folder}"):
             save_model(model, str(tmp / WEIGHTS))  # drops tied duplicates, recorded in the file's metadata
-            model.config.save_pretrained(tmp)
+            remote_code = write_config(tmp, model, plan, kind)
+            if source is not None:
+                copy_source_files(source, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             record = {"format": FORMAT, "kind": kind.name, "model_class": type(model).__name__, "plan": plan.to_dict(),
-                      "parameters": count_parameters(model), **info, "onnx": None}
+                      "parameters": count_parameters(model), "auto_class": kind.auto_class.__name__,
+                      "remote_code": remote_code, **info, "onnx": None}
             if onnx:
                 if onnx_file is not None:
                     shutil.copyfile(onnx_file, tmp / ONNX)
@@ -173,6 +182,7 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
             _write_json(tmp / PRUNING, record)
             record["reload_max_abs_diff"] = check_reload(tmp, model, kind, names, TOLERANCE)
             _write_json(tmp / PRUNING, record)
+            usual_permissions(tmp)
             _swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,6 +200,9 @@ def read_record(folder: Path) -> dict:
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist")
     if not (folder / PRUNING).is_file():
+        if (folder / "report.json").is_file():
+            members = sorted(p.name for p in folder.iterdir() if (p / PRUNING).is_file())
+            raise UserError(f"{folder} is a family folder: give one of its members ({', '.join(members)})")
         raise UserError(f"{folder} is not a ziplm-planner model folder: {PRUNING} missing")
     try:
         record = json.loads((folder / PRUNING).read_text())
@@ -212,6 +225,20 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return {**state, **{alias: state[kept] for alias, kept in aliases.items() if kept in state}}
 
 
+def check_model_type(folder: Path, plan: PruningPlan) -> None:
+    """config.json names the architecture its pruning plan was made for, and one this package supports."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"member {folder} is corrupt: config.json is not a config ({err})") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"member {folder} is a {model_type!r} model, an architecture ziplm-planner does not support "
+                        f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type != plan.shape.model_type:
+        raise UserError(f"member {folder}: config.json is a {model_type} model and its pruning plan a "
+                        f"{plan.shape.model_type} one (the folder was edited): save the member again")
+
+
 def load_pruned(folder: Path) -> nn.Module:
     """Rebuild a saved member from its folder alone, in eval mode."""
     folder = Path(folder)
@@ -223,8 +250,9 @@ def load_pruned(folder: Path) -> nn.Module:
     cls = getattr(transformers, str(record.get("model_class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise UserError(f"{folder / PRUNING} names an unknown model class {record.get('model_class')!r}")
+    check_model_type(folder, plan)
     try:
-        config = transformers.AutoConfig.from_pretrained(folder)
+        config = dense_config(transformers.AutoConfig.from_pretrained(folder), plan.shape)
         state = _load_weights(folder / WEIGHTS)
     except (OSError, ValueError, SafetensorError) as err:
         raise UserError(f"member {folder} is corrupt: {str(err).splitlines()[0]}") from None

@@ -15,6 +15,7 @@ from .backends import backend_for
 from .database import data_identity, file_digest
 from .errors import UserError
 from .export import MEASUREMENT, ONNX, WEIGHTS, load_pruned, read_record, save_member
+from .cards import write_cards
 from .family import FAMILY_FORMAT, FamilyReport
 from .models import LoadedModel
 from .settings import CompressSettings
@@ -69,11 +70,20 @@ def manifest_source(output: Path) -> dict | None:
     return manifest.get("source") if isinstance(manifest, dict) else None
 
 
+def check_family_dir(output: Path, overwrite: bool) -> None:
+    """Before any model loads: refuse a file, or unless `overwrite` a folder holding files and no family
+    (which family a folder holds, the same or another, is known once the model is: prepare_family_dir)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} is a file: give a directory for the family")
+    if not overwrite and output.is_dir() and any(output.iterdir()) and manifest_source(output) is None:
+        raise UserError(f"output directory {output} holds other files, not a family: use another -o "
+                        "(or --overwrite to replace them)")
+
+
 def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> bool:
     """Refuse a directory holding something else unless `overwrite`; record what this run makes.
     True where the directory already holds this family (an earlier, perhaps interrupted, run)."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} is a file: give a directory for the family")
+    check_family_dir(output, overwrite)
     same = False
     if output.exists() and any(output.iterdir()):
         same = manifest_source(output) == manifest["source"]
@@ -101,7 +111,8 @@ def plan_identity(plan: PruningPlan | None) -> dict | None:
 
 def measurement_record(result: MemberResult, dense_ms: float) -> dict:
     """measurement.json: the member's report row, the timings it came from, and its training."""
-    return {**result.row(dense_ms), "timing": result.measurement.to_dict(), "training": result.recovery}
+    timing = None if result.measurement is None else result.measurement.to_dict()
+    return {**result.row(dense_ms), "timing": timing, "training": result.recovery}
 
 
 def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
@@ -113,7 +124,8 @@ def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
     try:
         record, saved = read_record(folder), json.loads((folder / MEASUREMENT).read_text())
         plan = PruningPlan.from_dict(record["plan"])
-        measurement = Measurement.from_dict(saved["timing"], backend_for(table.spec).timed)
+        timing = saved["timing"]
+        measurement = None if timing is None else Measurement.from_dict(timing, backend_for(table.spec).timed)
         result = MemberResult(target, member_name(target), plan, table.predict(plan.kept_counts()), measurement,
                               saved["calibration_loss"], saved["parameters"], saved["replans"], saved["speedups_tried"],
                               saved.get("predicted_speedups_tried", []), saved["training"])
@@ -159,8 +171,8 @@ class FamilyDir:
         result = member.result
         save_member(self.path / result.folder, member.model, self.loaded.tokenizer, result.plan, self.loaded.kind,
                     {"target": result.target, "method": self.settings.method}, onnx=self.settings.onnx,
-                    onnx_file=result.measurement.onnx_file,
-                    measurement=measurement_record(result, self.table.dense_ms))
+                    onnx_file=result.onnx_file,
+                    measurement=measurement_record(result, self.table.dense_ms), source=self.loaded.source.folder)
 
     def hold(self, member: Member) -> None:
         """Keep a verified member, as pruned, until its training is done (`held_folder`): with the plan it
@@ -185,3 +197,4 @@ class FamilyDir:
 
     def write_report(self, report: FamilyReport) -> None:
         report.save(self.path)
+        write_cards(self.path)

@@ -20,7 +20,7 @@ from .recovery import NoRecovery, Recovery
 from .settings import CompressSettings
 from .surgery import PruningPlan, count_parameters
 from .table import LatencyTable
-from .verify import MemberResult, Verifier, member_name, verified_member
+from .verify import MemberResult, Unverified, Verifier, member_name, verified_member
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,18 @@ class MemberRoad:
     settings: CompressSettings
     score_loss: CalibrationLoss
     dense_planner: Planner
-    verifier: Verifier
+    verifier: Verifier | Unverified
     recovery: Recovery | NoRecovery
     family: FamilyDir
 
     def dense(self) -> Member:
-        """The dense reference: reused from a complete dense/ of this family, else timed and saved."""
-        loss = self.score_loss(self.loaded.model)
+        """The dense reference: timed first, the check that the machine is the table's, whether or not it
+        is then reused from a complete dense/ of this family; else saved."""
+        loss, measurement = self.score_loss(self.loaded.model), self.verifier.measure_dense()
         if member := self.family.finished(1.0, calibration_loss=loss):
             return member
         result = MemberResult(1.0, member_name(1.0), PruningPlan.dense(self.table.shape), self.table.dense_ms,
-                              self.verifier.measure_dense(), loss, count_parameters(self.loaded.model))
+                              measurement, loss, count_parameters(self.loaded.model))
         member = Member(result, self.loaded.model)
         self.family.save(member)
         return member

@@ -30,6 +30,11 @@ class ModelSource:
         return self.gguf_file is None and not Path(self.location).exists()
 
     @property
+    def folder(self) -> Path | None:
+        """The local folder the model was read from (None: a hub id)."""
+        return None if self.on_hub else Path(self.location)
+
+    @property
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {"local_files_only": not self.on_hub}
 

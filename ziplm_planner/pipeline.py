@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import tempfile
 import time
 from dataclasses import asdict
@@ -16,29 +17,39 @@ from pathlib import Path
 
 import torch
 
+from .aliases import HUB_IDS
 from .calibrate import Calibration, CalibrationLoss, load_calibration
+from .cards import source_card
 from .environment import library_versions, machine_info, now
 from .errors import UserError
 from .family import FamilyReport
 from .familydir import FamilyDir, Member
 from .member import MemberRoad, Parent
-from .models import LoadedModel
+from .models import LoadedModel, ModelSource
 from .planners import planner_for
 from .progress import stage
 from .recovery import recovery_step
-from .settings import HELD_OUT, CompressSettings
+from .settings import HELD_OUT, CompressSettings, command_flags
 from .table import TRUST_ADVICE, LatencyTable
-from .verify import Verifier
+from .verify import verifier_for
 
 log = logging.getLogger(__name__)
 
 
 def parse_targets(text: str | list) -> list[float]:
-    """'1.5,2,3' -> [1.5, 2.0, 3.0]; every item a finite number > 1, none empty."""
+    """'3,1.5,2' -> [1.5, 2.0, 3.0]; every item a finite number > 1, none empty, each its own member."""
+    from .verify import member_name
+
     items = text.split(",") if isinstance(text, str) else list(text)
     if not items:
         raise UserError("no speedup targets given: give numbers > 1 separated by commas, e.g. 1.5,2,3")
-    return sorted({parse_target(item, text) for item in items})
+    targets, names = sorted(parse_target(item, text) for item in items), set()
+    for target in targets:  # one member folder per target: two that share a name would be one member
+        if (name := member_name(target)) in names:
+            raise UserError(f"target {target:g} is given more than once in {text!r} (one member, {name}): "
+                            "give each speedup once")
+        names.add(name)
+    return targets
 
 
 def parse_target(item, text) -> float:
@@ -95,14 +106,14 @@ def compress_model(loaded: LoadedModel, table: LatencyTable, targets: list[float
         score_loss = CalibrationLoss(loaded.model, loaded.kind, score_batches(calibration, settings))
         planner = planner_for(loaded, table, calibration, settings, score_loss)
         with stage("dense reference", f"timed on {table.spec.backend}"):
-            verifier = Verifier(loaded, table, settings.verify_rounds, Path(tmp), settings.seed)
+            verifier = verifier_for(loaded, table, settings, Path(tmp))
             road = MemberRoad(loaded, table, calibration, settings, score_loss, planner, verifier, recovery, family)
             members = [road.dense()]
         members_started = time.perf_counter()
         members += make_members(road, targets)
         members_seconds = time.perf_counter() - members_started
     report = FamilyReport([m.result.row(table.dense_ms) for m in members], {
-        **run_metadata(loaded, table, calibration_path, settings), **planner.metadata(),
+        **run_metadata(loaded, table, targets, calibration_path, output, settings), **planner.metadata(),
         "members_seconds": round(members_seconds, 1), **recovery.metadata(),
         "seconds": round(time.perf_counter() - started, 1), "created": now(), "machine": machine_info(),
         "versions": library_versions()})
@@ -136,14 +147,25 @@ def make_members(road: MemberRoad, targets: list[float]) -> list[Member]:
         with stage(f"member {number} of {len(targets)}",
                    f"target {target:g}x, {road.table.layer_speedup(target):.2f}x on the layers") as step:
             member = road.make(target, parent)
-            step.outcome = f"measured {member.result.speedup:.2f}x, {member.result.status}"
+            step.outcome = member.result.outcome()
         members.append(member)
         parent = road.next_parent(member, dense)
     return members
 
 
-def run_metadata(loaded: LoadedModel, table: LatencyTable, calibration_path: str, settings: CompressSettings) -> dict:
-    """The report's record of what the family was made from and with."""
-    return {"model": loaded.source.reference, "model_kind": loaded.kind.name, "method": settings.method,
+def base_model(source: ModelSource) -> str | None:
+    """The source's hub id, where there is one: a bundled model's, or the id the user gave."""
+    return HUB_IDS.get(source.reference) or (source.reference if source.on_hub else None)
+
+
+def run_metadata(loaded: LoadedModel, table: LatencyTable, targets: list[float], calibration_path: str, output: Path,
+                 settings: CompressSettings) -> dict:
+    """The report's record of what the family was made from and with, and the command that makes it."""
+    command = ["ziplm-planner", "compress", loaded.source.reference, "--profile", str(table.path or table.name),
+               "--targets", ",".join(f"{t:g}" for t in targets), "--calib", calibration_path,
+               *command_flags(settings), "-o", str(output)]
+    return {"model": loaded.source.reference, "command": shlex.join(command), "base_model": base_model(loaded.source),
+            "source_card": source_card(loaded.source.folder), "model_kind": loaded.kind.name,
+            "method": settings.method,
             "table": table.name, "spec": table.spec.to_dict(), "estimator": table.estimator,
             "calibration": calibration_path, "settings": json.loads(json.dumps(asdict(settings), default=str))}

@@ -28,8 +28,8 @@ from .progress import stage
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("target", "folder", "met_target", "measured_ms", "measured_speedup", "calibration_loss",
-            "kept_attention", "kept_ffn")
+REQUIRED = ("target", "folder", "met_target", "predicted_ms", "predicted_speedup", "measured_ms", "measured_speedup",
+            "calibration_loss", "kept_attention", "kept_ffn")
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss")  # task names whose scores fall as models improve
 DENSE_COLOR = "gold"  # one star for the dense reference, shared by every family
 LEGEND_COLUMNS = 4  # the legend under the frontier wraps after this many entries, not past the figure
@@ -72,10 +72,23 @@ def check_row(row, report: Path) -> None:
     missing = [key for key in REQUIRED if key not in row] if isinstance(row, dict) else list(REQUIRED)
     if missing:
         raise UserError(f"{report}: a member lacks {', '.join(missing)}: rerun `ziplm-planner compress`")
-    numbers = all(is_number(row[key]) for key in ("target", "measured_ms", "measured_speedup"))
+    numbers = all(is_number(value) for value in (row["target"], plotted_ms(row), plotted_speedup(row)))
     kept = all(isinstance(row[key], list) and all(map(is_number, row[key])) for key in ("kept_attention", "kept_ffn"))
     if not (numbers and kept and isinstance(scores(row), dict)):
         raise UserError(f"{report}: member {row['folder']} has malformed values: rerun `ziplm-planner compress`")
+
+
+def verified(row: dict) -> bool:
+    return row["measured_speedup"] is not None
+
+
+def plotted_speedup(row: dict) -> float:
+    """The measured speedup; a member shipped unverified (compress --no-verify) is drawn at its predicted one."""
+    return row["measured_speedup"] if verified(row) else row["predicted_speedup"]
+
+
+def plotted_ms(row: dict) -> float:
+    return row["measured_ms"] if verified(row) else row["predicted_ms"]
 
 
 def read_families(folders: list[str | Path]) -> list[FamilyData]:
@@ -130,7 +143,7 @@ def score_label(families: list[FamilyData], task: str | None) -> str:
 def scored_rows(family: FamilyData, task: str | None) -> list[tuple[dict, float]]:
     """(row, y) for the members with a finite value, by measured speedup."""
     points = []
-    for row in sorted(family.rows, key=lambda r: r["measured_speedup"]):
+    for row in sorted(family.rows, key=plotted_speedup):
         y = row["calibration_loss"] if task is None else scores(row).get(task)
         if is_number(y) and math.isfinite(y):
             points.append((row, float(y)))
@@ -165,7 +178,7 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
             log.warning("family %s has no %s values: left out of the plot", family.name, task or "calibration loss")
             continue
         color = f"C{index % 10}"
-        draw_family(by_speedup, points, [row["measured_speedup"] for row, _ in points], color)
+        draw_family(by_speedup, points, [plotted_speedup(row) for row, _ in points], color)
         draw_family(by_latency, points, dense_clock_latencies(family, points), color)
         handles.append(Line2D([], [], color=color, marker="o", label=family.name))
         scores += [y for _, y in points]
@@ -180,6 +193,9 @@ def plot_frontier(families: list[FamilyData], output: Path, task: str | None = N
         ax.grid(alpha=0.3)
     handles += [Line2D([], [], ls="", marker="*", ms=13, color=DENSE_COLOR, mec="black", mew=0.6, label="dense"),
                 Line2D([], [], ls="", marker="o", mfc="white", color="0.4", label="missed its target")]
+    if not all(verified(row) for family in families for row in family.rows):
+        handles.append(Line2D([], [], ls="", marker="s", mfc="white", color="0.4",
+                              label="unverified: at its predicted speedup"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), LEGEND_COLUMNS), frameon=False)
     fig.suptitle(spec_title(families))
     return save_figure(fig, paths)
@@ -196,8 +212,8 @@ def dense_clock_latencies(family: FamilyData, points: list[tuple[dict, float]]) 
     measured speedup. A speedup is a ratio to the dense model timed in the same rounds; a member's own
     milliseconds come from rounds minutes or hours apart, and a machine's speed drifts between them
     (a smaller member can measure slower than a larger one). Without a dense member: its own."""
-    dense = next((row["measured_ms"] for row in family.rows if row["target"] == 1), None)
-    return [row["measured_ms"] if dense is None else dense / row["measured_speedup"] for row, _ in points]
+    dense = next((plotted_ms(row) for row in family.rows if row["target"] == 1), None)
+    return [plotted_ms(row) if dense is None else dense / plotted_speedup(row) for row, _ in points]
 
 
 def draw_family(ax, points: list[tuple[dict, float]], xs: list[float], color: str) -> None:
@@ -207,7 +223,7 @@ def draw_family(ax, points: list[tuple[dict, float]], xs: list[float], color: st
             ax.plot(x, y, ls="", marker="*", ms=15, color=DENSE_COLOR, mec="black", mew=0.6, zorder=4)
         else:
             face = color if row["met_target"] else "white"
-            ax.plot(x, y, ls="", marker="o", ms=7, color=color, mfc=face, mew=1.5, zorder=3)
+            ax.plot(x, y, ls="", marker="o" if verified(row) else "s", ms=7, color=color, mfc=face, mew=1.5, zorder=3)
 
 
 def draw_target_guides(ax, families: list[FamilyData]) -> None:
@@ -237,8 +253,9 @@ def plot_layers(family: FamilyData, output: Path) -> list[Path]:
         ax.bar(layers, 1.0, 0.86, color="0.92", zorder=0)  # the dense layer, so removed blocks show as gaps
         ax.bar(layers - 0.2, np.array(row["kept_attention"]) / np.maximum(dense_att, 1), 0.4, color="C0")
         ax.bar(layers + 0.2, np.array(row["kept_ffn"]) / np.maximum(dense_ffn, 1), 0.4, color="C2")
-        missed = "" if row["met_target"] else ", MISSED"
-        ax.set_title(f"{row['folder']}: {row['measured_speedup']:.2f}x measured (target {row['target']:g}x{missed}), "
+        missed = "" if row["met_target"] else ", MISSED" if verified(row) else ", unverified"
+        ax.set_title(f"{row['folder']}: {plotted_speedup(row):.2f}x {'measured' if verified(row) else 'predicted'} "
+                     f"(target {row['target']:g}x{missed}), "
                      f"{row.get('parameters', 0) / 1e6:.1f}M parameters", loc="left", fontsize=9)
         ax.set_ylim(0, 1.05)
         ax.set_yticks([0, 0.5, 1])

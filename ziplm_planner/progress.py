@@ -15,6 +15,7 @@ escape codes are noise. ZIPLM_PROGRESS=1 draws them anyway, ZIPLM_PROGRESS=0 nev
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -123,14 +124,19 @@ def bar(iterable=None, *, disable: bool = False, **kwargs) -> tqdm:
 
 @contextmanager
 def transformers_bars() -> Iterator[None]:
-    """transformers' own bars ("Loading weights") follow the same rule as ours while the block runs."""
+    """transformers' own bars follow the same rule as ours while the block runs: those drawn through its
+    logging ("Loading weights"), and the GGUF dequantisation bar, a bare tqdm that no transformers setting
+    reaches (tqdm's TQDM_DISABLE is read once, at its import), so swapped for the block's duration."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
     from transformers.utils import logging as transformers_logging
 
-    was_enabled = transformers_logging.is_progress_bar_enabled()
+    was_enabled, gguf_tqdm = transformers_logging.is_progress_bar_enabled(), gguf.tqdm
     if not bars_enabled():
         transformers_logging.disable_progress_bar()
+        gguf.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
+        gguf.tqdm = gguf_tqdm
         if was_enabled:
             transformers_logging.enable_progress_bar()

@@ -29,7 +29,7 @@ from .settings import RecoverySettings, TrainSettings
 from .surgery import PruningPlan, build_pruned
 from .train import TrainRecord, distil, make_accelerator
 from .familydir import FamilyDir, Member, held_folder
-from .verify import Verifier
+from .verify import Unverified, Verifier, discard_export
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ def for_model(loaded: LoadedModel, train: TrainSettings, calibration_length: int
                                seq_len=training_length(loaded, train.seq_len, calibration_length))
 
 
-def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int) -> TokenBatches:
-    """Every sample of a training file, tokenised as calibration data is (windows of running text for
-    causal LMs, one sentence per sample otherwise; both sentences of a pair)."""
-    return loaded.kind.tokenize(loaded.tokenizer, read_dataset(path), seq_len, None, seed)
+def load_training_data(loaded: LoadedModel, path: str, seq_len: int, seed: int, what: str) -> TokenBatches:
+    """Every sample of a training file (`what` names it in errors), tokenised as calibration data is
+    (windows of running text for causal LMs, one sentence per sample otherwise; both sentences of a pair)."""
+    return loaded.kind.tokenize(loaded.tokenizer, read_dataset(path, what=what), seq_len, None, seed)
 
 
 class NoRecovery:
@@ -97,7 +97,7 @@ class NoRecovery:
     def held(self, family: FamilyDir, target: float, cut_from) -> None:
         return None
 
-    def recover(self, member: Member, verifier: Verifier, score_loss: CalibrationLoss) -> Member:
+    def recover(self, member: Member, verifier: Verifier | Unverified, score_loss: CalibrationLoss) -> Member:
         return member
 
     def finished(self, member: Member) -> None:
@@ -113,7 +113,8 @@ class Recovery:
         self.loaded, self.settings, self.workdir = loaded, settings, workdir
         self.data_path = path = settings.train_data or calibration_path
         with stage("training data", f"samples of {settings.train.seq_len} tokens from {path}") as step:
-            self.data = load_training_data(loaded, path, settings.train.seq_len, seed)
+            self.data = load_training_data(loaded, path, settings.train.seq_len, seed,
+                                           "--train-data file" if settings.train_data else "--calib file")
             # past about one pass a member learns small data by heart (SmolLM2, BENCHMARKS): say how many
             step.outcome = (f"{len(self.data.input_ids):,} samples, {self.data.num_tokens:,} tokens; "
                             f"{settings.train.tokens / self.data.num_tokens:.1f} passes per member")
@@ -140,15 +141,14 @@ class Recovery:
     def held(self, family: FamilyDir, target: float, cut_from) -> Member | None:
         return family.held(target, cut_from)
 
-    def recover(self, member: Member, verifier: Verifier, score_loss: CalibrationLoss) -> Member:
+    def recover(self, member: Member, verifier: Verifier | Unverified, score_loss: CalibrationLoss) -> Member:
         """Distil the member's model (in place) with every process, then time its export again; its
         training is summed with that of the intermediate steps it was reached through. The main process
         calls this; the others are in `follow`."""
         result, model = member.result, member.model
         record = self._distil(model, result.plan, result.folder)
         measurement = verifier.measure(model, result.target)
-        if result.measurement.onnx_file is not None:
-            result.measurement.onnx_file.unlink(missing_ok=True)  # the untrained export ships no more
+        discard_export(result)  # the untrained export ships no more
         recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
         if member.steps:  # the member's budget went into every step: report it whole, and each step's share
             recovery.update(joined([*member.steps, {"speedup": result.target, **summary(record)}]))

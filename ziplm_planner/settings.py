@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +60,30 @@ PYTHON_ONLY = {CLI: None}
 def option(help: str = "", **kwargs) -> dict:
     """Field metadata: the field's command-line option."""
     return {CLI: Option(help, **kwargs)}
+
+
+def option_flag(name: str, option: Option) -> str:
+    """A field's flag: the one its option names, else --the-field-name."""
+    return option.flag or "--" + name.replace("_", "-")
+
+
+def command_flags(settings) -> list[str]:
+    """The command-line options that give `settings`: one per field not at its default, as the CLI reads
+    them (a flag several fields parse, --loss-weights, once with all their values; a flag another field
+    declares, never)."""
+    default, flags, parsed = type(settings)(), [], {}
+    for f in fields(settings):
+        value, option = getattr(settings, f.name), f.metadata.get(CLI)
+        if is_dataclass(value):
+            flags += command_flags(value)
+        elif option and option.parse and value != getattr(default, f.name):
+            values = [getattr(settings, g.name) for g in fields(settings)
+                      if (g.metadata.get(CLI) or Option()).flag == option.flag]
+            if None not in values:  # a weight left to the model kind (None, Python only) has no flag
+                parsed[option_flag(f.name, option)] = ",".join(f"{v:g}" for v in values)
+        elif option and option.help and value != getattr(default, f.name):
+            flags += [option_flag(f.name, option)] + ([] if isinstance(value, bool) else [str(value)])
+    return flags + [item for flag, values in parsed.items() for item in (flag, values)]
 
 
 def loss_terms(text: str) -> tuple[float, ...]:
@@ -264,6 +288,13 @@ class CompressSettings:
         "more); raise it on a noisy machine."))
     max_replans: int = field(default=3, metadata=option(
         "Re-plans, at a tighter or looser budget, of a member measured outside [0.97, 1.10] x its target."))
+    verify: bool = field(default=True, metadata=option(
+        "Ship each member as planned, untimed and marked unverified (time them later with `ziplm-planner verify`).",
+        flag="--no-verify"))
+    machine_tolerance: float = field(default=1.5, metadata=option(
+        "Verification stops when the dense model measures more than this many times slower or faster than the "
+        "table predicts (beyond the table's own additivity error): the table is not this machine's, or the machine "
+        "is busy."))
     onnx: bool = field(default=True, metadata=option("Skip the ONNX export of each member.", flag="--no-onnx"))
     cache_dir: Path = field(default_factory=lambda: default_cache_dir(), metadata=option(
         "Level-database cache [default: $XDG_CACHE_HOME/ziplm-planner, else ~/.cache/ziplm-planner].",
@@ -282,6 +313,8 @@ class CompressSettings:
             raise UserError(f"score on must be one of {', '.join(SCORE_ON)}, got {self.score_on!r}")
         if self.num_samples < 1 or self.search_evaluations < 1 or self.score_samples < 1:
             raise UserError("number of samples, search evaluations and score samples must be at least 1")
+        if not self.machine_tolerance > 1:  # NaN too
+            raise UserError(f"machine tolerance must be a number > 1, got {self.machine_tolerance}")
         if self.verify_rounds < 2 or self.max_replans < 0:
             raise UserError(f"verify rounds must be at least 2 and max re-plans at least 0, got {self.verify_rounds} "
                             f"and {self.max_replans}")

@@ -73,3 +73,27 @@ class InferenceSpec:
 
     def differences(self, other: InferenceSpec) -> list[str]:
         return [f"{k}: {v} != {getattr(other, k)}" for k, v in asdict(self).items() if v != getattr(other, k)]
+
+
+def torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def onnxruntime_sees_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+# Whether each backend can time on cuda here: ONNX Runtime without its CUDA provider falls back to the cpu unasked.
+SEES_CUDA = {"torch": torch_sees_cuda, "onnxruntime": onnxruntime_sees_cuda}
+
+
+def check_runs_here(spec: InferenceSpec) -> None:
+    """Refuse a spec this machine cannot time, before a model loads. Not a check of the spec itself:
+    a cuda table is read, shown and compared on any machine."""
+    if spec.device == "cuda" and not SEES_CUDA[spec.backend]():
+        raise UserError(f"--device cuda: {spec.backend} here sees no CUDA GPU: profile on a machine with one "
+                        "(and a CUDA build of torch or onnxruntime-gpu), or use --device cpu")

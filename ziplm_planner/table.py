@@ -237,6 +237,8 @@ class LatencyTable:
         """Read and validate a table file: every field is checked here, so that a damaged table is one
         line naming the problem, not a crash (a division by a zero fixed part) minutes later."""
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"latency table {path} is a directory: give the file `ziplm-planner profile -o` wrote")
         if not path.is_file():
             raise UserError(f"latency table {path} does not exist: make one with `ziplm-planner profile`")
         try:

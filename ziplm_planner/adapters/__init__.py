@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
-from .base import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, Architecture, AttentionLevel, Bypass, ModelShape, get_module,
-                   removed_level, set_module)
+from ..modeling_ziplm import get_module, set_module
+from .base import ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, Architecture, AttentionLevel, Bypass, ModelShape, removed_level
 from .bert import BERT
 from .gpt2 import GPT2
 from .llama import LLAMA

@@ -22,7 +22,6 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from torch import nn
 
 ATTENTION, FFN = "attention", "ffn"  # the two prunable blocks of every layer
 BLOCKS = (ATTENTION, FFN)
@@ -138,11 +137,3 @@ class ModelShape:
             if mine != theirs
         ]
 
-
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
-def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
