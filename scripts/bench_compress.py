@@ -25,7 +25,7 @@ import ziplm_planner as zp
 from benchlib import add_compress_arguments, compress_settings, scratch_dir, task_of
 from ziplm_planner.evaluate import perplexity, retained, stsb_spearman
 from ziplm_planner.export import load_pruned
-from ziplm_planner.pipeline import parse_targets
+from ziplm_planner.family import parse_targets
 from ziplm_planner.settings import PERPLEXITY_SEQ_LEN, CompressSettings
 from ziplm_planner.table import LatencyTable, record_level
 

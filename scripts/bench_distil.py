@@ -22,7 +22,7 @@ from benchlib import add_training_arguments, parse_loss_weights
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned
-from ziplm_planner.familydir import manifest_source
+from ziplm_planner.family import manifest_source
 from ziplm_planner.kinds import CAUSAL_LM
 from ziplm_planner.recovery import for_model, load_training_data
 from ziplm_planner.settings import LossWeights, TrainSettings

@@ -18,7 +18,7 @@ from pathlib import Path
 import ziplm_planner as zp
 from benchlib import add_compress_arguments, compress_settings, scratch_dir
 from ziplm_planner.evaluate import evaluate_family
-from ziplm_planner.pipeline import parse_targets
+from ziplm_planner.family import parse_targets
 from ziplm_planner.settings import METHODS
 from ziplm_planner.plot import plot_frontier, read_family
 

@@ -25,7 +25,7 @@ from benchlib import (add_compress_arguments, add_training_arguments, compress_s
 from ziplm_planner.environment import machine_info
 from ziplm_planner.evaluate import evaluate_family, retained
 from ziplm_planner.family import read_report
-from ziplm_planner.pipeline import parse_targets
+from ziplm_planner.family import parse_targets
 from ziplm_planner.plot import plot_frontier, read_families
 from ziplm_planner.progress import show_stages
 from ziplm_planner.settings import RecoverySettings, TrainSettings

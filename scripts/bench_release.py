@@ -24,7 +24,7 @@ from benchlib import scratch_dir
 from ziplm_planner.backends import (export_model_onnx, export_onnx, input_names, model_call, onnx_runner,
                                    padded_for_tracing, random_inputs)
 from ziplm_planner.environment import machine_info
-from ziplm_planner.pipeline import parse_targets
+from ziplm_planner.family import parse_targets
 from ziplm_planner.retime import verify_family
 from ziplm_planner.settings import CompressSettings
 from ziplm_planner.table import LatencyTable

@@ -48,8 +48,10 @@ def test_the_recorded_command_gives_the_same_settings():
                                                                               temperature=3.0))))
     flags = command_flags(settings)
     assert "--no-verify" in flags and flags[flags.index("--loss-weights") + 1] == "0,1,0.5"
+    # under the root's context, as the command line parses it (click keeps the help option a first context made)
+    root = cli.make_context("ziplm-planner", ["compress"])
     context = cli.commands["compress"].make_context("compress", ["--profile", "t.json", "--targets", "2", "--calib", "c",
-                                                                  *flags, "-o", "out"])
+                                                                  *flags, "-o", "out"], parent=root)
     parsed = settings_from(CompressSettings, context.params)
     assert parsed == settings
     assert command_flags(CompressSettings()) == []

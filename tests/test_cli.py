@@ -224,7 +224,7 @@ def captured(monkeypatch):
     monkeypatch.setattr("ziplm_planner.api.check_runs_here", lambda spec: None)  # --device cuda on a CPU machine
     # returns None, as a distributed run's other processes do: nothing to print
     monkeypatch.setattr("ziplm_planner.pipeline.compress_model", lambda *args: seen.update(compress=args[5]))
-    monkeypatch.setattr("ziplm_planner.api.profile_model",
+    monkeypatch.setattr("ziplm_planner.profiler.profile_model",
                         lambda loaded, spec, settings: seen.update(profile=(spec, settings)) or fake_table())
 
     def generate_text(model, output, prompts, settings):

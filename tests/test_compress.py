@@ -8,7 +8,8 @@ import torch
 
 from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, model_layers
 from ziplm_planner.calibrate import load_calibration
-from ziplm_planner.pipeline import compress_model, parse_targets
+from ziplm_planner.family import parse_targets
+from ziplm_planner.pipeline import compress_model
 from ziplm_planner.settings import CompressSettings
 from ziplm_planner.database import build_database
 from ziplm_planner.stitch import stitch, stitch_sequential

@@ -70,7 +70,8 @@ def test_targets_past_what_the_model_can_reach_anywhere_are_refused_before_profi
 
 def test_a_ceiling_no_table_comes_near():
     from ziplm_planner.adapters import model_shape
-    from ziplm_planner.models import load_config, resolve_model
+    from ziplm_planner.aliases import resolve_model
+    from ziplm_planner.models import load_config
 
     shipped = [LatencyTable.load(path).max_speedup for path in (ROOT / "profiles").glob("minilm-*.json")]
     assert shipped and speedup_ceiling(model_shape(load_config(resolve_model("minilm"))), 128) > 100 * max(shipped)
@@ -86,7 +87,7 @@ def test_a_folder_of_the_users_files_is_refused_and_left_as_it_was(monkeypatch, 
 
 
 def test_a_folder_an_earlier_demo_wrote_is_the_demos(tmp_path):
-    from ziplm_planner.models import resolve_model
+    from ziplm_planner.aliases import resolve_model
 
     for name in ("calibration.txt", "heldout.txt", "profile-onnxruntime.json", "frontier.png", "frontier.svg",
                  "layers.png", ".heldout.txt.x1y2.tmp"):

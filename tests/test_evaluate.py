@@ -15,7 +15,7 @@ from transformers import BertForSequenceClassification
 
 from ziplm_planner import evaluate, export
 from ziplm_planner.family import FamilyReport
-from ziplm_planner.verify import member_name
+from ziplm_planner.family import member_name
 from ziplm_planner.errors import UserError
 from ziplm_planner.evaluate import TASKS, evaluate_family, perplexity, stsb_spearman
 from ziplm_planner.export import load_pruned, load_pruned_tokenizer, save_member

@@ -5,7 +5,8 @@ import time
 import pytest
 
 from ziplm_planner.errors import UserError
-from ziplm_planner.models import check_hub_model, load_model, resolve_model
+from ziplm_planner.aliases import resolve_model
+from ziplm_planner.models import check_hub_model, load_model
 
 MADE_UP = "ziplm-planner-tests/no-such-model"
 

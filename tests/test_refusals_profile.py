@@ -24,7 +24,7 @@ def no_model_loads(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the refusal")
 
-    monkeypatch.setattr(api, "load_model", load_model)
+    monkeypatch.setattr("ziplm_planner.models.load_model", load_model)
 
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:

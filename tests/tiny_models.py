@@ -101,7 +101,8 @@ def tiny_loaded(model_type: str, causal_lm: bool = False, seed: int = 0):
     from types import SimpleNamespace
 
     from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING
-    from ziplm_planner.models import LoadedModel, ModelSource
+    from ziplm_planner.aliases import ModelSource
+    from ziplm_planner.models import LoadedModel
 
     model = tiny_model(model_type, causal_lm=causal_lm, seed=seed)
     names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
@@ -119,7 +120,8 @@ def minilm_tokenizer():
 def tiny_loaded_with_tokenizer(model_type: str = "bert", causal_lm: bool = False, seed: int = 0):
     """A tiny model whose vocabulary fits the real MiniLM tokenizer, for stages that tokenise text."""
     from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING
-    from ziplm_planner.models import LoadedModel, ModelSource
+    from ziplm_planner.aliases import ModelSource
+    from ziplm_planner.models import LoadedModel
 
     tokenizer = minilm_tokenizer()
     torch.manual_seed(seed)

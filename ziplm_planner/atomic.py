@@ -82,3 +82,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Refuse a cache folder that can never be one, before any work: a file at or above it. (A folder that
+    cannot be written only costs the next run a rebuild, with a warning.)"""
+    existing = next((p for p in (cache_dir, *cache_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == cache_dir else f"is inside {existing}, which is a file"
+        raise UserError(f"--cache-dir {cache_dir} {where}: give a folder for the level-database cache "
+                        "(made if missing)")

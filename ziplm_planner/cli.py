@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, fields, is_dataclass
@@ -13,7 +14,9 @@ from typing import get_args, get_type_hints
 
 import click
 
+from . import __version__, api
 from .aliases import ALIASES, DEFAULT_MODEL
+from .data import check_exists
 from .errors import UserError
 from .progress import show_stages
 from .settings import CLI, CompressSettings, GenerationSettings, Option, ProfileSettings, option_flag
@@ -120,13 +123,28 @@ class DefaultCommandGroup(click.Group):
     default = "run"
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = [self.default, *args]
         return super().parse_args(ctx, args)
 
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+VERBOSE = re.compile(r"-v+|--verbose")
+
+
+class VerboseAnywhereGroup(click.Group):
+    """The root group: `-v`, `-vv` and `--verbose` are read wherever they stand before a `--`, so that
+    `ziplm-planner compress ... -vv` works as `ziplm-planner -vv compress ...` does. No command has an
+    option of its own that these could be."""
+
+    def parse_args(self, ctx, args):
+        end = args.index("--") if "--" in args else len(args)
+        verbose = [a for a in args[:end] if VERBOSE.fullmatch(a)]
+        return super().parse_args(ctx, [*verbose, *(a for a in args[:end] if not VERBOSE.fullmatch(a)), *args[end:]])
+
+
+@click.group(cls=VerboseAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="ziplm-planner")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug), before or after the command.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
     """Latency-aware structured compression of transformer language models (after ZipLM)."""
@@ -146,20 +164,18 @@ def quiet_transformers() -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-@cli.group(cls=DefaultCommandGroup, epilog=MODEL_HELP)
+@cli.group(cls=DefaultCommandGroup, epilog=MODEL_HELP, short_help="Time a model on this machine: write or show a table.")
 def profile() -> None:
     """Profile this machine: `profile MODEL -o TABLE.json`, or `profile show TABLE.json`."""
 
 
-@profile.command("run", epilog=MODEL_HELP)
+@profile.command("run", epilog=MODEL_HELP, short_help="Time MODEL's blocks at every pruned size; write a table.")
 @click.argument("model", default=DEFAULT_MODEL)
 @settings_options(InferenceSpec, ProfileSettings)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Latency table to write (JSON).")
 def profile_run(model, output, **flags) -> None:
     """Time MODEL's attention, FFN and fixed parts at every pruned size; write a latency table."""
-    from . import api
-
     table = api.profile(model, output, spec=settings_from(InferenceSpec, flags),
                         settings=settings_from(ProfileSettings, flags))
     median, worst = table.additivity_errors()
@@ -168,7 +184,7 @@ def profile_run(model, output, **flags) -> None:
                f"{table.metadata['profile_seconds']:.0f} s")
 
 
-@profile.command("show")
+@profile.command("show", short_help="Print a latency table.")
 @click.argument("table_path", type=click.Path(path_type=Path))
 def profile_show(table_path) -> None:
     """Print the latency table TABLE_PATH (written by `profile MODEL -o`)."""
@@ -177,7 +193,7 @@ def profile_show(table_path) -> None:
     click.echo(LatencyTable.load(table_path).describe())
 
 
-@cli.command(epilog=MODEL_HELP)
+@cli.command(epilog=MODEL_HELP, short_help="Compress MODEL to each speedup target: one member each.")
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--profile", "table", type=click.Path(path_type=Path), required=True, help="Latency table (profile -o).")
 @click.option("--targets", required=True, help=TARGETS_HELP)
@@ -187,9 +203,6 @@ def profile_show(table_path) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Family directory.")
 def compress(model, table, targets, calibration, overwrite, output, **flags) -> None:
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
-    from . import api
-    from .data import check_exists
-
     settings = settings_from(CompressSettings, flags)
     check_exists(calibration, "--calib file")  # both before the model loads; their contents are read after
     if settings.recovery.train_data is not None:
@@ -201,7 +214,7 @@ def compress(model, table, targets, calibration, overwrite, output, **flags) -> 
     click.echo(f"wrote {output}/ (report.csv, report.json, one folder per member)")
 
 
-@cli.command("generate-text", epilog=MODEL_FORMS)
+@cli.command("generate-text", epilog=MODEL_FORMS, short_help="Sample recovery training text from a causal LM.")
 @click.argument("model")
 @click.option("--prompts", default=None, help="Text file whose windows' first tokens start the samples [default: BOS].")
 @settings_options(GenerationSettings)
@@ -211,14 +224,12 @@ def generate_text(model, prompts, output, **flags) -> None:
     """Write recovery training text sampled from MODEL (a causal LM), continuing windows of --prompts, for
     compress --train-data where there is no text to train on. Real in-domain text recovers far more where there
     is some (docs/BENCHMARKS.md)."""
-    from .api import generate_text as run
-
-    generated = run(model, output, prompts, settings=settings_from(GenerationSettings, flags))
+    generated = api.generate_text(model, output, prompts, settings=settings_from(GenerationSettings, flags))
     click.echo(f"wrote {len(generated.samples):,} samples, {generated.new_tokens:,} new tokens "
                f"({generated.tokens_per_second:.0f} tokens/s) to {output}")
 
 
-@cli.command()
+@cli.command(short_help="Score every member of a family; write it into the report.")
 @click.argument("family", type=click.Path(path_type=Path))
 @click.option("--task", type=click.Choice(["stsb", "classification", "perplexity", "fidelity"]), required=True,
               help="stsb (embedding models), classification (classifiers), perplexity (causal LMs), "
@@ -226,51 +237,41 @@ def generate_text(model, prompts, output, **flags) -> None:
 @click.option("--data", required=True, help="STS-B file, GLUE TSV with labels, or raw text (perplexity, fidelity).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
               help="Score each member's torch model or its model.onnx.")
-@click.option("--max-tokens", type=int, default=None, help="Perplexity and fidelity: score at most N tokens of the data.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Perplexity and fidelity: score at most N tokens of the data.")
 def evaluate(family, task, data, backend, max_tokens) -> None:
     """Score the dense reference and every member of FAMILY (a folder written by compress); write the scores
     into its report."""
-    from .evaluate import evaluate_family
-
-    scores = evaluate_family(family, task, data, backend=backend, max_tokens=max_tokens)
+    scores = api.evaluate_family(family, task, data, backend=backend, max_tokens=max_tokens)
     for member, value in scores.items():
         click.echo(f"{member:>8} {task} {value:.4f}")
     click.echo(f"scores written to {family}/report.json and report.csv")
 
 
-@cli.command()
+@cli.command(short_help="Re-time a family's members here against the dense one.")
 @click.argument("family", type=click.Path(path_type=Path))
-@click.option("--rounds", type=int, default=40, show_default=True, help="Interleaved repetitions of every member.")
+@click.option("--rounds", type=click.IntRange(min=2), default=40, show_default=True, help="Interleaved repetitions of every member.")
 def verify(family, rounds) -> None:
     """Re-time every member of FAMILY as it ships (its model.onnx on ONNX Runtime, else its torch model)
     against the dense one, on this machine with the family's spec."""
-    from .retime import verify_family
-
-    rows = verify_family(family, rounds=rounds)
+    rows = api.verify_family(family, rounds=rounds)
     click.echo(f"{'member':>8} {'target':>7} {'speedup':>8} {'90% interval':>15} {'median':>7} {'reported':>9}  status")
     for r in rows:
         click.echo(f"{r['folder']:>8} {r['target']:>6.2f}x {r['speedup']:>7.3f}x {r['interval'][0]:>7.3f}-{r['interval'][1]:<7.3f}"
                    f" {r['speedup_median']:>6.3f}x {r['reported_speedup'] or float('nan'):>8.3f}x  {r['status']}")
 
 
-@cli.command()
+@cli.command(short_help="Plot families' scores against measured speedup.")
 @click.argument("families", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="frontier.png (an .svg is written beside it).")
 @click.option("--task", default=None, help="Which score to plot when a report has several.")
 def plot(families, output, task) -> None:
     """Plot score against measured speedup and latency for every family in FAMILIES (folders written by compress),
     what each member kept, and for recovered families the distillation loss curves."""
-    from .plot import plot_frontier, plot_layers, plot_training, read_families, slug
-
-    data = read_families(families)
-    written = plot_frontier(data, output, task=task)
-    for family in data:
-        for kind, draw in (("layers", plot_layers), ("training", plot_training)):
-            written += draw(family, output.with_name(f"{output.stem}-{kind}-{slug(family.name)}{output.suffix or '.png'}"))
+    written = api.plot_families(families, output, task=task)
     click.echo("wrote " + ", ".join(map(str, written)))
 
 
-@cli.command()
+@cli.command(short_help="The whole pipeline on the bundled model, in one folder.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ziplm-demo"), show_default=True,
               help="Folder for the table, the family, the texts and the plots.")
 @click.option("--targets", default="1.5,2,3", show_default=True, help=TARGETS_HELP)
@@ -281,7 +282,7 @@ def demo(output, targets, backend, stsb) -> None:
     """The whole pipeline on the bundled model with Python's own text: profile, compress, evaluate, plot."""
     import json
 
-    from .pipeline import parse_targets
+    from .family import parse_targets
     from .demo import run_demo
 
     written = run_demo(output, parse_targets(targets), backend=backend, stsb=stsb)
@@ -308,6 +309,10 @@ def main() -> None:
     except UserError as err:
         refusing()
         click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.BadParameter as err:  # out of an option's declared range or choices: one line, as the library's
+        refusing()
+        click.echo(f"error: {err.format_message()}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
         click.echo("interrupted: nothing incomplete was left behind as complete", err=True)

@@ -20,10 +20,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ziplm_planner.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading and checking files stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +287,8 @@ def tokenize_sentences(tokenizer, texts: Sequence[str], seq_len: int, labels=Non
         raise UserError(f"got {len(labels)} labels for {len(texts)} texts")
     with right_padding(tokenizer):
         enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    import torch
+
     y = None
     if labels is not None:  # integer class labels stay long, scores become float
         is_int = all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
@@ -309,6 +313,8 @@ def tokenize_stream(tokenizer, texts: Sequence[str], seq_len: int, num_samples: 
         )
     if num_samples is None:
         num_samples = n_windows
+    import torch
+
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
     input_ids = windows[draw(n_windows, num_samples, seed, held_out)]  # (samples, seq_len)
     return TokenBatches(input_ids, torch.ones_like(input_ids), None)

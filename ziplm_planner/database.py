@@ -310,16 +310,6 @@ def database_key(model_fingerprint: dict, calibration: Calibration, table: Laten
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def check_cache_dir(cache_dir: Path) -> None:
-    """Refuse a cache folder that can never be one, before any work: a file at or above it. (A folder that
-    cannot be written only costs the next run a rebuild, with a warning.)"""
-    existing = next((p for p in (cache_dir, *cache_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = "is a file" if existing == cache_dir else f"is inside {existing}, which is a file"
-        raise UserError(f"--cache-dir {cache_dir} {where}: give a folder for the level-database cache "
-                        "(made if missing)")
-
-
 def cached_database(cache_dir: Path, key: str, build) -> LevelDatabase:
     """Load the database for `key` from the cache, or build and store it."""
     path = cache_dir / f"leveldb-{key}.pt"

@@ -114,8 +114,8 @@ def check_demo_folder(output: Path) -> None:
 def written_by_demo(path: Path) -> bool:
     """One of the demo's files (or the temporary file of one, left by a killed run), or its family folder:
     empty, or a family of the bundled model."""
-    from .familydir import manifest_source
-    from .models import resolve_model
+    from .aliases import resolve_model
+    from .family import manifest_source
 
     if path.name == FAMILY and path.is_dir():
         source = manifest_source(path)
@@ -139,7 +139,8 @@ def check_possible(targets: list[float], spec: InferenceSpec) -> None:
     """Refuse targets past the bundled model's arithmetic before profiling; the table made by profiling
     then refuses those past its measured maximum, as compress does."""
     from .adapters import model_shape
-    from .models import load_config, resolve_model
+    from .aliases import resolve_model
+    from .models import load_config
 
     ceiling = speedup_ceiling(model_shape(load_config(resolve_model(DEFAULT_MODEL))), spec.seq_len + spec.context)
     if max(targets) > ceiling:

@@ -16,12 +16,12 @@ from .database import data_identity, file_digest
 from .errors import UserError
 from .export import MEASUREMENT, ONNX, WEIGHTS, load_pruned, read_record, save_member
 from .cards import write_cards
-from .family import FAMILY_FORMAT, FamilyReport
+from .family import FAMILY_FORMAT, FamilyReport, check_family_dir, manifest_source, member_name
 from .models import LoadedModel
 from .settings import CompressSettings
 from .surgery import PruningPlan
 from .table import LatencyTable
-from .verify import Measurement, MemberResult, member_name
+from .verify import Measurement, MemberResult
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +58,6 @@ def family_manifest(loaded: LoadedModel, table: LatencyTable, settings: Compress
         "training_data": None if training_data is None else data_identity(training_data),
         "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"},
                                           default=str))}}
-
-
-def manifest_source(output: Path) -> dict | None:
-    """What the family in `output` was made from, or None where family.json is missing or unreadable
-    (then the folder holds something else, as far as this run can tell)."""
-    try:
-        manifest = json.loads((output / "family.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return manifest.get("source") if isinstance(manifest, dict) else None
-
-
-def check_family_dir(output: Path, overwrite: bool) -> None:
-    """Before any model loads: refuse a file, or unless `overwrite` a folder holding files and no family
-    (which family a folder holds, the same or another, is known once the model is: prepare_family_dir)."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} is a file: give a directory for the family")
-    if not overwrite and output.is_dir() and any(output.iterdir()) and manifest_source(output) is None:
-        raise UserError(f"output directory {output} holds other files, not a family: use another -o "
-                        "(or --overwrite to replace them)")
 
 
 def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> bool:

@@ -20,7 +20,8 @@ from .recovery import NoRecovery, Recovery
 from .settings import CompressSettings
 from .surgery import PruningPlan, count_parameters
 from .table import LatencyTable
-from .verify import MemberResult, Unverified, Verifier, member_name, verified_member
+from .family import member_name
+from .verify import MemberResult, Unverified, Verifier, verified_member
 
 log = logging.getLogger(__name__)
 

@@ -11,32 +11,10 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import CONFIG_NAME
 
 from .adapters import Architecture, ModelShape, architecture_for, model_shape
-from .aliases import ALIASES
+from .aliases import ModelSource, resolve_model
 from .errors import UserError
 from .kinds import ModelKind, kind_of
 from .progress import stage, transformers_bars
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are: a folder or hub id, and a GGUF file inside the folder if any."""
-
-    reference: str  # what the user gave: alias, path or hub id
-    location: str
-    gguf_file: str | None = None
-
-    @property
-    def on_hub(self) -> bool:
-        return self.gguf_file is None and not Path(self.location).exists()
-
-    @property
-    def folder(self) -> Path | None:
-        """The local folder the model was read from (None: a hub id)."""
-        return None if self.on_hub else Path(self.location)
-
-    @property
-    def kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {"local_files_only": not self.on_hub}
 
 
 @dataclass
@@ -54,27 +32,6 @@ class LoadedModel:
     @property
     def shape(self) -> ModelShape:
         return model_shape(self.model.config)
-
-
-def resolve_model(reference: str) -> ModelSource:
-    """Turn an alias, a folder, a .gguf file or a hub id into a ModelSource."""
-    if reference in ALIASES:
-        path = ALIASES[reference]()
-    else:
-        path = Path(reference).expanduser()
-        if not path.exists():
-            looks_like_hub_id = reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
-            if not looks_like_hub_id or reference.endswith(".gguf"):
-                raise UserError(f"model path {reference} does not exist: give a folder, a .gguf file, "
-                                f"a Hugging Face id or one of {', '.join(ALIASES)}")
-            return ModelSource(reference, reference)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UserError(f"model file {reference} is not a .gguf file: give the model's folder instead")
-        return ModelSource(reference, str(path.parent), path.name)
-    if not (path / "config.json").exists():
-        raise UserError(f"model folder {reference} has no config.json: is it a Hugging Face model folder?")
-    return ModelSource(reference, str(path))
 
 
 def check_hub_model(repo_id: str) -> None:

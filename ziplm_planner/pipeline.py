@@ -22,10 +22,10 @@ from .calibrate import Calibration, CalibrationLoss, load_calibration
 from .cards import source_card
 from .environment import library_versions, machine_info, now
 from .errors import UserError
-from .family import FamilyReport
+from .family import FamilyReport, check_reachable
 from .familydir import FamilyDir, Member
 from .member import MemberRoad, Parent
-from .models import LoadedModel, ModelSource
+from .models import LoadedModel
 from .planners import planner_for
 from .progress import stage
 from .recovery import recovery_step
@@ -34,44 +34,6 @@ from .table import TRUST_ADVICE, LatencyTable
 from .verify import verifier_for
 
 log = logging.getLogger(__name__)
-
-
-def parse_targets(text: str | list) -> list[float]:
-    """'3,1.5,2' -> [1.5, 2.0, 3.0]; every item a finite number > 1, none empty, each its own member."""
-    from .verify import member_name
-
-    items = text.split(",") if isinstance(text, str) else list(text)
-    if not items:
-        raise UserError("no speedup targets given: give numbers > 1 separated by commas, e.g. 1.5,2,3")
-    targets, names = sorted(parse_target(item, text) for item in items), set()
-    for target in targets:  # one member folder per target: two that share a name would be one member
-        if (name := member_name(target)) in names:
-            raise UserError(f"target {target:g} is given more than once in {text!r} (one member, {name}): "
-                            "give each speedup once")
-        names.add(name)
-    return targets
-
-
-def parse_target(item, text) -> float:
-    """One speedup target; `text` is the whole list, quoted in the message."""
-    if not str(item).strip():
-        raise UserError(f"targets must be numbers separated by commas, got an empty item in {text!r}")
-    try:
-        target = float(item)
-    except (TypeError, ValueError):
-        raise UserError(f"targets must be numbers separated by commas, got {item!r} in {text!r}") from None
-    # NaN compares false with everything, so it would pass a plain `> 1` test
-    if not math.isfinite(target) or target <= 1:
-        raise UserError(f"every speedup target must be a finite number > 1, got {item!r} in {text!r}")
-    return target
-
-
-def check_reachable(targets: list[float], table: LatencyTable) -> None:
-    """Every target within the table's maximum speedup (the fixed part and the cheapest block)."""
-    too_fast = [t for t in targets if t > table.max_speedup]
-    if too_fast:
-        raise UserError(f"target {max(too_fast):g}x is beyond this table's maximum speedup {table.max_speedup:.2f}x "
-                        "(the fixed part and one block): choose smaller targets")
 
 
 def score_batches(calibration: Calibration, settings: CompressSettings) -> list[dict]:

@@ -11,7 +11,8 @@ from .errors import UserError
 from .export import load_pruned, load_pruned_tokenizer, read_record
 from .family import read_report
 from .kinds import kind_named
-from .models import LoadedModel, ModelSource
+from .aliases import ModelSource
+from .models import LoadedModel
 from .profiler import workload
 from .spec import InferenceSpec
 from .timing import TimingStats, interleaved_samples, speedup_interval

@@ -27,6 +27,7 @@ from .backends import backend_for
 from .calibrate import CalibrationLoss
 from .environment import CpuSnapshot, others_share
 from .errors import UserError
+from .family import member_name
 from .models import LoadedModel
 from .profiler import fixed_part, workload
 from .progress import note
@@ -46,10 +47,6 @@ CONFIRM_FACTOR = 2  # a result outside the band is re-measured with this many ti
 REPLAN_REACH = 1.5  # a re-plan's budget stays within this factor of the first plan's: beyond it the table is wrong
 SETTLE_WAITS = (15.0, 45.0)  # seconds waited before each new timing of a machine that disagrees with its table
 UNVERIFIED = "unverified"  # the status of a member shipped as planned (--no-verify)
-
-
-def member_name(target: float) -> str:
-    return "dense" if target == 1 else f"x{target:g}"
 
 
 class MachineDisagrees(UserError):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..modeling_ziplm import get_module, set_module
-from .base import ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, Architecture, AttentionLevel, Bypass, ModelShape, removed_level
+from .base import (ATTENTION, BLOCKS, FFN, REMOVED_ATTENTION, Architecture, AttentionLevel, Bypass, ModelShape, get_module,
+                   removed_level, set_module)
 from .bert import BERT
 from .gpt2 import GPT2
 from .llama import LLAMA
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ARCHITECTURES: tuple[Architecture, ...] = (BERT, LLAMA, GPT2)
 _BY_MODEL_TYPE = {t: arch for arch in ARCHITECTURES for t in arch.model_types}

@@ -137,3 +137,12 @@ class ModelShape:
             if mine != theirs
         ]
 
+
+# the same two helpers are in modeling_ziplm.py, which members carry and which may import nothing of this package
+def get_module(root, path: str):
+    return root.get_submodule(path)
+
+
+def set_module(root, path: str, module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
