@@ -118,24 +118,11 @@ def test_a_pruned_smollm2_generates_the_same_tokens_in_onnx_runtime_as_in_torch(
 
 
 STS_DEV = "../shared/data/stsb/sts-dev.csv"
-SENTENCE_TRANSFORMERS_SPEARMAN = """
-import csv, sys
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
-with open(sys.argv[2], newline="") as handle:
-    rows = [r for r in csv.reader(handle, delimiter="\\t", quoting=csv.QUOTE_NONE) if len(r) >= 7]
-evaluator = EmbeddingSimilarityEvaluator([r[5] for r in rows], [r[6] for r in rows], [float(r[4]) / 5 for r in rows],
-                                         main_similarity="cosine", write_csv=False)
-model = SentenceTransformer(sys.argv[1], trust_remote_code=True, device="cpu")
-assert "ziplm_planner" not in sys.modules
-print(evaluator(model)["spearman_cosine"], model.encode(["A man is playing a guitar."])[0] @ model.encode(["A man is playing a guitar."])[0])
-"""
 
 
 def test_a_pruned_minilm_member_is_a_sentence_transformers_model(minilm, tmp_path):
     """Its modules (pooling, Normalize) kept, loaded by sentence-transformers alone: its own STS-B
     evaluator gives the project's figure."""
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -143,16 +130,17 @@ def test_a_pruned_minilm_member_is_a_sentence_transformers_model(minilm, tmp_pat
     from ziplm_planner.export import load_pruned, save_member
     from test_portable import heterogeneous_plan
 
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from bench_portable import sentence_transformers_score  # the benchmark's own run, in a process of its own
+
     data = str(Path(__file__).parents[1] / STS_DEV)
     plan = heterogeneous_plan(minilm.shape)
     pruned = apply_plan(copy.deepcopy(minilm.model), plan)
     save_member(tmp_path / "member", pruned, minilm.tokenizer, plan, EMBEDDING, {}, onnx=False, source=minilm.source.folder)
-    done = subprocess.run([sys.executable, "-c", SENTENCE_TRANSFORMERS_SPEARMAN, str(tmp_path / "member"), data],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    theirs, norm = map(float, done.stdout.split()[-2:])
+    theirs = sentence_transformers_score(tmp_path / "member", data)
     ours = stsb_spearman(load_pruned(tmp_path / "member"), minilm.tokenizer, data) / 100
-    assert abs(theirs - ours) <= 0.01 and norm == pytest.approx(1.0, abs=1e-4)
+    assert abs(theirs["spearman"] - ours) <= 0.01 and theirs["norm"] == pytest.approx(1.0, abs=1e-4)
+    assert theirs["class"] == "PrunedBertModel"
 
 
 def test_a_pruned_smollm2_member_generates_with_transformers_alone(smollm2, tmp_path):
