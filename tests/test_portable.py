@@ -158,6 +158,12 @@ def test_bad_member_folders_are_refused_in_one_line(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     with pytest.raises(UserError, match=r"is a family folder: give one of its members \(member\)"):
         load_pruned(tmp_path)
+    from ziplm_planner.aliases import resolve_model
+
+    with pytest.raises(UserError, match="is a pruned member: profile and compress its source model"):
+        resolve_model(str(folder))  # where a model is expected: profile, compress, generate-text
+    with pytest.raises(UserError, match="is a family folder: give a model"):
+        resolve_model(str(tmp_path))
     config = json.loads((folder / "config.json").read_text())
     config["hidden_size"] = 48  # edited by hand: the weights no longer fit
     (folder / "config.json").write_text(json.dumps(config))

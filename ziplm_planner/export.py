@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .adapters import SUPPORTED_MODEL_TYPES
+from .aliases import MEMBER_RECORD
 from .atomic import usual_permissions
 from .backends import (MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache,
                        graph_feeds, input_names, is_past, model_graph, next_token_feeds, ort_session, random_inputs)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ziplm-planner/member/v1"
 WEIGHTS, ONNX = MODEL_WEIGHTS, MODEL_ONNX  # the files a backend runs (backends.py)
-PRUNING, MEASUREMENT = "pruning.json", "measurement.json"
+PRUNING, MEASUREMENT = MEMBER_RECORD, "measurement.json"
 CHECK_SHAPE = (3, 12)  # (batch, sequence): the check runs at another size than the trace (TRACE_SHAPE)
 TOLERANCE = 1e-3  # of the ONNX file's and the reloaded member's outputs, times the output's largest magnitude (>= 1)
 
