@@ -27,7 +27,7 @@ def test_api_functions_and_stage_modules_do_not_shadow_each_other():
 def test_public_names_are_all_listed_and_resolve():
     assert set(zp.__all__) == {"AttentionLevel", "CompressSettings", "FamilyReport", "GeneratedText",
                                "GenerationSettings", "InferenceSpec", "LatencyTable", "LoadedModel", "LossWeights",
-                               "ProfileSettings", "RecoverySettings", "TrainSettings", "compress", "evaluate_family",
+                               "ProfileSettings", "RecoverySettings", "TrainSettings", "compress", "evaluate_family", "export_gguf",
                                "generate_text", "load_model", "load_pruned", "load_pruned_tokenizer", "ort_generate",
                                "plot_families", "profile", "verify_family"}
     assert all(getattr(zp, name).__name__ == name for name in zp.__all__)

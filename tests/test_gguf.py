@@ -116,3 +116,42 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path):
         apply_plan(model, PruningPlan(model_shape(model.config), [LayerPlan([0, 1], list(range(20)))] * 4))
         write_gguf(model, tmp_path / "m.gguf", NO_VOCABULARY, "q8_0")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_export_gguf_writes_every_member_of_a_decoder_family(tmp_path):
+    """A family compressed from a tiny Llama: each member's model.gguf runs in llama.cpp as the member
+    does in torch, and its card says how to load it."""
+    from ziplm_planner.export import load_pruned
+    from ziplm_planner.gguf_export import export_family_gguf
+    from ziplm_planner.pipeline import compress_model
+    from ziplm_planner.settings import CompressSettings
+    from tiny_models import measured_table, tiny_loaded_with_tokenizer, write_sentences
+
+    loaded = tiny_loaded_with_tokenizer("llama", causal_lm=True)
+    settings = CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify=False, onnx=False,
+                                cache_dir=tmp_path / "cache")
+    family = tmp_path / "family"
+    compress_model(loaded, measured_table(loaded), [1.3], str(write_sentences(tmp_path / "c.txt", count=300)),
+                   family, settings)
+    written = export_family_gguf(family, "f32", vocabulary=NO_VOCABULARY)  # the stand-in tokenizer is WordPiece
+    assert [p.relative_to(family).as_posix() for p in written] == ["dense/model.gguf", "x1.3/model.gguf"]
+    ids = [101, 2023, 2003, 1037, 3231, 102]
+    for path in written:
+        member = load_pruned(path.parent)
+        expected = torch_logits(member, ids)
+        torch.testing.assert_close(llama_cpp_logits(path, ids), expected, atol=1e-5 * expected.abs().max(), rtol=0)
+        assert "model.gguf" in (path.parent / "README.md").read_text()
+
+
+def test_an_encoder_family_is_refused_before_any_file_is_written(tmp_path):
+    from ziplm_planner.export import save_member
+    from ziplm_planner.family import FamilyReport
+    from ziplm_planner.gguf_export import export_family_gguf
+    from ziplm_planner.kinds import EMBEDDING
+
+    model = tiny_model("bert")
+    save_member(tmp_path / "dense", model, None, PruningPlan.dense(model_shape(model.config)), EMBEDDING, {}, onnx=False)
+    FamilyReport([{"target": 1.0, "folder": "dense"}], {"model": "tiny-bert"}).save(tmp_path)
+    with pytest.raises(UserError, match="Llama-style decoders"):
+        export_family_gguf(tmp_path, "f16")
+    assert not (tmp_path / "dense" / "model.gguf").exists()

@@ -169,3 +169,29 @@ def test_a_pruned_smollm2_member_generates_with_transformers_alone(smollm2, tmp_
     with torch.no_grad():
         expected = load_pruned(tmp_path / "member").generate(**batch, do_sample=False, max_new_tokens=24)
     assert done.stdout.strip().splitlines()[-1] == str(expected[0].tolist())
+
+
+def test_a_pruned_smollm2_in_llama_cpp_tokenizes_scores_and_generates_as_in_torch(smollm2, tmp_path):
+    """Written as `deci` with the source GGUF's tokenizer and run by llama.cpp: the same token ids as the
+    Hugging Face tokenizer, logits as torch's, the same 24 greedy tokens."""
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from ziplm_planner.gguf_export import vocabulary_for, write_gguf
+    from test_gguf import LLAMA_ARGS, greedy_llama_cpp, llama_cpp_logits
+    from test_portable import heterogeneous_plan
+
+    plan = heterogeneous_plan(smollm2.shape, query_heads=True)
+    pruned = apply_plan(copy.deepcopy(smollm2.model), plan)
+    path = write_gguf(pruned, tmp_path / "model.gguf", vocabulary_for(smollm2.source, tmp_path), "f32")
+    text = "The history of the city begins in the year"
+    ids = smollm2.tokenizer(text)["input_ids"]
+    vocab_only = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert vocab_only.tokenize(text.encode(), add_bos=False) == ids
+    with torch.no_grad():
+        expected = pruned(torch.tensor([ids])).logits[0]
+    found = llama_cpp_logits(path, ids)
+    assert (found - expected).abs().max() <= 1e-3 * expected.abs().max()
+    with torch.no_grad():
+        ours = pruned.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24)
+    assert greedy_llama_cpp(path, ids, 24) == ours[0].tolist()

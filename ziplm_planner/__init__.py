@@ -26,6 +26,7 @@ _PUBLIC = {
     "TrainSettings": "settings",
     "compress": "api",
     "evaluate_family": "api",
+    "export_gguf": "api",
     "generate_text": "api",
     "load_model": "models",
     "load_pruned": "export",

@@ -18,7 +18,7 @@ from .atomic import check_cache_dir, check_creatable_dir, check_writable
 from .data import check_exists, read_dataset
 from .family import FamilyReport, check_family_dir, check_reachable, parse_targets, read_report
 from .settings import CompressSettings, GenerationSettings, ProfileSettings
-from .spec import InferenceSpec, check_runs_here
+from .spec import InferenceSpec, check_gguf_type, check_runs_here
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -109,6 +109,17 @@ def evaluate_family(family: str | Path, task: str, data: str | Path, backend: st
     from . import evaluate
 
     return evaluate.evaluate_family(family, task, data, backend=backend, max_tokens=max_tokens)
+
+
+def export_gguf(family: str | Path, file_type: str = "f16") -> list[Path]:
+    """Write model.gguf (llama.cpp) into every member of `family`, a Llama-style decoder family, at
+    `file_type` (f32, f16 or q8_0), with its source GGUF's tokenizer (else the member's tokenizer.json);
+    returns the files written."""
+    read_report(family)  # these two before torch loads
+    check_gguf_type(file_type)
+    from .gguf_export import export_family_gguf
+
+    return export_family_gguf(Path(family), file_type)
 
 
 def verify_family(family: str | Path, rounds: int = 40) -> list[dict]:

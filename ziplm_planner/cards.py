@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .family import read_report
+from .family import MEMBER_GGUF, read_report
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ def recovery_line(row: dict) -> str:
             f"({row['train_steps']} steps, {row['prune_steps']} prune step{'s' if row['prune_steps'] != 1 else ''})")
 
 
-def load_section(auto: str, remote_code: bool, sentence_transformers: bool) -> str:
+def load_section(auto: str, remote_code: bool, sentence_transformers: bool, gguf_file: bool) -> str:
+    gguf = ("\nWith llama.cpp (`ziplm-planner export-gguf` wrote it): `llama-cli -m path/to/this/folder/model.gguf`, or "
+            "`llama_cpp.Llama(model_path=\"path/to/this/folder/model.gguf\")`.\n" if gguf_file else "")
     remote = ", trust_remote_code=True" if remote_code else ""
     why = ("Its architecture's own config cannot state its layers' sizes (they differ, or a layer keeps heads "
            "narrower than the hidden size gives them): `modeling_ziplm.py` in this folder (torch and transformers "
@@ -92,7 +94,7 @@ def load_section(auto: str, remote_code: bool, sentence_transformers: bool) -> s
     return (f"## How to load it\n\n{why}```python\nimport transformers\n"
             f"model = transformers.{auto}.from_pretrained(\"path/to/this/folder\"{remote})\n```\n\n{st}"
             "With ziplm-planner: `ziplm_planner.load_pruned(\"path/to/this/folder\")`. With ONNX Runtime, the file that "
-            "was timed: `onnxruntime.InferenceSession(\"path/to/this/folder/model.onnx\")`.\n")
+            "was timed: `onnxruntime.InferenceSession(\"path/to/this/folder/model.onnx\")`.\n" + gguf)
 
 
 def member_card(folder: Path, row: dict, dense: dict | None, metadata: dict) -> str:
@@ -116,7 +118,8 @@ def member_card(folder: Path, row: dict, dense: dict | None, metadata: dict) -> 
             f"their loss-to-runtime trade-off on a latency table of the machine below "
             f"([ziplm-planner](https://pypi.org/project/ziplm-planner/), after ZipLM).\n\n"
             + "\n".join(table) + "\n\n" + layers + "\n" + command
-            + load_section(record.get("auto_class", "AutoModel"), remote_code, sentence_transformers))
+            + load_section(record.get("auto_class", "AutoModel"), remote_code, sentence_transformers,
+                           (folder / MEMBER_GGUF).is_file()))
 
 
 def family_card(report: dict) -> str:

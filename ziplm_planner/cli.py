@@ -20,7 +20,7 @@ from .data import check_exists
 from .errors import UserError
 from .progress import show_stages
 from .settings import CLI, CompressSettings, GenerationSettings, Option, ProfileSettings, option_flag
-from .spec import BACKENDS, InferenceSpec
+from .spec import BACKENDS, GGUF_TYPES, InferenceSpec
 
 MODEL_FORMS = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
                f"{', '.join(ALIASES)}.")
@@ -258,6 +258,17 @@ def verify(family, rounds) -> None:
     for r in rows:
         click.echo(f"{r['folder']:>8} {r['target']:>6.2f}x {r['speedup']:>7.3f}x {r['interval'][0]:>7.3f}-{r['interval'][1]:<7.3f}"
                    f" {r['speedup_median']:>6.3f}x {r['reported_speedup'] or float('nan'):>8.3f}x  {r['status']}")
+
+
+@cli.command("export-gguf", short_help="Write model.gguf (llama.cpp) into a decoder family's members.")
+@click.argument("family", type=click.Path(path_type=Path))
+@click.option("--type", "file_type", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
+              help="Weight type of the 2-D tensors (norms stay float32).")
+def export_gguf(family, file_type) -> None:
+    """Write each member of FAMILY (a Llama-style decoder family) as model.gguf for llama.cpp: `deci` where
+    its layers differ, `llama` where they are alike, with the source GGUF's tokenizer."""
+    for path in api.export_gguf(family, file_type):
+        click.echo(f"wrote {path}")
 
 
 @cli.command(short_help="Plot families' scores against measured speedup.")

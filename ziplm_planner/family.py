@@ -13,6 +13,7 @@ from .atomic import atomic_write_text
 from .errors import UserError
 
 FAMILY_FORMAT = "ziplm-planner/family/v1"
+MEMBER_GGUF = "model.gguf"  # a decoder member for llama.cpp (export-gguf)
 
 
 @dataclass

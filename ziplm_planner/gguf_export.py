@@ -25,12 +25,12 @@ from torch import nn
 
 from .adapters import model_layers
 from .errors import UserError
+from .family import MEMBER_GGUF
 from .modeling_ziplm import ZeroAttention, ZeroMLP
+from .spec import check_gguf_type
 
 GGUF_ARCHITECTURES = ("llama", "mistral")  # Llama-style decoders llama.cpp runs as `llama`/`deci`
-FILE_TYPES = ("f32", "f16", "q8_0")
 MIN_FFN = 32  # neurons of a zero FFN written for llama.cpp: one q8_0 block
-MEMBER_GGUF = "model.gguf"
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,7 @@ def check_exportable(model: nn.Module, file_type: str) -> None:
     if model.config.model_type not in GGUF_ARCHITECTURES:
         raise UserError(f"a GGUF member is written for Llama-style decoders ({', '.join(GGUF_ARCHITECTURES)}), "
                         f"not {model.config.model_type}: run it with ONNX Runtime (model.onnx) instead")
-    if file_type not in FILE_TYPES:
-        raise UserError(f"GGUF type {file_type!r} is not one this package writes: choose {', '.join(FILE_TYPES)}")
+    check_gguf_type(file_type)
 
 
 def write_gguf(model: nn.Module, path: Path, vocabulary, file_type: str = "f32") -> Path:
@@ -234,3 +233,31 @@ class NoVocabulary:
 
 
 NO_VOCABULARY = NoVocabulary()
+
+
+def vocabulary_for(source, member: Path):
+    """The tokenizer a member's GGUF carries: its source GGUF's where the model was read from one (the
+    tokenizer llama.cpp was given for it), else the member's own tokenizer.json."""
+    if source.gguf_file:
+        return SourceVocabulary(Path(source.location) / source.gguf_file)
+    return HuggingFaceVocabulary(member)
+
+
+def export_family_gguf(family: Path, file_type: str = "f16", vocabulary=None) -> list[Path]:
+    """model.gguf in every member of a decoder family (the dense one included), with the tokenizer of
+    `vocabulary_for` unless `vocabulary` is given; the cards are written again to say so."""
+    from .aliases import resolve_model
+    from .cards import write_cards
+    from .export import load_pruned
+    from .family import read_report
+
+    report = read_report(family)
+    folders = [Path(family) / row["folder"] for row in report["members"]]
+    check_exportable(load_pruned(folders[0]), file_type)  # an encoder family: refused before any file is written
+    source = None if vocabulary is not None else resolve_model(str(report["metadata"].get("model")))
+    written = []
+    for folder in folders:
+        model = load_pruned(folder)
+        written.append(write_gguf(model, folder / MEMBER_GGUF, vocabulary or vocabulary_for(source, folder), file_type))
+    write_cards(family)
+    return written

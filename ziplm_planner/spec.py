@@ -97,3 +97,11 @@ def check_runs_here(spec: InferenceSpec) -> None:
     if spec.device == "cuda" and not SEES_CUDA[spec.backend]():
         raise UserError(f"--device cuda: {spec.backend} here sees no CUDA GPU: profile on a machine with one "
                         "(and a CUDA build of torch or onnxruntime-gpu), or use --device cpu")
+
+
+GGUF_TYPES = ("f32", "f16", "q8_0")  # weight types of a member's model.gguf (norms stay float32)
+
+
+def check_gguf_type(file_type: str) -> None:
+    if file_type not in GGUF_TYPES:
+        raise UserError(f"GGUF type {file_type!r} is not one this package writes: choose {', '.join(GGUF_TYPES)}")
