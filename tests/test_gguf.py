@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM
 from ziplm_planner.adapters import model_shape
 from ziplm_planner.errors import UserError
 from ziplm_planner.gguf_export import NO_VOCABULARY, layer_sizes, write_gguf, written_sizes
+from ziplm_planner.llamacpp import load, perplexity, timed_call
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
 from tiny_models import TINY_CONFIGS, spread_weights, tiny_model
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 
 
 def tiny_llama(layers=4, seed=0):
@@ -38,27 +39,14 @@ def pruned_llama(seed=0):
     return apply_plan(model, PruningPlan(shape, layers))
 
 
-# an f32 KV cache (ggml type 0): llama.cpp's default f16 one rounds keys and values to about 1e-3
-LLAMA_ARGS = dict(n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0)
-
-
-@pytest.fixture(autouse=True)
-def no_repacked_weights(monkeypatch):
-    """llama-cpp-python 0.3.36 crashes (SIGSEGV) on q8_0 weights in its repacked CPU buffers on this AMX
-    Xeon, files quantised by llama.cpp itself included; without those buffers it runs them. Llama() does
-    not take the switch, so its default model parameters are wrapped."""
-    default = llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_extra_buffers)
+def llama(path, **kwargs):
+    """The file in llama.cpp, one thread, an f32 KV cache (ggml type 0: the default f16 one rounds keys and
+    values to about 1e-3), without the repacked weight buffers that crash on q8_0 here (llamacpp.py)."""
+    return load(path, threads=1, context=64, repacked=False, logits_all=True, type_k=0, type_v=0, **kwargs)
 
 
 def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, **LLAMA_ARGS)
+    llm = llama(path)
     llm.eval(ids)
     return torch.tensor(llm.scores[: len(ids)])
 
@@ -69,7 +57,7 @@ def torch_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def greedy_llama_cpp(path, ids: list[int], tokens: int) -> list[int]:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, **LLAMA_ARGS)
+    llm = llama(path)
     out = list(ids)
     llm.eval(out)
     for _ in range(tokens):
@@ -119,19 +107,20 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path):
 
 
 def test_export_gguf_writes_every_member_of_a_decoder_family(tmp_path):
-    """A family compressed from a tiny Llama: each member's model.gguf runs in llama.cpp as the member
-    does in torch, and its card says how to load it."""
+    """A family compressed from a tiny Llama (on a table of made-up times, unverified: nothing here
+    depends on this machine's speed): each member's model.gguf runs in llama.cpp as the member does in
+    torch, and its card says how to load it."""
     from ziplm_planner.export import load_pruned
     from ziplm_planner.gguf_export import export_family_gguf
     from ziplm_planner.pipeline import compress_model
     from ziplm_planner.settings import CompressSettings
-    from tiny_models import measured_table, tiny_loaded_with_tokenizer, write_sentences
+    from tiny_models import linear_table, tiny_loaded_with_tokenizer, write_sentences
 
     loaded = tiny_loaded_with_tokenizer("llama", causal_lm=True)
     settings = CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify=False, onnx=False,
                                 cache_dir=tmp_path / "cache")
     family = tmp_path / "family"
-    compress_model(loaded, measured_table(loaded), [1.3], str(write_sentences(tmp_path / "c.txt", count=300)),
+    compress_model(loaded, linear_table(loaded), [1.3], str(write_sentences(tmp_path / "c.txt", count=300)),
                    family, settings)
     written = export_family_gguf(family, "f32", vocabulary=NO_VOCABULARY)  # the stand-in tokenizer is WordPiece
     assert [p.relative_to(family).as_posix() for p in written] == ["dense/model.gguf", "x1.3/model.gguf"]
@@ -155,3 +144,20 @@ def test_an_encoder_family_is_refused_before_any_file_is_written(tmp_path):
     with pytest.raises(UserError, match="Llama-style decoders"):
         export_family_gguf(tmp_path, "f16")
     assert not (tmp_path / "dense" / "model.gguf").exists()
+
+
+def test_perplexity_in_llama_cpp_is_torchs_and_both_timings_run(tmp_path):
+    model = pruned_llama()
+    path = write_gguf(model, tmp_path / "model.gguf", NO_VOCABULARY, "f32")
+    windows = [[5, 17, 3, 60, 42, 8, 91, 11, 29], [7, 7, 50, 2, 81, 33, 14, 64, 90]]
+    with torch.no_grad():
+        losses = [model(torch.tensor([w]), labels=torch.tensor([w])).loss for w in windows]
+    expected = float(torch.exp(torch.stack(losses).mean()))
+    assert perplexity(path, windows, threads=1, repacked=False) == pytest.approx(expected, rel=1e-4)
+    for mode in ("prefill", "decode"):
+        run = timed_call(path, mode, windows[0], threads=1)
+        run(), run()  # repeatable: the cache is cut back before each call
+    with pytest.raises(UserError, match="mode must be one of prefill, decode"):
+        timed_call(path, "train", windows[0], threads=1)
+    with pytest.raises(UserError, match="does not exist: write it with `ziplm-planner export-gguf`"):
+        load(tmp_path / "none.gguf", threads=1, context=8)

@@ -178,7 +178,7 @@ def test_a_pruned_smollm2_in_llama_cpp_tokenizes_scores_and_generates_as_in_torc
 
     llama_cpp = pytest.importorskip("llama_cpp")
     from ziplm_planner.gguf_export import vocabulary_for, write_gguf
-    from test_gguf import LLAMA_ARGS, greedy_llama_cpp, llama_cpp_logits
+    from test_gguf import greedy_llama_cpp, llama_cpp_logits
     from test_portable import heterogeneous_plan
 
     plan = heterogeneous_plan(smollm2.shape, query_heads=True)

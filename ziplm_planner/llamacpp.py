@@ -1,0 +1,94 @@
+"""GGUF files run by llama.cpp itself (llama-cpp-python): timed as they are served, one sequence at a
+time, on the deployed thread count, and scored on token ids.
+
+Two timings, as llama.cpp serves a decoder: `prefill` evaluates a prompt from an empty cache, `decode`
+one new token after a cached context (the cache is cut back to the context before each call, so every
+call does the same work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+MODES = ("prefill", "decode")
+
+
+def llama_cpp_module():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("llama.cpp needs llama-cpp-python: pip install 'ziplm-planner[llamacpp]' (it builds "
+                        "llama.cpp from source: cmake and a C++ compiler)") from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def model_parameters(repacked: bool) -> Iterator[None]:
+    """llama.cpp's model parameters with or without its repacked CPU weight buffers. Llama() does not take
+    the switch; it reads the defaults, which are wrapped while it loads. llama-cpp-python 0.3.36 crashes
+    (SIGSEGV) on q8_0 weights in those buffers on an AMX Xeon (docs/BENCHMARKS.md): they are left out there."""
+    llama_cpp = llama_cpp_module()
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def parameters():
+        params = default()
+        params.use_extra_bufts = repacked
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = parameters
+    try:
+        yield
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = default
+
+
+def load(path: Path, threads: int, context: int, repacked: bool = True, **kwargs):
+    """A llama.cpp model of the GGUF file at `path`, with room for `context` tokens."""
+    if not Path(path).is_file():
+        raise UserError(f"GGUF file {path} does not exist: write it with `ziplm-planner export-gguf`")
+    llama_cpp = llama_cpp_module()
+    with model_parameters(repacked):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads,
+                               n_threads_batch=threads, verbose=False, **kwargs)
+
+
+def timed_call(path: Path, mode: str, tokens: list[int], threads: int, repacked: bool = True) -> Callable[[], None]:
+    """What one timing runs: `tokens` as a prompt (prefill), or one token after them, cached (decode)."""
+    if mode not in MODES:
+        raise UserError(f"llama.cpp timing mode must be one of {', '.join(MODES)}, got {mode!r}")
+    llm = load(path, threads, len(tokens) + 1, repacked)
+    if mode == "prefill":
+        def run():
+            llm.n_tokens = 0  # eval cuts the cache back to n_tokens: an empty cache
+            llm.eval(tokens)
+        return run
+    llm.eval(tokens)
+
+    def step():
+        llm.n_tokens = len(tokens)  # the context stays cached; the new token is decoded again each call
+        llm.eval(tokens[-1:])
+    return step
+
+
+def perplexity(path: Path, windows: list[list[int]], threads: int, repacked: bool = True) -> float:
+    """exp of the mean next-token loss over `windows` of token ids, each from an empty cache, with an f32
+    cache (ggml type 0: the default f16 one rounds keys and values)."""
+    length = max(map(len, windows))
+    llm = load(path, threads, length, repacked, logits_all=True, type_k=0, type_v=0)
+    total, count = 0.0, 0
+    for window in windows:
+        llm.n_tokens = 0
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        total -= float(log_probs[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    return math.exp(total / count)
