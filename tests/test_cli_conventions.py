@@ -84,21 +84,22 @@ def test_no_command_has_an_option_the_verbosity_flags_could_be():
 
 
 FAMILY_WITHOUT_REPORT = "{tmp}/fam"  # made by the test: a folder, no report.json
+COMPRESS_CALIB = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib"]  # the --calib file next
 
 
 @pytest.mark.parametrize("args,message", [
     (["profile", "minilm", "-o", "{tmp}/missing/t.json"], "cannot write {tmp}/missing/t.json: folder {tmp}/missing "
                                                           "does not exist"),
     (["profile", "minilm", "--batch-size", "0", "-o", "{tmp}/t.json"], "batch size must be at least 1"),
-    (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "{tmp}/none.txt", "-o", "{tmp}/f"],
+    ([*COMPRESS_CALIB, "{tmp}/none.txt", "-o", "{tmp}/f"],
      "--calib file {tmp}/none.txt does not exist; check the path"),
-    (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "{tmp}/fam", "-o", "{tmp}/f"],
+    ([*COMPRESS_CALIB, "{tmp}/fam", "-o", "{tmp}/f"],
      "--calib file {tmp}/fam is a directory"),
-    (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "x", "--train-data", "{tmp}/none.txt",
+    ([*COMPRESS_CALIB, "x", "--train-data", "{tmp}/none.txt",
       "-o", "{tmp}/f"], "--train-data file {tmp}/none.txt does not exist"),
-    (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "x", "-o", "{tmp}/afile/f"],
+    ([*COMPRESS_CALIB, "x", "-o", "{tmp}/afile/f"],
      "afile is a file, not a folder"),
-    (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "x", "--verify-rounds", "1",
+    ([*COMPRESS_CALIB, "x", "--verify-rounds", "1",
       "-o", "{tmp}/f"], "verify rounds must be at least 2"),
     (["generate-text", "smollm2", "--prompts", "{tmp}/none.txt", "-o", "{tmp}/t.txt"],
      "--prompts file {tmp}/none.txt does not exist"),
@@ -122,7 +123,7 @@ FAMILY_WITHOUT_REPORT = "{tmp}/fam"  # made by the test: a folder, no report.jso
      "target 2 is given more than once"),
     (["compress", "minilm", "--profile", str(TABLE), "--targets", "1e9", "--calib", "x", "-o", "{tmp}/f"],
      "beyond this table's maximum speedup"),
-    (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "x", "--cache-dir", "{tmp}/afile",
+    ([*COMPRESS_CALIB, "x", "--cache-dir", "{tmp}/afile",
       "-o", "{tmp}/f"], "--cache-dir {tmp}/afile is a file"),
 ])
 def test_bad_paths_and_ranges_are_refused_before_torch_is_imported(tmp_path, args, message):
