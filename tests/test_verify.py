@@ -138,3 +138,15 @@ def test_machine_tolerance_is_above_one(tolerance):
 
     with pytest.raises(UserError, match="machine tolerance must be a number > 1"):
         CompressSettings(machine_tolerance=tolerance)
+
+
+def test_no_verify_with_gradual_recovery_trains_and_ships_unverified_members(setup, tmp_path):
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    recovery = RecoverySettings("gradual", None, TrainSettings(tokens=1000, batch_size=8, learning_rate=1e-3))
+    report = compress_model(loaded, table, [1.1, 1.2], str(calib), tmp_path / "family",
+                            settings(tmp_path, verify=False, recovery=recovery))
+    assert [row["status"] for row in report.rows] == ["unverified"] * 3
+    assert [row["recovery"] for row in report.rows] == ["none", "gradual", "gradual"]
+    assert all(row["train_steps"] > 0 for row in report.rows[1:])

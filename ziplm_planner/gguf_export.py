@@ -12,6 +12,8 @@ written as exact equivalents, which add zero to the residual stream:
   zero weights.
 Q and K rows are permuted from the Hugging Face rotary layout to llama.cpp's, per layer at its own head
 counts. The tokenizer is copied from the source GGUF, or built from a Hugging Face BPE tokenizer.json.
+This module is the Llama layout's mapping to GGUF names, as llama.cpp's own converter maps them: the
+module names it reads are the Llama family's (the only family llama.cpp runs as `deci`).
 """
 
 from __future__ import annotations
