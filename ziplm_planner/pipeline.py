@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
 import tempfile
 import time
@@ -21,7 +20,6 @@ from .aliases import HUB_IDS
 from .calibrate import Calibration, CalibrationLoss, load_calibration
 from .cards import source_card
 from .environment import library_versions, machine_info, now
-from .errors import UserError
 from .family import FamilyReport, check_reachable
 from .familydir import FamilyDir, Member
 from .member import MemberRoad, Parent

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import modeling_ziplm
-from .adapters import Architecture, ModelShape, architecture_for, model_shape
+from .adapters import Architecture, ModelShape, architecture_for
 from .kinds import ModelKind
 from .surgery import PruningPlan
 
