@@ -74,7 +74,7 @@ def test_frontier_writes_png_and_svg_with_labels(families, tmp_path):
     for label in ("ziplm", "magnitude", "dense", "missed its target", "STS-B Spearman x100 (higher is better)",
                   "measured speedup over dense (p10 estimator)",
                   "latency, ms: the dense model's over each measured speedup", "1.5x", "3x",
-                  "all-MiniLM-L6-v2", "batch 8 x seq 128"):
+                  "all-MiniLM-L6-v2", "batch 8 x 128 tokens"):
         assert label in text, label
     width, height = png_size(paths)
     assert 1500 <= width <= 2000 and 700 <= height <= 900  # 12 x 5.4 inches at 150 dpi

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .family import MEMBER_GGUF, read_report
+from .family import MEMBER_GGUF, read_report, timed_shape
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ def speedup_line(row: dict) -> str:
 
 def timed_on(metadata: dict) -> str:
     spec, machine = metadata.get("spec") or {}, metadata.get("machine") or {}
-    shape = (f"decode: batch {spec.get('batch_size')}, one token after {spec.get('context')} cached"
-             if spec.get("mode") == "decode" else f"batch {spec.get('batch_size')} x {spec.get('seq_len')} tokens")
+    shape = timed_shape(spec)
     where = machine.get("gpu") or f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
     return (f"{spec.get('backend', '?')} on {spec.get('device', 'cpu')} ({where}), {spec.get('dtype', 'float32')}, "
             f"{spec.get('threads', '?')} threads, {shape}; the {metadata.get('estimator', 'p10')} of each model's "

@@ -31,6 +31,14 @@ class FamilyReport:
         atomic_write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1))
 
 
+def timed_shape(spec: dict) -> str:
+    """What a family's timings ran, from its report's spec: 'batch 8 x 128 tokens', or for decode
+    'decode: batch 1, one token after 256 cached'."""
+    if spec.get("mode") == "decode":
+        return f"decode: batch {spec.get('batch_size')}, one token after {spec.get('context')} cached"
+    return f"batch {spec.get('batch_size')} x {spec.get('seq_len')} tokens"
+
+
 def member_name(target: float) -> str:
     """The folder of the member for `target`: dense, x1.5, x2, ..."""
     return "dense" if target == 1 else f"x{target:g}"

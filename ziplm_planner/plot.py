@@ -23,7 +23,7 @@ from matplotlib.patches import Patch
 
 from .atomic import atomic_write_bytes, check_writable
 from .errors import UserError
-from .family import read_report
+from .family import read_report, timed_shape
 from .progress import stage
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,7 @@ def spec_title(families: list[FamilyData]) -> str:
     titles = []
     for meta in (family.metadata for family in families):
         spec = meta.get("spec") or {}
-        shape = (f"decode, batch {spec.get('batch_size')}, context {spec.get('context')}"
-                 if spec.get("mode") == "decode" else f"batch {spec.get('batch_size')} x seq {spec.get('seq_len')}")
+        shape = timed_shape(spec)
         titles.append(f"{meta.get('model', '?')}: {spec.get('backend', '?')} on {spec.get('device', 'cpu')}, {shape}")
     return "; ".join(dict.fromkeys(titles))
 
