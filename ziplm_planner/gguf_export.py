@@ -18,6 +18,7 @@ module names it reads are the Llama family's (the only family llama.cpp runs as 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,10 +153,10 @@ def write_header(writer, config, written: list[LayerSizes], file_type: str) -> N
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type])
 
 
-def check_exportable(model: nn.Module, file_type: str) -> None:
-    if model.config.model_type not in GGUF_ARCHITECTURES:
+def check_exportable(model_type: str, file_type: str) -> None:
+    if model_type not in GGUF_ARCHITECTURES:
         raise UserError(f"a GGUF member is written for Llama-style decoders ({', '.join(GGUF_ARCHITECTURES)}), "
-                        f"not {model.config.model_type}: run it with ONNX Runtime (model.onnx) instead")
+                        f"not {model_type}: run it with ONNX Runtime (model.onnx) instead")
     check_gguf_type(file_type)
 
 
@@ -165,7 +166,7 @@ def write_gguf(model: nn.Module, path: Path, vocabulary, file_type: str = "f32")
     temporary name, renamed when complete."""
     import gguf
 
-    check_exportable(model, file_type)
+    check_exportable(model.config.model_type, file_type)
     sizes = layer_sizes(model)
     written = written_sizes(sizes)
     architecture = "llama" if len(set(written)) == 1 else "deci"
@@ -245,6 +246,14 @@ def vocabulary_for(source, member: Path):
     return HuggingFaceVocabulary(member)
 
 
+def model_type_of(member: Path) -> str | None:
+    """The architecture a member's config.json names, read without loading the member."""
+    try:
+        return json.loads((member / "config.json").read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"member {member} has no readable config.json ({err}): run `ziplm-planner compress` again") from None
+
+
 def export_family_gguf(family: Path, file_type: str = "f16", vocabulary=None) -> list[Path]:
     """model.gguf in every member of a decoder family (the dense one included), with the tokenizer of
     `vocabulary_for` unless `vocabulary` is given; the cards are written again to say so."""
@@ -255,7 +264,7 @@ def export_family_gguf(family: Path, file_type: str = "f16", vocabulary=None) ->
 
     report = read_report(family)
     folders = [Path(family) / row["folder"] for row in report["members"]]
-    check_exportable(load_pruned(folders[0]), file_type)  # an encoder family: refused before any file is written
+    check_exportable(model_type_of(folders[0]), file_type)  # an encoder family: before any file is written
     source = None if vocabulary is not None else resolve_model(str(report["metadata"].get("model")))
     written = []
     for folder in folders:
