@@ -113,6 +113,8 @@ COMPRESS_CALIB = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2
     (["verify", "{tmp}/afile"], "{tmp}/afile is not a folder"),
     (["verify", "{tmp}/fam", "--rounds", "1"], "Invalid value for '--rounds': 1 is not in the range x>=2."),
     (["plot", FAMILY_WITHOUT_REPORT, "-o", "{tmp}/p.png"], "has no report.json"),
+    (["export-gguf", FAMILY_WITHOUT_REPORT], "{tmp}/fam has no report.json"),
+    (["export-gguf", FAMILY_WITHOUT_REPORT, "--type", "q4_k"], "Invalid value for '--type': 'q4_k' is not one of"),
     (["profile", "show", "{tmp}/none.json"], "latency table {tmp}/none.json does not exist"),
     (["profile", "{tmp}/no-model", "-o", "{tmp}/t.json"], "model path {tmp}/no-model does not exist"),
     (["compress", "minilm", "--profile", "{tmp}/none.json", "--targets", "2", "--calib", "x", "-o", "{tmp}/f"],
