@@ -55,3 +55,11 @@ def test_the_recorded_command_gives_the_same_settings():
     parsed = settings_from(CompressSettings, context.params)
     assert parsed == settings
     assert command_flags(CompressSettings()) == []
+
+
+def test_the_base_model_a_card_names_is_a_hub_id_or_none(tmp_path):
+    from ziplm_planner.aliases import ModelSource
+
+    assert ModelSource("minilm", str(tmp_path)).hub_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert ModelSource("org/model", "org/model").hub_id == "org/model"  # a hub id: not a local path
+    assert ModelSource(str(tmp_path), str(tmp_path)).hub_id is None  # a local folder names no hub model

@@ -51,6 +51,12 @@ class ModelSource:
         return self.gguf_file is None and not Path(self.location).exists()
 
     @property
+    def hub_id(self) -> str | None:
+        """Where the model comes from on the hub, where there is such an id: a bundled model's, or the id
+        the user gave (model cards name it as the members' base model)."""
+        return HUB_IDS.get(self.reference) or (self.reference if self.on_hub else None)
+
+    @property
     def folder(self) -> Path | None:
         """The local folder the model was read from (None: a hub id)."""
         return None if self.on_hub else Path(self.location)

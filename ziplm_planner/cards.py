@@ -10,6 +10,7 @@ import logging
 import math
 from pathlib import Path
 
+from .aliases import MEMBER_RECORD
 from .atomic import atomic_write_text
 from .family import MEMBER_GGUF, read_report, timed_shape
 
@@ -47,11 +48,11 @@ def member_front_matter(metadata: dict, remote_code: bool) -> dict:
 
 
 def speedup_line(row: dict) -> str:
-    if row.get("measured_speedup") is None:
+    if row["measured_speedup"] is None:
         return f"not measured (`--no-verify`); predicted {row['predicted_speedup']:.2f}x"
     low, high = row.get("speedup_interval") or (math.nan, math.nan)
     return (f"**{row['measured_speedup']:.2f}x** (90% interval {low:.2f}-{high:.2f}, {row.get('verify_rounds', '?')} "
-            f"interleaved rounds; {row.get('status', '?')})")
+            f"interleaved rounds; {row['status']})")
 
 
 def timed_on(metadata: dict) -> str:
@@ -97,13 +98,14 @@ def load_section(auto: str, remote_code: bool, sentence_transformers: bool, gguf
 
 
 def member_card(folder: Path, row: dict, dense: dict | None, metadata: dict) -> str:
-    record = json.loads((folder / "pruning.json").read_text())
+    record = json.loads((folder / MEMBER_RECORD).read_text())
     remote_code = bool(record.get("remote_code"))
     source = metadata.get("model", "?")
     title = f"{source}, dense reference" if row["target"] == 1 else f"{source} pruned for {row['target']:g}x"
     share = f" ({row['parameters'] / dense['parameters']:.0%} of dense)" if dense else ""
     table = ["| | |", "|---|---|", f"| target speedup | {row['target']:g}x |", f"| measured speedup | {speedup_line(row)} |",
-             f"| {'planned for' if row.get('measured_speedup') is None else 'timed on'} | {timed_on(metadata)} |", f"| file timed | {row.get('timed_file') or '-'} |",
+             f"| {'planned for' if row['measured_speedup'] is None else 'timed on'} | {timed_on(metadata)} |",
+             f"| file timed | {row.get('timed_file') or '-'} |",
              f"| parameters | {row['parameters']:,}{share} |", *quality_lines(row, dense, metadata),
              f"| recovery | {recovery_line(row)} |", f"| method | {metadata.get('method', '?')} |",
              f"| made | {metadata.get('created', '?')} with ziplm-planner "
@@ -127,9 +129,9 @@ def family_card(report: dict) -> str:
     header = ["member", "target", "measured speedup", "90% interval", "status", "parameters", *keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        measured = "-" if row.get("measured_speedup") is None else f"{row['measured_speedup']:.2f}x"
+        measured = "-" if row["measured_speedup"] is None else f"{row['measured_speedup']:.2f}x"
         interval = "-" if row.get("speedup_interval") is None else "{:.2f}-{:.2f}".format(*row["speedup_interval"])
-        cells = [f"[{row['folder']}]({row['folder']}/)", f"{row['target']:g}x", measured, interval, row.get("status", "?"),
+        cells = [f"[{row['folder']}]({row['folder']}/)", f"{row['target']:g}x", measured, interval, row["status"],
                  f"{row['parameters']:,}", *(f"{(row.get('scores') or {}).get(key, float('nan')):.4g}" for key in keys)]
         lines.append("| " + " | ".join(cells) + " |")
     command = f"\n```\n{metadata['command']}\n```\n" if metadata.get("command") else ""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from .aliases import HUB_IDS
 from .calibrate import Calibration, CalibrationLoss, load_calibration
 from .cards import source_card
 from .environment import library_versions, machine_info, now
@@ -113,18 +112,13 @@ def make_members(road: MemberRoad, targets: list[float]) -> list[Member]:
     return members
 
 
-def base_model(source: ModelSource) -> str | None:
-    """The source's hub id, where there is one: a bundled model's, or the id the user gave."""
-    return HUB_IDS.get(source.reference) or (source.reference if source.on_hub else None)
-
-
 def run_metadata(loaded: LoadedModel, table: LatencyTable, targets: list[float], calibration_path: str, output: Path,
                  settings: CompressSettings) -> dict:
     """The report's record of what the family was made from and with, and the command that makes it."""
     command = ["ziplm-planner", "compress", loaded.source.reference, "--profile", str(table.path or table.name),
                "--targets", ",".join(f"{t:g}" for t in targets), "--calib", calibration_path,
                *command_flags(settings), "-o", str(output)]
-    return {"model": loaded.source.reference, "command": shlex.join(command), "base_model": base_model(loaded.source),
+    return {"model": loaded.source.reference, "command": shlex.join(command), "base_model": loaded.source.hub_id,
             "source_card": source_card(loaded.source.folder), "model_kind": loaded.kind.name,
             "method": settings.method,
             "table": table.name, "spec": table.spec.to_dict(), "estimator": table.estimator,
