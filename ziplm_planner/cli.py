@@ -318,24 +318,18 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserError as err:
-        refusing()
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        refuse(lambda: click.echo(f"error: {err}", err=True), 2)
     except click.BadParameter as err:  # out of an option's declared range or choices: one line, as the library's
-        refusing()
-        click.echo(f"error: {err.format_message()}", err=True)
-        sys.exit(2)
+        refuse(lambda: click.echo(f"error: {err.format_message()}", err=True), 2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
         click.echo("interrupted: nothing incomplete was left behind as complete", err=True)
         sys.exit(130)
     except click.ClickException as err:
-        refusing()
-        err.show()
-        sys.exit(err.exit_code)
+        refuse(err.show, err.exit_code)
 
 
-def refusing() -> None:
-    """This process is about to say why it refuses and exit with that status. Under a launcher of several
+def refuse(show: Callable[[], None], status: int) -> None:
+    """Say why this process refuses (`show`) and exit with `status`. Under a launcher of several
     processes (torchrun, accelerate launch) every one refuses alike: the main one's refusals reach the
     others (recovery.py), the argument checks are the same everywhere. The launcher stops the others
     (SIGTERM) as soon as one exits, and would report one exiting with its own refusal as killed: it
@@ -344,3 +338,5 @@ def refusing() -> None:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    show()
+    sys.exit(status)
