@@ -333,10 +333,15 @@ def refuse(show: Callable[[], None], status: int) -> None:
     processes (torchrun, accelerate launch) every one refuses alike: the main one's refusals reach the
     others (recovery.py), the argument checks are the same everywhere. The launcher stops the others
     (SIGTERM) as soon as one exits, and would report one exiting with its own refusal as killed: it
-    ignores that."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import signal
+    ignores that. Nor does it tear the process group down in the interpreter's exit: with a peer already
+    gone, gloo's threads abort there now and then (SIGABRT, seen in CI), so it exits at once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        show()
+        sys.exit(status)
+    import signal
 
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     show()
-    sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
