@@ -77,7 +77,7 @@ def main() -> None:
     for file_type in args.types.split(","):
         repacked = args.repacked == "yes" or (args.repacked == "f16-only" and file_type != "q8_0")
         export_family_gguf(args.family, file_type)
-        decode = speedups(args.family, members, "decode", context[: args.context], args, repacked)
+        decode = speedups(args.family, members, "decode", context[: args.context + 1], args, repacked)
         prefill = speedups(args.family, members, "prefill", context[: args.prompt], args, repacked)
         ppl = {name: perplexity(args.family / name / MEMBER_GGUF, windows, args.threads, repacked) for name in members}
         print(f"**{file_type}** (repacked buffers: {'yes' if repacked else 'no'}); dense decode "

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from ziplm_planner.backends import backend_named
 from ziplm_planner.adapters import ATTENTION, FFN, REMOVED_ATTENTION, AttentionLevel, model_layers
 from ziplm_planner.calibrate import load_calibration
 from ziplm_planner.family import parse_targets
@@ -17,7 +18,7 @@ from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned
 from ziplm_planner.retime import verify_family
 from ziplm_planner.verify import REPLAN_REACH, Measurement, next_budget, replan_bounds, verdict, verified_member
-from tiny_models import linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
+from tiny_models import needs_llama_cpp, linear_table, measured_table, random_calibration, tiny_loaded, tiny_loaded_with_tokenizer, write_sentences
 
 
 @pytest.fixture(scope="module")
@@ -399,36 +400,45 @@ def test_same_seed_table_and_data_give_the_same_family_byte_for_byte(setup, tmp_
             (tmp_path / "b" / member / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("model_type,mode", [("bert", "prefill"), ("llama", "prefill"), ("llama", "decode")])
-def test_on_onnxruntime_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch, model_type, mode):
-    """Prefill, or for a decoder one new token after a cached context: the member's model.onnx is
-    timed (fed its KV cache in decode mode), ships byte for byte, and re-times with `verify`."""
+@pytest.mark.parametrize("backend,model_type,mode", [
+    ("onnxruntime", "bert", "prefill"), ("onnxruntime", "llama", "prefill"), ("onnxruntime", "llama", "decode"),
+    pytest.param("llamacpp", "llama", "prefill", marks=needs_llama_cpp),
+    pytest.param("llamacpp", "llama", "decode", marks=needs_llama_cpp),
+])
+def test_the_file_timed_is_the_file_that_ships(tmp_path, monkeypatch, backend, model_type, mode):
+    """Prefill, or for a decoder one new token after a cached context: the member's model.onnx (ONNX
+    Runtime) or model.gguf (llama.cpp) is timed (fed its KV cache in decode mode), ships byte for byte,
+    and re-times with `verify`."""
     import ziplm_planner.familydir as familydir
+    import ziplm_planner.profiler as profiler
+    from ziplm_planner.gguf_export import NO_VOCABULARY
 
+    monkeypatch.setattr(profiler, "model_vocabulary", lambda loaded: NO_VOCABULARY)  # MiniLM's WordPiece is no GGUF's
     loaded = tiny_loaded_with_tokenizer(model_type, causal_lm=model_type == "llama")
     shape = dict(seq_len=16) if mode == "prefill" else dict(seq_len=1, mode="decode", context=12)
-    table = measured_table(loaded, backend="onnxruntime", **shape)
+    table = measured_table(loaded, backend=backend, **shape, **({"batch_size": 1} if backend == "llamacpp" else {}))
+    shipped = backend_named(backend).member_file
     calib = write_sentences(tmp_path / "calib.txt")
     timed = {}
     real_save = familydir.save_member
 
-    def save_and_record(folder, *args, onnx_file=None, **kwargs):
-        timed[folder.name] = onnx_file.read_bytes()
-        return real_save(folder, *args, onnx_file=onnx_file, **kwargs)
+    def save_and_record(folder, *args, timed_file=None, **kwargs):
+        timed[folder.name] = timed_file.read_bytes()
+        return real_save(folder, *args, timed_file=timed_file, **kwargs)
 
     monkeypatch.setattr(familydir, "save_member", save_and_record)
     report = compress_model(loaded, table, [within(table, 1.5)], str(calib), tmp_path / "family",
                             fast_settings(tmp_path, max_replans=0))
     for row in report.rows:
-        assert row["timed_file"] == "model.onnx"
-        assert (tmp_path / "family" / row["folder"] / "model.onnx").read_bytes() == timed[row["folder"]]
+        assert row["timed_file"] == shipped
+        assert (tmp_path / "family" / row["folder"] / shipped).read_bytes() == timed[row["folder"]]
         measurement = json.loads((tmp_path / "family" / row["folder"] / "measurement.json").read_text())
         assert measurement["measured_speedup"] == row["measured_speedup"]
     retimed = verify_family(tmp_path / "family", rounds=3)
     assert [r["folder"] for r in retimed] == [r["folder"] for r in report.rows]
     assert retimed[0]["speedup"] == 1.0 and retimed[0]["status"] == "met"
-    assert all(r["timed"] == "model.onnx" and r["interval"][0] <= r["interval"][1] for r in retimed)
-    monkeypatch.undo()
+    assert all(r["timed"] == shipped and r["interval"][0] <= r["interval"][1] for r in retimed)
+    monkeypatch.setattr(familydir, "save_member", real_save)
     again = compress_model(loaded, table, [within(table, 1.5)], str(calib), tmp_path / "family",
                            fast_settings(tmp_path, max_replans=0))  # every member reused: it still says what was timed
     assert again.rows == report.rows

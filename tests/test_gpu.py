@@ -45,6 +45,6 @@ def test_a_member_is_timed_on_cuda_against_the_dense_model(loaded, table, tmp_pa
     torch.cuda.reset_peak_memory_stats()
     measurement = Verifier(loaded, table, 4, tmp_path, tolerance=1.5).measure(member, 2.0)
     assert torch.cuda.max_memory_allocated() > 0 and next(member.parameters()).is_cpu
-    assert measurement.rounds >= 4 and measurement.onnx_file is None and measurement.timed == "torch module"
+    assert measurement.rounds >= 4 and measurement.timed_file is None and measurement.timed == "torch module"
     assert measurement.member.min_ms > 0 and measurement.dense.min_ms > 0 and measurement.speedup > 0
     assert 0 < measurement.interval[0] <= measurement.interval[1]

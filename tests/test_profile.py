@@ -57,11 +57,11 @@ def test_a_decode_block_on_onnxruntime_takes_its_cached_context_as_inputs(tmp_pa
     """As a deployed decoder: the past keys and values are fed on every call, with a dynamic length."""
     import onnx
 
-    from ziplm_planner.profiler import block_runners, workload
+    from ziplm_planner.profiler import layer_block_runners, workload
 
     loaded = tiny_loaded("llama", causal_lm=True)
     spec = InferenceSpec(backend="onnxruntime", batch_size=2, seq_len=1, mode="decode", context=12, threads=1)
-    block_runners(loaded.model, workload(loaded, spec), {"attention": [AttentionLevel(1, 2)], "ffn": []}, spec, tmp_path)
+    layer_block_runners(loaded.model, workload(loaded, spec), {"attention": [AttentionLevel(1, 2)], "ffn": []}, spec, tmp_path)
     graph = onnx.load(str(tmp_path / "attention1x2.onnx")).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
     assert dims["past_key"] == dims["past_value"] and dims["past_key"][2] == "past_sequence"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 from transformers import (
     AutoModel,
@@ -29,6 +32,9 @@ _ENCODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attentio
 _ROBERTA = dict(_ENCODER, pad_token_id=1, max_position_embeddings=82)
 _DECODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=48, max_position_embeddings=80)
+
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="needs llama-cpp-python (the llamacpp extra)")
 
 # Real timings, few of them: enough for a tiny model's table to be complete and ordered.
 FAST_PROFILE = ProfileSettings(ffn_step=16, rounds=3, warmup=1, additivity_models=1, additivity_rounds=2, retries=0)

@@ -1,9 +1,11 @@
-"""Running a module the way it is deployed: eager PyTorch, or a real ONNX Runtime session.
+"""Running a module the way it is deployed: eager PyTorch, a real ONNX Runtime session, or llama.cpp
+on the member's own GGUF file.
 
 Every timed thing (a block at a pruned size, the fixed part, a whole model) is a `TensorCall`:
 a module that takes named tensors positionally and returns a tensor (or a tuple of them). That
 is what `torch.onnx.export` needs, and transformers 5 models cannot be exported directly (their
-forward receives `use_cache` twice), so the same wrapper serves both backends.
+forward receives `use_cache` twice), so the same wrapper serves PyTorch and ONNX Runtime. llama.cpp
+runs whole models only, written to GGUF as members ship (gguf_export.py).
 
 A causal LM ships with its KV cache in the graph, named as Hugging Face Optimum names it:
 inputs `input_ids`, `attention_mask` (past + new tokens), `position_ids` and per layer
@@ -28,6 +30,7 @@ from torch import nn
 
 from .adapters import model_shape
 from .errors import UserError
+from .family import MEMBER_GGUF
 from .kvcache import cache_argument, cache_from_tensors, cache_tensors, find_cache
 from .kinds import ModelKind
 from .spec import InferenceSpec
@@ -334,7 +337,9 @@ def onnx_runner(path: Path, inputs: dict[str, torch.Tensor], spec: InferenceSpec
 # --- the registry: how each backend runs what is timed and what is scored -------------------------
 
 Runner = Callable[[], object]  # runs the timed thing once
+LAYER, STACKED = "layer", "stacked"  # how a backend's blocks are timed (Backend.block_timing)
 MODEL_ONNX, MODEL_WEIGHTS = "model.onnx", "model.safetensors"  # a member's files (export.ONNX, WEIGHTS)
+MODEL_GGUF = MEMBER_GGUF
 
 
 def at_spec_dtype(call: TensorCall, inputs: dict[str, torch.Tensor],
@@ -410,12 +415,48 @@ def onnx_member_forward(folder: Path, kind: ModelKind) -> Callable:
     return onnx_forward(folder / MODEL_ONNX)
 
 
+# llama.cpp runs GGUF files: a whole model, never a lone block (the profiler times blocks stacked).
+
+def gguf_runner(path: Path, work: Workload, spec: InferenceSpec) -> Runner:
+    """The GGUF file at `path` run in llama.cpp on the workload's sequence, as the spec serves it."""
+    from .llamacpp import repacks, timed_call
+
+    return timed_call(path, spec.mode, work.tokens, spec.threads, repacks(spec.gguf_type), spec.device == "cuda")
+
+
+def llamacpp_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                          name: str) -> tuple[Runner, Path | None]:
+    """The model.gguf a member ships with, at the spec's weight type, run in llama.cpp; returned, so the
+    very file timed can ship."""
+    from .gguf_export import write_gguf
+
+    path = write_gguf(model, workdir / f"{name}.gguf", work.vocabulary, spec.gguf_type)
+    return gguf_runner(path, work, spec), path
+
+
+def llamacpp_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                           name: str) -> Runner:
+    if not (folder / MODEL_GGUF).is_file():
+        raise UserError(f"member {folder} has no {MODEL_GGUF}: write it with `ziplm-planner export-gguf`")
+    return gguf_runner(folder / MODEL_GGUF, work, spec)
+
+
+def llamacpp_member_forward(folder: Path, kind: ModelKind) -> Callable:
+    from .llamacpp import gguf_forward
+
+    if not kind.generates:
+        raise UserError(f"llama.cpp runs causal LMs, and {folder} is a {kind.name} member: score it with torch or onnx")
+    if not (folder / MODEL_GGUF).is_file():
+        raise UserError(f"member {folder} has no {MODEL_GGUF}: write it with `ziplm-planner export-gguf`")
+    return gguf_forward(folder / MODEL_GGUF)
+
+
 def cuda_synchronizer(spec: InferenceSpec) -> Callable[[], None] | None:
     return torch.cuda.synchronize if spec.device == "cuda" else None
 
 
 def no_synchronizer(spec: InferenceSpec) -> None:
-    """ONNX Runtime returns once its outputs are on the host: nothing to wait for."""
+    """ONNX Runtime and llama.cpp return once their outputs are on the host: nothing to wait for."""
     return None
 
 
@@ -428,12 +469,15 @@ class Backend:
     Runners take (what to run, ..., spec, workdir, name): a block or whole model's `TensorCall` and
     inputs; a model and its `Workload` (returning the ONNX file timed, where the backend ships one);
     a shipped member folder with its reloaded model and workload. `member_forward(folder, kind)` is
-    what evaluate scores the member with."""
+    what evaluate scores the member with. `block_timing` says how the profiler times a block: alone
+    ("layer": the first layer cut to size), or where the backend runs only whole models ("stacked":
+    every layer cut to size, less the fixed part)."""
 
     name: str
     timed: str  # what a member's timing runs, as reports name it
     member_file: str  # the file of a member folder the backend runs
-    block_runner: Callable[[TensorCall, dict[str, torch.Tensor], InferenceSpec, Path, str], Runner]
+    block_timing: str
+    block_runner: Callable[[TensorCall, dict[str, torch.Tensor], InferenceSpec, Path, str], Runner] | None
     model_runner: Callable[[nn.Module, Workload, InferenceSpec, Path, str], tuple[Runner, Path | None]]
     member_runner: Callable[[Path, nn.Module, Workload, InferenceSpec, Path, str], Runner]
     member_forward: Callable[[Path, ModelKind], Callable]
@@ -441,10 +485,12 @@ class Backend:
 
 
 BACKENDS = {backend.name: backend for backend in (
-    Backend("torch", "torch module", MODEL_WEIGHTS, torch_block_runner, torch_model_runner, torch_member_runner,
-            torch_member_forward, cuda_synchronizer),
-    Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, onnx_block_runner, onnx_model_runner, onnx_member_runner,
+    Backend("torch", "torch module", MODEL_WEIGHTS, LAYER, torch_block_runner, torch_model_runner,
+            torch_member_runner, torch_member_forward, cuda_synchronizer),
+    Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, LAYER, onnx_block_runner, onnx_model_runner, onnx_member_runner,
             onnx_member_forward, no_synchronizer),
+    Backend("llamacpp", MODEL_GGUF, MODEL_GGUF, STACKED, None, llamacpp_model_runner, llamacpp_member_runner,
+            llamacpp_member_forward, no_synchronizer),
 )}
 ALIASES = {"onnx": "onnxruntime"}  # names evaluate also accepts
 

@@ -20,7 +20,7 @@ from .data import check_exists
 from .errors import UserError
 from .progress import show_stages
 from .settings import CLI, CompressSettings, GenerationSettings, Option, ProfileSettings, option_flag
-from .spec import BACKENDS, GGUF_TYPES, InferenceSpec
+from .spec import BACKENDS, ENCODER_BACKENDS, GGUF_TYPES, InferenceSpec
 
 MODEL_FORMS = (f"MODEL is a Hugging Face model folder or hub id, a .gguf file, or the alias of a bundled model: "
                f"{', '.join(ALIASES)}.")
@@ -107,10 +107,6 @@ def settings_from(cls, flags: dict):
             values[f.name] = option.parse(value) if option.parse else (
                 value != f.default if field_type(cls, f) is bool else value)
     return cls(**values)
-
-
-def option_help(cls, name: str) -> str:
-    return next(f for f in fields(cls) if f.name == name).metadata[CLI].help
 
 
 # --- commands ------------------------------------------------------------------------------------------
@@ -236,7 +232,7 @@ def generate_text(model, prompts, output, **flags) -> None:
                    "or fidelity to the dense member (any model).")
 @click.option("--data", required=True, help="STS-B file, GLUE TSV with labels, or raw text (perplexity, fidelity).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
-              help="Score each member's torch model or its model.onnx.")
+              help="Score each member's torch model, its model.onnx, or its model.gguf (llama.cpp).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Perplexity and fidelity: score at most N tokens of the data.")
 def evaluate(family, task, data, backend, max_tokens) -> None:
     """Score the dense reference and every member of FAMILY (a folder written by compress); write the scores
@@ -286,8 +282,8 @@ def plot(families, output, task) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ziplm-demo"), show_default=True,
               help="Folder for the table, the family, the texts and the plots.")
 @click.option("--targets", default="1.5,2,3", show_default=True, help=TARGETS_HELP)
-@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
-              help=option_help(InferenceSpec, "backend"))
+@click.option("--backend", type=click.Choice(ENCODER_BACKENDS), default="onnxruntime", show_default=True,
+              help="Runtime the bundled embedding model is deployed on: PyTorch or ONNX Runtime.")
 @click.option("--stsb", default=None, help="An STS-B file (e.g. sts-dev.csv) to score the family on as well.")
 def demo(output, targets, backend, stsb) -> None:
     """The whole pipeline on the bundled model with Python's own text: profile, compress, evaluate, plot."""

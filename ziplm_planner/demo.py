@@ -19,7 +19,7 @@ from .atomic import atomic_write_text, check_creatable_dir
 from .errors import UserError
 from .progress import stage
 from .settings import ProfileSettings
-from .spec import BACKENDS, InferenceSpec
+from .spec import ENCODER_BACKENDS, InferenceSpec
 
 if TYPE_CHECKING:
     from .adapters import ModelShape
@@ -33,7 +33,7 @@ PROFILE = ProfileSettings(rounds=20)  # half the default rounds: the demo should
 CALIBRATION, HELD_OUT, FAMILY = "calibration.txt", "heldout.txt", "family"
 FRONTIER, LAYERS = "frontier.png", "layers.png"
 # every file the demo writes into its folder (a plot's .svg twin beside it), and the family folder it rebuilds
-DEMO_FILES = (CALIBRATION, HELD_OUT, *(f"profile-{backend}.json" for backend in BACKENDS), FRONTIER, "frontier.svg",
+DEMO_FILES = (CALIBRATION, HELD_OUT, *(f"profile-{backend}.json" for backend in ENCODER_BACKENDS), FRONTIER, "frontier.svg",
               LAYERS, "layers.svg")
 
 

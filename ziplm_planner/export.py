@@ -24,7 +24,7 @@ from torch import nn
 from .adapters import SUPPORTED_MODEL_TYPES
 from .aliases import MEMBER_RECORD
 from .atomic import usual_permissions
-from .backends import (MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache,
+from .backends import (MODEL_GGUF, MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache,
                        graph_feeds, input_names, is_past, model_graph, next_token_feeds, ort_session, random_inputs)
 from .errors import UserError
 from .kinds import ModelKind, kind_named
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ziplm-planner/member/v1"
 WEIGHTS, ONNX = MODEL_WEIGHTS, MODEL_ONNX  # the files a backend runs (backends.py)
+TIMED_FILES = {".onnx": ONNX, ".gguf": MODEL_GGUF}  # a timed file's name in the member, by its suffix
 PRUNING, MEASUREMENT = MEMBER_RECORD, "measurement.json"
 CHECK_SHAPE = (3, 12)  # (batch, sequence): the check runs at another size than the trace (TRACE_SHAPE)
 TOLERANCE = 1e-3  # of the ONNX file's and the reloaded member's outputs, times the output's largest magnitude (>= 1)
@@ -140,12 +141,12 @@ def _swap_in(tmp: Path, folder: Path) -> None:
 
 
 def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, kind: ModelKind, info: dict,
-                onnx: bool = True, onnx_file: Path | None = None, measurement: dict | None = None,
+                onnx: bool = True, timed_file: Path | None = None, measurement: dict | None = None,
                 source: Path | None = None) -> dict:
     """Write one family member folder, checked, all at once (built in a temporary sibling, then renamed).
 
-    `onnx_file`, when given, is the model's export already made (and timed) by `export_model_onnx`:
-    it ships as it is; `measurement` (how it was timed) goes to measurement.json. A `source` folder gives its
+    `timed_file`, when given, is the model's file already made and timed (`export_model_onnx`'s
+    model.onnx, or gguf_export's model.gguf, named by its suffix): it ships as it is; `measurement` (how it was timed) goes to measurement.json. A `source` folder gives its
     sentence-transformers modules and licence files (portable.py). Every save is checked:
     the folder is reloaded with `load_pruned` and the ONNX file run in ONNX Runtime, both compared with
     `model` (TOLERANCE). Returns pruning.json's dict."""
@@ -172,10 +173,10 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
             record = {"format": FORMAT, "kind": kind.name, "model_class": type(model).__name__, "plan": plan.to_dict(),
                       "parameters": count_parameters(model), "auto_class": kind.auto_class.__name__,
                       "remote_code": remote_code, **info, "onnx": None}
+            if timed_file is not None:
+                shutil.copyfile(timed_file, tmp / TIMED_FILES[timed_file.suffix])
             if onnx:
-                if onnx_file is not None:
-                    shutil.copyfile(onnx_file, tmp / ONNX)
-                else:
+                if not (tmp / ONNX).is_file():
                     export_model_onnx(model, kind, names, tmp / ONNX)
                 record["onnx"] = check_onnx(tmp / ONNX, model, kind, names, TOLERANCE)
             if measurement is not None:

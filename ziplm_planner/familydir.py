@@ -111,7 +111,8 @@ def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
                               saved.get("predicted_speedups_tried", []), saved["training"])
     except (UserError, OSError, ValueError, KeyError, TypeError):  # missing, unreadable, or from an older version
         return None
-    files = ["config.json", WEIGHTS, *([ONNX] if onnx else [])]
+    timed = [] if measurement is None else [backend_for(table.spec).member_file]  # the very file that was timed
+    files = ["config.json", WEIGHTS, *([ONNX] if onnx else []), *timed]
     complete = all((folder / name).is_file() for name in files) and (record.get("onnx") is not None or not onnx)
     same = (saved.get("target") == target and saved.get("predicted_ms") == round(result.predicted_ms, 4)
             and (calibration_loss is None or saved["calibration_loss"] == calibration_loss))
@@ -151,7 +152,7 @@ class FamilyDir:
         result = member.result
         save_member(self.path / result.folder, member.model, self.loaded.tokenizer, result.plan, self.loaded.kind,
                     {"target": result.target, "method": self.settings.method}, onnx=self.settings.onnx,
-                    onnx_file=result.onnx_file,
+                    timed_file=result.timed_file,
                     measurement=measurement_record(result, self.table.dense_ms), source=self.loaded.source.folder)
 
     def hold(self, member: Member) -> None:

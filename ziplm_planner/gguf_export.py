@@ -155,8 +155,8 @@ def write_header(writer, config, written: list[LayerSizes], file_type: str) -> N
 
 def check_exportable(model_type: str, file_type: str) -> None:
     if model_type not in GGUF_ARCHITECTURES:
-        raise UserError(f"a GGUF member is written for Llama-style decoders ({', '.join(GGUF_ARCHITECTURES)}), "
-                        f"not {model_type}: run it with ONNX Runtime (model.onnx) instead")
+        raise UserError(f"llama.cpp runs the Llama-style decoders written here ({', '.join(GGUF_ARCHITECTURES)}), "
+                        f"not {model_type}: deploy it with ONNX Runtime (model.onnx) or torch instead")
     check_gguf_type(file_type)
 
 
@@ -228,6 +228,20 @@ class HuggingFaceVocabulary:
         gguf.SpecialVocab(self.folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
+@dataclass(frozen=True)
+class TokenizerVocabulary:
+    """A loaded Hugging Face tokenizer whose files are not in a folder here (a hub model), saved to be read."""
+
+    tokenizer: object
+
+    def write(self, writer) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ziplm-tokenizer-") as folder:
+            self.tokenizer.save_pretrained(folder)
+            HuggingFaceVocabulary(Path(folder)).write(writer)
+
+
 class NoVocabulary:
     """No tokenizer: the file is run on token ids (llama.cpp's `none` tokenizer model)."""
 
@@ -244,6 +258,20 @@ def vocabulary_for(source, member: Path):
     if source.gguf_file:
         return SourceVocabulary(Path(source.location) / source.gguf_file)
     return HuggingFaceVocabulary(member)
+
+
+def model_vocabulary(loaded):
+    """The tokenizer a loaded model's GGUF files carry: its source GGUF's, else its own."""
+    source = loaded.source
+    if source.gguf_file:
+        return SourceVocabulary(Path(source.location) / source.gguf_file)
+    if source.folder is not None and (source.folder / "tokenizer.json").is_file():
+        return HuggingFaceVocabulary(source.folder)
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(loaded.tokenizer, PreTrainedTokenizerBase):
+        return TokenizerVocabulary(loaded.tokenizer)
+    return NO_VOCABULARY  # a model without a tokenizer is run on token ids
 
 
 def model_type_of(member: Path) -> str | None:

@@ -25,19 +25,20 @@ import torch
 from torch import nn
 
 from .adapters import REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, model_layers, model_shape
-from .backends import TensorCall, backend_for, input_names, model_call, random_inputs
+from .backends import LAYER, STACKED, TensorCall, backend_for, input_names, model_call, random_inputs
+from .gguf_export import check_exportable, model_vocabulary
 from .environment import CpuSnapshot, library_versions, machine_info, now, others_share
 from .errors import UserError
 from .kvcache import cache_argument, find_cache
 from .kinds import ModelKind
 from .models import LoadedModel
 from .progress import bar, stage
-from .spec import InferenceSpec
+from .spec import DECODERS_ONLY, InferenceSpec
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
 from .layers import capture_first_layer_call
 from .settings import ProfileSettings
 from .table import ATTENTION, FFN, FIXED, TRUST_ADVICE, LatencyTable
-from .timing import TimingStats, time_interleaved
+from .timing import TimingStats, interleaved_samples, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,22 @@ PAST_KEY, PAST_VALUE = "past_key", "past_value"  # a decode block's cached conte
 
 @dataclass
 class Workload:
-    """One spec's model inputs, and how to run a whole model on them."""
+    """One spec's model inputs, and how to run a whole model on them. A backend that runs files of its
+    own (llama.cpp) takes the first sequence's token ids, context included, and writes the tokenizer."""
 
     inputs: dict[str, torch.Tensor]
     names: list[str]
     call: Callable[[nn.Module], TensorCall]
     kind: ModelKind
+    tokens: list[int]
+    vocabulary: object  # what gguf_export writes as the tokenizer of a model.gguf
 
 
 def prefill_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
     names = input_names(loaded.model, loaded.tokenizer)
-    return Workload(random_inputs(loaded.model, names, spec.batch_size, spec.seq_len, seed), names,
-                    lambda model: model_call(model, loaded.kind, names), loaded.kind)
+    inputs = random_inputs(loaded.model, names, spec.batch_size, spec.seq_len, seed)
+    return Workload(inputs, names, lambda model: model_call(model, loaded.kind, names), loaded.kind,
+                    inputs["input_ids"][0].tolist(), model_vocabulary(loaded))
 
 
 def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Workload:
@@ -104,7 +109,8 @@ def decode_workload(loaded: LoadedModel, spec: InferenceSpec, seed: int) -> Work
         return TensorCall(model, ["input_ids", "attention_mask"], step)
 
     step_inputs = {"input_ids": inputs["input_ids"][:, -1:], "attention_mask": inputs["attention_mask"]}
-    return Workload(step_inputs, ["input_ids", "attention_mask"], call, loaded.kind)
+    return Workload(step_inputs, ["input_ids", "attention_mask"], call, loaded.kind, inputs["input_ids"][0].tolist(),
+                    model_vocabulary(loaded))
 
 
 def workload(loaded: LoadedModel, spec: InferenceSpec, seed: int = 0) -> Workload:
@@ -113,6 +119,8 @@ def workload(loaded: LoadedModel, spec: InferenceSpec, seed: int = 0) -> Workloa
     if limit is not None and length > limit:
         what = f"--context {spec.context} plus the new token" if spec.mode == "decode" else f"--seq-len {spec.seq_len}"
         raise UserError(f"{what} is {length} tokens, more than the model's {limit} positions: use a shorter one")
+    if spec.backend in DECODERS_ONLY:
+        check_exportable(loaded.model.config.model_type, spec.gguf_type)
     if spec.mode == "decode":
         if not loaded.kind.generates:
             raise UserError("decode mode is for causal LMs: use --mode prefill for this model")
@@ -152,11 +160,16 @@ def split_tensor_kwargs(kwargs: dict) -> tuple[dict[str, torch.Tensor], Callable
     return tensors, rebuild
 
 
+def candidate_plan(shape: ModelShape, block: str, level: AttentionLevel | int) -> LayerPlan:
+    """A layer that keeps `block` at `level` and not the other block."""
+    return LayerPlan.first(shape, level, 0) if block == ATTENTION else LayerPlan.first(shape, REMOVED_ATTENTION, level)
+
+
 def layer_candidate(layer: nn.Module, model: nn.Module, block: str, level: AttentionLevel | int) -> nn.Module:
     """The first layer with `block` at `level` and the other block removed."""
     arch, shape = architecture_for(model.config), model_shape(model.config)
     layer = copy.deepcopy(layer)
-    kept = LayerPlan.first(shape, level, 0) if block == ATTENTION else LayerPlan.first(shape, REMOVED_ATTENTION, level)
+    kept = candidate_plan(shape, block, level)
     prune_attention(layer, arch, shape, kept.heads(shape), 0)
     prune_ffn(layer, arch, kept.ffn, 0)
     return layer
@@ -229,11 +242,14 @@ def profile_once(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSett
     grid = {ATTENTION: attention_levels(shape), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
     with stage("profile", f"{loaded.source.reference}, {spec.backend} on {spec.device}, {spec.mode}"), \
             tempfile.TemporaryDirectory(prefix="ziplm-profile-") as tmp:
-        work = workload(loaded, spec, settings.seed)
-        runners = block_runners(loaded.model, work, grid, spec, Path(tmp))
+        work, backend = workload(loaded, spec, settings.seed), backend_for(spec)
+        runners = BLOCK_RUNNERS[backend.block_timing](loaded.model, work, grid, spec, Path(tmp))
         with stage("timing blocks", f"{len(runners)} blocks x {settings.rounds} rounds, interleaved"):
-            stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed,
-                                     backend_for(spec).synchronizer(spec), description=f"timing {len(runners)} blocks")
+            samples = interleaved_samples(runners, settings.rounds, settings.warmup, settings.seed,
+                                          backend.synchronizer(spec), description=f"timing {len(runners)} blocks")
+        if backend.block_timing == STACKED:
+            samples = per_layer_samples(samples, shape.num_layers)
+        stats = {key: TimingStats.from_samples(values) for key, values in samples.items()}
         records = [{"block": block, **record_fields(level), "time_ms": s.estimate(settings.estimator), **s.to_dict()}
                    for (block, level), s in sorted(stats.items())]
         table = LatencyTable(spec, shape, settings.estimator, records)
@@ -251,8 +267,8 @@ def record_fields(level: AttentionLevel | int) -> dict[str, int]:
     return {"level": level.groups, "heads": level.heads} if isinstance(level, AttentionLevel) else {"level": level}
 
 
-def block_runners(model: nn.Module, work: Workload, grid: dict[str, list], spec: InferenceSpec,
-                  workdir: Path) -> dict[tuple[str, AttentionLevel | int], Callable[[], object]]:
+def layer_block_runners(model: nn.Module, work: Workload, grid: dict[str, list], spec: InferenceSpec,
+                        workdir: Path) -> dict[tuple[str, AttentionLevel | int], Callable[[], object]]:
     """A runner per (block, level) of `grid` on the spec's backend, and one for the fixed part."""
     backend = backend_for(spec)
     hidden, kwargs = capture_layer_call(model, work)
@@ -267,6 +283,37 @@ def block_runners(model: nn.Module, work: Workload, grid: dict[str, list], spec:
             runners[(block, level)] = backend.block_runner(call, inputs, spec, workdir, f"{block}{level}")
         runners[(FIXED, 0)] = backend.model_runner(fixed_part(model), work, spec, workdir, "fixed")[0]
     return runners
+
+
+def stacked_block_runners(model: nn.Module, work: Workload, grid: dict[str, list], spec: InferenceSpec,
+                          workdir: Path) -> dict[tuple[str, AttentionLevel | int], Callable[[], object]]:
+    """For a backend that runs whole models only (llama.cpp): a runner per (block, level) of `grid`, the
+    whole model with every layer keeping that block at that level and not the other, and one for the
+    fixed part (`per_layer_samples` makes block times of them). A layer's block is timed in its place
+    among the others, with the memory traffic of a model of that many layers, and the files are written
+    as members are (gguf_export's zero blocks included: what the member's file runs)."""
+    backend, shape = backend_for(spec), model_shape(model.config)
+    todo = [(block, level) for block, levels in grid.items() for level in levels]
+    runners = {}
+    with stage("building blocks", f"{len(todo)} models, each of {shape.num_layers} layers of one block size, "
+                                  "and the fixed part"):
+        for block, level in bar(todo, desc=f"building blocks ({spec.backend})", leave=False):
+            plan = PruningPlan(shape, [candidate_plan(shape, block, level)] * shape.num_layers)
+            runners[(block, level)] = backend.model_runner(apply_plan(copy.deepcopy(model), plan), work, spec, workdir,
+                                                           f"{block}{level}")[0]
+        runners[(FIXED, 0)] = backend.model_runner(fixed_part(model), work, spec, workdir, "fixed")[0]
+    return runners
+
+
+BLOCK_RUNNERS = {LAYER: layer_block_runners, STACKED: stacked_block_runners}
+
+
+def per_layer_samples(samples: dict[tuple, list[float]], layers: int) -> dict[tuple, list[float]]:
+    """Stacked blocks' times per layer: each round's time of a stacked model less the fixed part's in
+    the same round, over the layers (never below zero: noise on a tiny block)."""
+    fixed = samples[(FIXED, 0)]
+    return {key: values if key == (FIXED, 0) else [max(0.0, (t - f) / layers) for t, f in zip(values, fixed)]
+            for key, values in samples.items()}
 
 
 def _rounded(value: float | None) -> float | None:

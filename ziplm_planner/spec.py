@@ -10,8 +10,14 @@ from .settings import option
 
 # The backends of backends.py's registry by name, and those that time the float32 model.onnx members
 # ship with: here, so that the CLI and a spec's checks read them without importing torch.
-BACKENDS = ("torch", "onnxruntime")
-FLOAT32_ONLY = ("onnxruntime",)
+BACKENDS = ("torch", "onnxruntime", "llamacpp")
+FLOAT32_ONLY = ("onnxruntime", "llamacpp")  # llama.cpp computes in float32; its weight type is gguf_type
+DECODERS_ONLY = ("llamacpp",)  # backends that run Llama-style decoders only (GGUF)
+ENCODER_BACKENDS = tuple(b for b in BACKENDS if b not in DECODERS_ONLY)
+ONE_SEQUENCE = ("llamacpp",)  # backends that serve one sequence per call
+GGUF_TYPES = ("f32", "f16", "q8_0")  # weight types of a member's model.gguf (norms stay float32)
+DEFAULT_GGUF_TYPE = "f16"
+DEFAULT_BATCH_SIZE = 8
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("prefill", "decode")
@@ -26,20 +32,26 @@ class InferenceSpec:
     """
 
     backend: str = field(default="torch", metadata=option(
-        "Runtime the model is deployed on: PyTorch or ONNX Runtime.", choices=BACKENDS))
+        "Runtime the model is deployed on: PyTorch, ONNX Runtime, or llama.cpp (Llama-style decoders, GGUF).",
+        choices=BACKENDS))
     device: str = field(default="cpu", metadata=option("Device to time on.", choices=DEVICES))
     dtype: str = field(default="float32", metadata=option("Weight and activation type (float16 on cuda only).",
                                                           choices=DTYPES))
     threads: int = field(default_factory=os.cpu_count, metadata=option("Intra-op threads [default: all cores].",
                                                                        show_default=False))
-    batch_size: int = field(default=8, metadata=option("Sequences per call, as deployed."))
+    batch_size: int = field(default=None, metadata=option(
+        f"Sequences per call, as deployed [default: {DEFAULT_BATCH_SIZE}; 1 on llamacpp].", show_default=False))
     seq_len: int = field(default=128, metadata=option("Tokens per sequence (prefill)."))
     mode: str = field(default="prefill", metadata=option(
         "prefill: one forward over --seq-len tokens; decode: one new token after --context cached ones.",
         choices=MODES))
     context: int = field(default=0, metadata=option("KV-cache length for --mode decode.", show_default=False))
+    gguf_type: str | None = field(default=None, metadata=option(
+        f"llamacpp: weight type of the GGUF files timed and shipped [default: {DEFAULT_GGUF_TYPE}].",
+        choices=GGUF_TYPES, show_default=False))
 
     def __post_init__(self):
+        self._resolve_backend_defaults()
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("device", self.device, DEVICES),
                                      ("dtype", self.dtype, DTYPES), ("mode", self.mode, MODES)):
             if value not in allowed:
@@ -56,6 +68,19 @@ class InferenceSpec:
             raise UserError(f"{self.backend} times the float32 model.onnx that members ship with: use --dtype float32")
         if self.device == "cpu" and self.dtype == "float16":
             raise UserError("float16 on cpu is not a deployment target: use float32 or bfloat16 on cpu")
+        if self.backend in ONE_SEQUENCE and self.batch_size != 1:
+            raise UserError(f"{self.backend} serves one sequence per call: use --batch-size 1 (its default)")
+        if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
+            raise UserError(f"gguf_type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+
+    def _resolve_backend_defaults(self) -> None:
+        """Fields whose default depends on the backend; set once, so a stored spec holds what was timed."""
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", 1 if self.backend in ONE_SEQUENCE else DEFAULT_BATCH_SIZE)
+        if self.backend == "llamacpp" and self.gguf_type is None:
+            object.__setattr__(self, "gguf_type", DEFAULT_GGUF_TYPE)
+        elif self.backend != "llamacpp" and self.gguf_type is not None:
+            raise UserError(f"--gguf-type is the llamacpp backend's weight type, not {self.backend}'s: drop it")
 
     @property
     def tokens(self) -> int:
@@ -87,8 +112,14 @@ def onnxruntime_sees_cuda() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
+def llamacpp_sees_cuda() -> bool:
+    from .llamacpp import llama_cpp_module
+
+    return bool(llama_cpp_module().llama_supports_gpu_offload())
+
+
 # Whether each backend can time on cuda here: ONNX Runtime without its CUDA provider falls back to the cpu unasked.
-SEES_CUDA = {"torch": torch_sees_cuda, "onnxruntime": onnxruntime_sees_cuda}
+SEES_CUDA = {"torch": torch_sees_cuda, "onnxruntime": onnxruntime_sees_cuda, "llamacpp": llamacpp_sees_cuda}
 
 
 def check_runs_here(spec: InferenceSpec) -> None:
@@ -97,9 +128,6 @@ def check_runs_here(spec: InferenceSpec) -> None:
     if spec.device == "cuda" and not SEES_CUDA[spec.backend]():
         raise UserError(f"--device cuda: {spec.backend} here sees no CUDA GPU: profile on a machine with one "
                         "(and a CUDA build of torch or onnxruntime-gpu), or use --device cpu")
-
-
-GGUF_TYPES = ("f32", "f16", "q8_0")  # weight types of a member's model.gguf (norms stay float32)
 
 
 def check_gguf_type(file_type: str) -> None:

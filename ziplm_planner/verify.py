@@ -97,8 +97,8 @@ class Measurement:
     interval: tuple[float, float]  # bootstrap 90% interval of the speedup
     rounds: int
     remeasured: bool  # confirmed with more rounds: the first timing fell outside the band
-    timed: str  # what was run, as the backend names it ("model.onnx", "torch module")
-    onnx_file: Path | None = None  # the file timed (ONNX Runtime); it ships with the member
+    timed: str  # what was run, as the backend names it ("model.onnx", "model.gguf", "torch module")
+    timed_file: Path | None = None  # the file timed (model.onnx, model.gguf); it ships with the member
 
     @property
     def speedup(self) -> float:
@@ -120,7 +120,7 @@ class Measurement:
 
 
 class Verifier:
-    """Times models as they are deployed (ONNX Runtime: their shipped model.onnx) against the dense
+    """Times models as they are deployed (their shipped model.onnx or model.gguf) against the dense
     one, interleaved, on the table's backend and spec, and only while the machine measures as the table
     describes: `tolerance` times the table's own worst additivity error, and other processes within the
     profiler's limit."""
@@ -130,7 +130,7 @@ class Verifier:
         self.table, self.rounds, self.workdir, self.seed = table, rounds, workdir, seed
         self.tolerance = tolerance * (1 + table.additivity_errors()[1])
         self.work, self.backend = workload(loaded, table.spec, seed), backend_for(table.spec)
-        self.dense, self.dense_onnx = self.backend.model_runner(loaded.model, self.work, table.spec, workdir, "dense")
+        self.dense, self.dense_file = self.backend.model_runner(loaded.model, self.work, table.spec, workdir, "dense")
         self.fixed = self.backend.model_runner(fixed_part(loaded.model), self.work, table.spec, workdir, "fixed")[0]
         self.count = 0
 
@@ -140,18 +140,18 @@ class Verifier:
         samples = self._settled({"dense": self.dense, "fixed": self.fixed}, self.rounds, warmup=3)
         stats = TimingStats.from_samples(samples["dense"])
         return Measurement(stats, stats, self.table.estimator, (1.0, 1.0), self.rounds, False,
-                           self.backend.timed, self.dense_onnx)
+                           self.backend.timed, self.dense_file)
 
     def measure(self, model, target: float) -> Measurement:
         """Time `model` against the dense model; outside the accepted band, confirm with more rounds."""
         self.count += 1
-        runner, onnx_file = self.backend.model_runner(model, self.work, self.table.spec, self.workdir, f"m{self.count}")
+        runner, timed_file = self.backend.model_runner(model, self.work, self.table.spec, self.workdir, f"m{self.count}")
         candidates = {"dense": self.dense, "member": runner}
         samples = self._settled(candidates, self.rounds, warmup=3)
-        measurement = self._summary(samples, False, onnx_file)
+        measurement = self._summary(samples, False, timed_file)
         if verdict(measurement.speedup, target) != "met":
             more = self._settled(candidates, CONFIRM_FACTOR * self.rounds, warmup=0)
-            measurement = self._summary({k: samples[k] + more[k] for k in samples}, True, onnx_file)
+            measurement = self._summary({k: samples[k] + more[k] for k in samples}, True, timed_file)
         return measurement
 
     def _settled(self, candidates: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
@@ -183,11 +183,11 @@ class Verifier:
         return interleaved_samples(candidates, rounds, warmup, self.seed + 7919 * self.count,
                                    self.backend.synchronizer(self.table.spec))
 
-    def _summary(self, samples: dict[str, list[float]], remeasured: bool, onnx_file: Path | None) -> Measurement:
+    def _summary(self, samples: dict[str, list[float]], remeasured: bool, timed_file: Path | None) -> Measurement:
         interval = speedup_interval(samples["dense"], samples["member"], self.table.estimator, seed=self.seed)
         return Measurement(TimingStats.from_samples(samples["member"]), TimingStats.from_samples(samples["dense"]),
                            self.table.estimator, interval, len(samples["member"]), remeasured,
-                           self.backend.timed, onnx_file)
+                           self.backend.timed, timed_file)
 
 
 class Unverified:
@@ -234,9 +234,9 @@ class MemberResult:
         return UNVERIFIED if self.measurement is None else verdict(self.speedup, self.target)
 
     @property
-    def onnx_file(self) -> Path | None:
-        """The ONNX file timed, which ships with the member; None where nothing was exported to time."""
-        return None if self.measurement is None else self.measurement.onnx_file
+    def timed_file(self) -> Path | None:
+        """The file timed (`timed`), which ships with the member; None where nothing was exported to time."""
+        return None if self.measurement is None else self.measurement.timed_file
 
     def outcome(self) -> str:
         return self.status if self.measurement is None else f"measured {self.speedup:.2f}x, {self.status}"
@@ -325,8 +325,8 @@ def keeps_over(result: MemberResult, other: MemberResult | None) -> bool:
 
 
 def discard_export(result: MemberResult | None) -> None:
-    if result is not None and result.onnx_file is not None:
-        result.onnx_file.unlink(missing_ok=True)
+    if result is not None and result.timed_file is not None:
+        result.timed_file.unlink(missing_ok=True)
 
 
 def verified_member(planner: Planner, target: float, table: LatencyTable, verifier: Verifier | Unverified,
