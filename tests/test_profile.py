@@ -10,10 +10,11 @@ import pytest
 from ziplm_planner.adapters import REMOVED_ATTENTION, AttentionLevel, model_shape
 from ziplm_planner.errors import UserError
 from ziplm_planner.profiler import (attention_levels, ffn_levels, fit_line, fit_ratio, fit_whole_models, leave_one_out,
-                                    predicted_from_fit, profile_model)
+                                    per_layer_stats, predicted_from_fit, profile_model)
 from ziplm_planner.spec import InferenceSpec
 from ziplm_planner.table import ATTENTION, FFN, FIXED, LatencyTable
-from tiny_models import FAST_PROFILE, tiny_loaded
+from ziplm_planner.timing import TimingStats
+from tiny_models import FAST_PROFILE, needs_llama_cpp, tiny_loaded
 
 SHIPPED_TABLE = Path(__file__).parents[1] / "profiles" / "minilm-cpu2-onnxruntime-b8s128.json"
 
@@ -21,13 +22,19 @@ SHIPPED_TABLE = Path(__file__).parents[1] / "profiles" / "minilm-cpu2-onnxruntim
 FAST = dataclasses.replace(FAST_PROFILE, additivity_models=2)
 
 
-def check_complete(table, shape):
+def check_complete(table, shape, free_blocks=False):
+    """Every level timed, each with ordered statistics; `free_blocks`: blocks timed stacked (llama.cpp)
+    are differences of whole models' statistics, each at least 0, in no set order."""
     assert table.levels(ATTENTION) == attention_levels(shape)  # every (KV groups, query heads per group) pair
     assert len(attention_levels(shape)) == shape.attention_units * shape.q_per_unit
     assert table.levels(FFN) == ffn_levels(shape.intermediate_size, 16) == [16, 32, 48]
     assert len(table.levels(FIXED)) == 1
     for r in table.records:
-        assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["runs"] == 3
+        assert r["runs"] == 3
+        if free_blocks and r["block"] != FIXED:
+            assert min(r[name] for name in ("min_ms", "p10_ms", "median_ms", "p90_ms")) >= 0
+        else:
+            assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
     assert len(table.additivity) == 3  # the dense model and two random ones
     assert table.additivity[0]["kept"] == [(shape.full_attention, shape.intermediate_size)] * shape.num_layers
     assert table.dense_ms == pytest.approx(table.from_block_sum(table.additivity[0]["block_sum_ms"]))
@@ -181,7 +188,7 @@ def drop(data, block, level):
     (lambda d: d["records"].append("junk"), "record 'junk' has no known block"),
     (lambda d: first_of(d, FFN).update(block="mlp"), "has no known block"),
     (lambda d: first_of(d, FFN).update(time_ms=float("nan")), "time_ms nan is not a finite number"),
-    (lambda d: first_of(d, FFN).update(p10_ms=-1.0), "p10_ms -1.0 is not > 0"),
+    (lambda d: first_of(d, FFN).update(p10_ms=-1.0), "p10_ms -1.0 is not >= 0"),
     (lambda d: first_of(d, FFN).pop("p90_ms"), "p90_ms None is not a finite number"),
     (lambda d: first_of(d, ATTENTION).update(runs=0), "runs 0 is not an integer >= 1"),
     (lambda d: drop(d, ATTENTION, 2), r"attention levels missing 2x1 \(KV groups x query heads\)"),
@@ -220,11 +227,44 @@ def test_shipped_tables_load():
     (dict(batch_size=0), "batch size must be at least 1"), (dict(seq_len=0), "seq len must be at least 1"),
     (dict(backend="tensorrt"), "backend"), (dict(mode="decode"), "needs --context"),
     (dict(context=8), "decode mode only"),
-    (dict(backend="onnxruntime", dtype="bfloat16"), "onnxruntime times the float32 model.onnx"),
+    (dict(backend="onnxruntime", dtype="bfloat16"), "onnxruntime times the float32 file members ship with"),
+    (dict(backend="llamacpp", dtype="bfloat16"), "its weight type is --gguf-type"),
+    (dict(backend="llamacpp", batch_size=2), "llamacpp serves one sequence per call: use --batch-size 1"),
+    (dict(gguf_type="f16"), "--gguf-type is the llamacpp backend's weight type, not torch's"),
+    (dict(backend="llamacpp", gguf_type="q4_k"), "gguf_type 'q4_k' is not one of f32, f16, q8_0"),
 ])
 def test_bad_specs_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
         InferenceSpec(**kwargs)
+
+
+def test_a_spec_takes_its_backends_defaults():
+    assert (InferenceSpec().batch_size, InferenceSpec().gguf_type) == (8, None)
+    assert (InferenceSpec(backend="llamacpp").batch_size, InferenceSpec(backend="llamacpp").gguf_type) == (1, "f16")
+    stored = InferenceSpec(backend="llamacpp", gguf_type="q8_0").to_dict()
+    assert InferenceSpec(**stored) == InferenceSpec(backend="llamacpp", gguf_type="q8_0")
+
+
+def test_stacked_blocks_are_their_model_less_the_fixed_part_per_layer():
+    """Each statistic of the stacked model less the fixed part's, over the layers; a block the timer cannot
+    tell from the fixed part is free, not negative."""
+    fixed = TimingStats(1.0, 1.1, 1.2, 1.5, 10)
+    stats = {(FIXED, 0): fixed, (FFN, 16): TimingStats(3.0, 3.1, 3.3, 3.7, 10),
+             (FFN, 8): TimingStats(0.9, 1.2, 1.3, 1.6, 10)}
+    per_layer = per_layer_stats(stats, layers=2)
+    assert per_layer[(FIXED, 0)] is fixed
+    assert per_layer[(FFN, 16)] == pytest.approx(TimingStats(1.0, 1.0, 1.05, 1.1, 10))
+    assert per_layer[(FFN, 8)] == pytest.approx(TimingStats(0.0, 0.05, 0.05, 0.05, 10))
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_llamacpp_times_blocks_stacked_in_gguf_models(mode):
+    loaded = tiny_loaded("llama", causal_lm=True)
+    decode = dict(mode="decode", context=12) if mode == "decode" else {}
+    table = profile_model(loaded, InferenceSpec(backend="llamacpp", seq_len=16, threads=1, **decode), FAST)
+    check_complete(table, loaded.shape, free_blocks=True)
+    assert table.spec.gguf_type == "f16" and table.fixed_ms > 0
 
 
 def test_a_table_says_when_it_cannot_be_trusted():

@@ -38,7 +38,7 @@ from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_
 from .layers import capture_first_layer_call
 from .settings import ProfileSettings
 from .table import ATTENTION, FFN, FIXED, TRUST_ADVICE, LatencyTable
-from .timing import TimingStats, interleaved_samples, time_interleaved
+from .timing import TimingStats, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,10 @@ def profile_once(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSett
         work, backend = workload(loaded, spec, settings.seed), backend_for(spec)
         runners = BLOCK_RUNNERS[backend.block_timing](loaded.model, work, grid, spec, Path(tmp))
         with stage("timing blocks", f"{len(runners)} blocks x {settings.rounds} rounds, interleaved"):
-            samples = interleaved_samples(runners, settings.rounds, settings.warmup, settings.seed,
-                                          backend.synchronizer(spec), description=f"timing {len(runners)} blocks")
+            stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed,
+                                     backend.synchronizer(spec), description=f"timing {len(runners)} blocks")
         if backend.block_timing == STACKED:
-            samples = per_layer_samples(samples, shape.num_layers)
-        stats = {key: TimingStats.from_samples(values) for key, values in samples.items()}
+            stats = per_layer_stats(stats, shape.num_layers)
         records = [{"block": block, **record_fields(level), "time_ms": s.estimate(settings.estimator), **s.to_dict()}
                    for (block, level), s in sorted(stats.items())]
         table = LatencyTable(spec, shape, settings.estimator, records)
@@ -308,12 +307,18 @@ def stacked_block_runners(model: nn.Module, work: Workload, grid: dict[str, list
 BLOCK_RUNNERS = {LAYER: layer_block_runners, STACKED: stacked_block_runners}
 
 
-def per_layer_samples(samples: dict[tuple, list[float]], layers: int) -> dict[tuple, list[float]]:
-    """Stacked blocks' times per layer: each round's time of a stacked model less the fixed part's in
-    the same round, over the layers (never below zero: noise on a tiny block)."""
-    fixed = samples[(FIXED, 0)]
-    return {key: values if key == (FIXED, 0) else [max(0.0, (t - f) / layers) for t, f in zip(values, fixed)]
-            for key, values in samples.items()}
+def per_layer_stats(stats: dict[tuple, TimingStats], layers: int) -> dict[tuple, TimingStats]:
+    """Stacked blocks' times per layer: each statistic of a stacked model less the fixed part's, over the
+    layers. A difference of two low quantiles, each steady, rather than a quantile of the rounds'
+    differences, which holds the noise of both (a small FFN's came out at 0). Never below zero: a block
+    whose stack the timer cannot tell from the fixed part costs nothing that can be measured."""
+    fixed = stats[(FIXED, 0)]
+
+    def per_layer(timed: TimingStats) -> TimingStats:
+        def less_fixed(name: str) -> float:
+            return max(0.0, (getattr(timed, name) - getattr(fixed, name)) / layers)
+        return TimingStats(*(less_fixed(name) for name in ("min_ms", "p10_ms", "median_ms", "p90_ms")), timed.runs)
+    return {key: timed if key == (FIXED, 0) else per_layer(timed) for key, timed in stats.items()}
 
 
 def _rounded(value: float | None) -> float | None:

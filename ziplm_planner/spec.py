@@ -65,7 +65,8 @@ class InferenceSpec:
         elif self.context:
             raise UserError("--context applies to decode mode only: add --mode decode or drop --context")
         if self.backend in FLOAT32_ONLY and self.dtype != "float32":
-            raise UserError(f"{self.backend} times the float32 model.onnx that members ship with: use --dtype float32")
+            weights = "; its weight type is --gguf-type" if self.backend == "llamacpp" else ""
+            raise UserError(f"{self.backend} times the float32 file members ship with{weights}: use --dtype float32")
         if self.device == "cpu" and self.dtype == "float16":
             raise UserError("float16 on cpu is not a deployment target: use float32 or bfloat16 on cpu")
         if self.backend in ONE_SEQUENCE and self.batch_size != 1:
