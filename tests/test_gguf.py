@@ -12,7 +12,7 @@ from ziplm_planner.errors import UserError
 from ziplm_planner.gguf_export import NO_VOCABULARY, layer_sizes, write_gguf, written_sizes
 from ziplm_planner.llamacpp import load, perplexity, timed_call
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
-from tiny_models import TINY_CONFIGS, spread_weights, tiny_model
+from tiny_models import TINY_CONFIGS, spread_weights, tiny_loaded, tiny_model
 
 pytest.importorskip("llama_cpp")
 
@@ -106,6 +106,19 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_a_q8_0_profile_refuses_widths_q8_0_cannot_store_before_timing():
+    import gguf
+
+    from ziplm_planner.gguf_export import Q8_0_BLOCK
+    from ziplm_planner.profiler import ProfileSettings, profile_model
+    from ziplm_planner.spec import InferenceSpec
+
+    assert Q8_0_BLOCK == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    loaded = tiny_loaded("llama", causal_lm=True)  # head size 8, hidden size 32
+    with pytest.raises(UserError, match="q8_0 stores rows in blocks of 32 values, and the head size is 8"):
+        profile_model(loaded, InferenceSpec(backend="llamacpp", gguf_type="q8_0", threads=1), ProfileSettings())
+
+
 def test_export_gguf_writes_every_member_of_a_decoder_family(tmp_path):
     """A family compressed from a tiny Llama (on a table of made-up times, unverified: nothing here
     depends on this machine's speed): each member's model.gguf runs in llama.cpp as the member does in
@@ -144,6 +157,18 @@ def test_an_encoder_family_is_refused_before_any_file_is_written(tmp_path):
     with pytest.raises(UserError, match="Llama-style decoders"):
         export_family_gguf(tmp_path, "f16")
     assert not (tmp_path / "dense" / "model.gguf").exists()
+
+
+def test_a_family_timed_in_llama_cpp_keeps_the_files_it_timed(tmp_path):
+    """Its members' model.gguf are the files timed, at the table's type: another type is refused, not
+    written over them."""
+    from ziplm_planner.family import FamilyReport
+    from ziplm_planner.gguf_export import export_family_gguf
+
+    FamilyReport([{"target": 1.0, "folder": "dense"}], {"model": "tiny", "spec": {"gguf_type": "f16"}}).save(tmp_path)
+    with pytest.raises(UserError, match="ship the f16 model.gguf that llama.cpp timed: for q8_0 members profile with "
+                                        "--backend llamacpp --gguf-type q8_0"):
+        export_family_gguf(tmp_path, "q8_0")
 
 
 def test_perplexity_in_llama_cpp_is_torchs_and_both_timings_run(tmp_path):

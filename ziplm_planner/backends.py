@@ -30,7 +30,7 @@ from torch import nn
 
 from .adapters import model_shape
 from .errors import UserError
-from .family import MEMBER_GGUF
+from .family import MEMBER_GGUF, MEMBER_ONNX
 from .kvcache import cache_argument, cache_from_tensors, cache_tensors, find_cache
 from .kinds import ModelKind
 from .spec import InferenceSpec
@@ -338,8 +338,7 @@ def onnx_runner(path: Path, inputs: dict[str, torch.Tensor], spec: InferenceSpec
 
 Runner = Callable[[], object]  # runs the timed thing once
 LAYER, STACKED = "layer", "stacked"  # how a backend's blocks are timed (Backend.block_timing)
-MODEL_ONNX, MODEL_WEIGHTS = "model.onnx", "model.safetensors"  # a member's files (export.ONNX, WEIGHTS)
-MODEL_GGUF = MEMBER_GGUF
+MODEL_ONNX, MODEL_GGUF, MODEL_WEIGHTS = MEMBER_ONNX, MEMBER_GGUF, "model.safetensors"  # a member's files
 
 
 def at_spec_dtype(call: TensorCall, inputs: dict[str, torch.Tensor],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .aliases import MEMBER_RECORD
 from .atomic import atomic_write_text
-from .family import MEMBER_GGUF, read_report, timed_shape
+from .family import MEMBER_GGUF, MEMBER_ONNX, read_report, timed_shape
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def timed_on(metadata: dict) -> str:
     spec, machine = metadata.get("spec") or {}, metadata.get("machine") or {}
     shape = timed_shape(spec)
     where = machine.get("gpu") or f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
-    return (f"{spec.get('backend', '?')} on {spec.get('device', 'cpu')} ({where}), {spec.get('dtype', 'float32')}, "
+    weights = f"{spec['gguf_type']} GGUF weights" if spec.get("gguf_type") else spec.get("dtype", "float32")
+    return (f"{spec.get('backend', '?')} on {spec.get('device', 'cpu')} ({where}), {weights}, "
             f"{spec.get('threads', '?')} threads, {shape}; the {metadata.get('estimator', 'p10')} of each model's "
             f"times against the dense model's in the same rounds")
 
@@ -82,8 +83,10 @@ def recovery_line(row: dict) -> str:
             f"({row['train_steps']} steps, {row['prune_steps']} prune step{'s' if row['prune_steps'] != 1 else ''})")
 
 
-def load_section(auto: str, remote_code: bool, sentence_transformers: bool, gguf_file: bool) -> str:
-    gguf = ("\nWith llama.cpp (`ziplm-planner export-gguf` wrote it): `llama-cli -m path/to/this/folder/model.gguf`, or "
+def load_section(auto: str, remote_code: bool, sentence_transformers: bool, onnx_file: bool, gguf_file: bool) -> str:
+    onnx = ("With ONNX Runtime: `onnxruntime.InferenceSession(\"path/to/this/folder/model.onnx\")`.\n"
+            if onnx_file else "")
+    gguf = ("\nWith llama.cpp: `llama-cli -m path/to/this/folder/model.gguf`, or "
             "`llama_cpp.Llama(model_path=\"path/to/this/folder/model.gguf\")`.\n" if gguf_file else "")
     remote = ", trust_remote_code=True" if remote_code else ""
     why = ("Its architecture's own config cannot state its layers' sizes (they differ, or a layer keeps heads "
@@ -93,8 +96,7 @@ def load_section(auto: str, remote_code: bool, sentence_transformers: bool, gguf
           f"model = SentenceTransformer(\"path/to/this/folder\"{remote})\n```\n\n" if sentence_transformers else "")
     return (f"## How to load it\n\n{why}```python\nimport transformers\n"
             f"model = transformers.{auto}.from_pretrained(\"path/to/this/folder\"{remote})\n```\n\n{st}"
-            "With ziplm-planner: `ziplm_planner.load_pruned(\"path/to/this/folder\")`. With ONNX Runtime, the file that "
-            "was timed: `onnxruntime.InferenceSession(\"path/to/this/folder/model.onnx\")`.\n" + gguf)
+            "With ziplm-planner: `ziplm_planner.load_pruned(\"path/to/this/folder\")`.\n" + onnx + gguf)
 
 
 def member_card(folder: Path, row: dict, dense: dict | None, metadata: dict) -> str:
@@ -120,7 +122,7 @@ def member_card(folder: Path, row: dict, dense: dict | None, metadata: dict) -> 
             f"([ziplm-planner](https://pypi.org/project/ziplm-planner/), after ZipLM).\n\n"
             + "\n".join(table) + "\n\n" + layers + "\n" + command
             + load_section(record.get("auto_class", "AutoModel"), remote_code, sentence_transformers,
-                           (folder / MEMBER_GGUF).is_file()))
+                           (folder / MEMBER_ONNX).is_file(), (folder / MEMBER_GGUF).is_file()))
 
 
 def family_card(report: dict) -> str:

@@ -13,7 +13,8 @@ from .atomic import atomic_write_text
 from .errors import UserError
 
 FAMILY_FORMAT = "ziplm-planner/family/v1"
-MEMBER_GGUF = "model.gguf"  # a decoder member for llama.cpp (export-gguf)
+MEMBER_ONNX = "model.onnx"  # a member for ONNX Runtime
+MEMBER_GGUF = "model.gguf"  # a decoder member for llama.cpp (timed on it, or export-gguf)
 
 
 @dataclass

@@ -33,7 +33,8 @@ from .modeling_ziplm import ZeroAttention, ZeroMLP
 from .spec import check_gguf_type
 
 GGUF_ARCHITECTURES = ("llama", "mistral")  # Llama-style decoders llama.cpp runs as `llama`/`deci`
-MIN_FFN = 32  # neurons of a zero FFN written for llama.cpp: one q8_0 block
+Q8_0_BLOCK = 32  # values per q8_0 block (gguf.GGML_QUANT_SIZES[Q8_0][0]; test_gguf checks)
+MIN_FFN = Q8_0_BLOCK  # neurons of a zero FFN written for llama.cpp: one q8_0 block
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def stored(name: str, tensor: torch.Tensor, file_type: str):
         return data, None
     if file_type == "f16":
         return data.astype(np.float16), None
-    if data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
+    if data.shape[-1] % Q8_0_BLOCK:
         raise UserError(f"{name} has rows of {data.shape[-1]} values: q8_0 needs a multiple of 32; use f16 or f32")
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
 
@@ -158,6 +159,19 @@ def check_exportable(model_type: str, file_type: str) -> None:
         raise UserError(f"llama.cpp runs the Llama-style decoders written here ({', '.join(GGUF_ARCHITECTURES)}), "
                         f"not {model_type}: deploy it with ONNX Runtime (model.onnx) or torch instead")
     check_gguf_type(file_type)
+
+
+def check_gguf_widths(shape, file_type: str, ffn_step: int) -> None:
+    """Refuse, before any file is written, a block type that cannot store the widths a plan may give
+    (q8_0 stores rows in blocks of 32 values: the hidden size, a head's width, every FFN size timed)."""
+    if file_type != "q8_0":
+        return
+    block = Q8_0_BLOCK
+    for what, width in (("hidden size", shape.hidden_size), ("head size", shape.head_dim),
+                        ("FFN size", shape.intermediate_size), ("--ffn-step", ffn_step)):
+        if width % block:
+            raise UserError(f"q8_0 stores rows in blocks of {block} values, and the {what} is {width}: "
+                            f"use --gguf-type f16 or f32{' or a multiple of 32' if what == '--ffn-step' else ''}")
 
 
 def write_gguf(model: nn.Module, path: Path, vocabulary, file_type: str = "f32") -> Path:
@@ -291,6 +305,9 @@ def export_family_gguf(family: Path, file_type: str = "f16", vocabulary=None) ->
     from .family import read_report
 
     report = read_report(family)
+    if (timed := (report["metadata"].get("spec") or {}).get("gguf_type")) is not None:
+        raise UserError(f"{family}'s members ship the {timed} model.gguf that llama.cpp timed: for {file_type} members "
+                        f"profile with --backend llamacpp --gguf-type {file_type} and compress again")
     folders = [Path(family) / row["folder"] for row in report["members"]]
     check_exportable(model_type_of(folders[0]), file_type)  # an encoder family: before any file is written
     source = None if vocabulary is not None else resolve_model(str(report["metadata"].get("model")))

@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapters import REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, model_layers, model_shape
 from .backends import LAYER, STACKED, TensorCall, backend_for, input_names, model_call, random_inputs
-from .gguf_export import check_exportable, model_vocabulary
+from .gguf_export import check_exportable, check_gguf_widths, model_vocabulary
 from .environment import CpuSnapshot, library_versions, machine_info, now, others_share
 from .errors import UserError
 from .kvcache import cache_argument, find_cache
@@ -238,6 +238,8 @@ def soundness(table: LatencyTable) -> tuple:
 def profile_once(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSettings) -> LatencyTable:
     cpu_before = CpuSnapshot.now()  # what else runs here while this profile times
     shape = loaded.shape
+    if spec.backend in DECODERS_ONLY:
+        check_gguf_widths(shape, spec.gguf_type, settings.ffn_step)
     torch.set_num_threads(spec.threads)
     grid = {ATTENTION: attention_levels(shape), FFN: ffn_levels(shape.intermediate_size, settings.ffn_step)}
     with stage("profile", f"{loaded.source.reference}, {spec.backend} on {spec.device}, {spec.mode}"), \
