@@ -8,7 +8,7 @@ from huggingface_hub import metadata_load
 from ziplm_planner.cli import cli, settings_from
 from ziplm_planner.evaluate import evaluate_family
 from ziplm_planner.pipeline import compress_model
-from ziplm_planner.settings import CompressSettings, LossWeights, RecoverySettings, TrainSettings, command_flags
+from ziplm_planner.settings import CompressSettings, ContrastiveSettings, LossWeights, RecoverySettings, TrainSettings, command_flags
 from tiny_models import measured_table, tiny_loaded_with_tokenizer, write_sentences
 
 
@@ -45,9 +45,11 @@ def test_cards_show_the_scores_evaluate_adds(family):
 def test_the_recorded_command_gives_the_same_settings():
     settings = CompressSettings(method="uniform", verify=False, max_replans=1, machine_tolerance=2.0, recovery=RecoverySettings(
         mode="gradual", train=TrainSettings(tokens=1000, weights=LossWeights(task=0.0, kl=1.0, squarehead=0.5,
-                                                                              temperature=3.0))))
+                                                                              contrastive=0.25, temperature=3.0),
+                                            contrastive=ContrastiveSettings(teachers=("dense", "snapshots"), memory=8))))
     flags = command_flags(settings)
-    assert "--no-verify" in flags and flags[flags.index("--loss-weights") + 1] == "0,1,0.5"
+    assert "--no-verify" in flags and flags[flags.index("--loss-weights") + 1] == "0,1,0.5,0.25"
+    assert flags[flags.index("--contrastive-teachers") + 1] == "dense,snapshots"
     # under the root's context, as the command line parses it (click keeps the help option a first context made)
     root = cli.make_context("ziplm-planner", ["compress"])
     context = cli.commands["compress"].make_context("compress", ["--profile", "t.json", "--targets", "2", "--calib", "c",

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from ziplm_planner.cli import cli, flag, main
-from ziplm_planner.settings import (CLI, CompressSettings, GenerationSettings, LossWeights, ProfileSettings,
+from ziplm_planner.settings import (CLI, CompressSettings, ContrastiveSettings, GenerationSettings, LossWeights, ProfileSettings,
                                     RecoverySettings, TrainSettings)
 from ziplm_planner.spec import InferenceSpec
 
@@ -254,11 +254,13 @@ def test_compress_options_reach_the_settings(captured, tmp_path):
         "--verify-rounds", "40", "--max-replans", "1", "--no-verify", "--machine-tolerance", "2.5", "--no-onnx",
         "--cache-dir", str(tmp_path / "cache"),
         "--recovery", "gradual", "--train-data", str(train_data), "--train-tokens", "1000", "--train-batch-size", "2",
-        "--train-seq-len", "256", "--learning-rate", "1e-3", "--warmup", "0.2", "--loss-weights", "0.5,2,0",
-        "--temperature", "3", "--train-precision", "no", "--prune-steps", "2", "-o", str(tmp_path / "f")])
+        "--train-seq-len", "256", "--learning-rate", "1e-3", "--warmup", "0.2", "--loss-weights", "0.5,2,0,0.3",
+        "--temperature", "3", "--contrastive-teachers", "dense,classes", "--contrastive-temperature", "0.2",
+        "--contrastive-memory", "64", "--train-precision", "no", "--prune-steps", "2", "-o", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
     train = TrainSettings(tokens=1000, batch_size=2, seq_len=256, learning_rate=1e-3, warmup=0.2,
-                          weights=LossWeights(0.5, 2, 0, temperature=3), precision="no", seed=3)  # --seed: both seeds
+                          weights=LossWeights(0.5, 2, 0, 0.3, temperature=3), precision="no", seed=3,  # --seed: both
+                          contrastive=ContrastiveSettings(("dense", "classes"), 0.2, 64))
     expected = CompressSettings(method="magnitude", num_samples=9, seed=3, calibration_inputs="corrected",
                                 block_errors="relative", search_evaluations=7, score_samples=5, score_on="held-out",
                                 verify_rounds=40, max_replans=1, verify=False, machine_tolerance=2.5, onnx=False,

@@ -704,6 +704,32 @@ def test_gradual_recovery_cuts_each_member_from_the_last_one_distilled(setup, tm
         assert sum(p.numel() for p in member.parameters()) == row["parameters"]
 
 
+def test_cap_in_a_gradual_run_takes_every_model_trained_before_as_a_snapshot_teacher(setup, tmp_path, monkeypatch):
+    """CAP's snapshot term: the first member learns from the dense model alone, the second from it and the
+    first; the contrastive term is in the loss curve of each."""
+    import ziplm_planner.recovery as recovery
+    from ziplm_planner.settings import LossWeights, RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    seen, real_distil = [], recovery.distil
+
+    def distil_counting_snapshots(*args, snapshots=(), **kwargs):
+        seen.append([sum(p.numel() for p in s.parameters()) for s in snapshots])
+        assert all(not p.requires_grad for s in snapshots for p in s.parameters())
+        return real_distil(*args, snapshots=snapshots, **kwargs)
+
+    monkeypatch.setattr(recovery, "distil", distil_counting_snapshots)
+    train = TrainSettings(tokens=1000, batch_size=8, learning_rate=1e-3,
+                          weights=LossWeights(task=0.0, kl=1.0, squarehead=1.0, contrastive=0.5))
+    settings = fast_settings(tmp_path, onnx=False, max_replans=0, recovery=RecoverySettings("gradual", None, train))
+    out = tmp_path / "family"
+    report = compress_model(loaded, table, [1.2, within(table, 1.8)], str(calib), out, settings)
+    assert seen == [[], [report.rows[1]["parameters"]]]
+    for row in report.rows[1:]:
+        curve = json.loads((out / row["folder"] / "measurement.json").read_text())["training"]["curve"]
+        assert all(point["contrastive"] > 0 for point in curve)
+
+
 def test_intermediate_speedups_are_evenly_spaced_in_log_speedup():
     from ziplm_planner.member import intermediate_speedups
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ziplm_planner.settings import LossWeights, TrainSettings
-from ziplm_planner.distill import distillation_terms, squarehead
+from ziplm_planner.distill import RepresentationMemory, contrastive, distillation_terms, info_nce, squarehead
 from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING, causal_lm_loss, embedding_distance, kind_named, kl_divergence
 from tiny_models import KIND_MODEL_TYPES, random_batch, tiny_model, tiny_of_kind
 
@@ -104,3 +104,98 @@ def test_squarehead_is_logged_for_every_model_and_trained_on_only_with_a_weight(
     assert terms["squarehead"].requires_grad == (weight > 0)
     expected = sum(value for name, value in terms.items() if name != "loss" and (name != "squarehead" or weight))
     torch.testing.assert_close(terms["loss"], expected)
+
+
+# --- CAP's contrastive term --------------------------------------------------------------------
+
+
+def brute_force_info_nce(anchors, keys, positive, temperature):
+    """The supervised-contrastive loss written out, anchor by anchor and positive by positive."""
+    total = 0.0
+    for i in range(len(anchors)):
+        scores = [float(anchors[i] @ k) / temperature for k in keys]
+        log_norm = torch.logsumexp(torch.tensor(scores), 0).item()
+        positives = [j for j in range(len(keys)) if positive[i, j]]
+        total += sum(log_norm - scores[j] for j in positives) / len(positives)
+    return total / len(anchors)
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_info_nce_is_the_mean_over_anchors_and_their_positives():
+    anchors, keys = unit(4, 6), unit(7, 6, seed=1)
+    positive = torch.rand(4, 7, generator=torch.Generator().manual_seed(2)) < 0.4
+    positive[:, 0] = True  # at least one each
+    assert float(info_nce(anchors, keys, positive, 0.2)) == pytest.approx(
+        brute_force_info_nce(anchors, keys, positive, 0.2), rel=1e-5)
+
+
+def test_contrastive_takes_the_same_example_as_positive_and_the_rest_and_the_memory_as_negatives():
+    student, teacher, memory = unit(3, 8), unit(3, 8, seed=1), unit(5, 8, seed=2)
+    keys = torch.cat([teacher, memory])
+    positive = torch.cat([torch.eye(3, dtype=torch.bool), torch.zeros(3, 5, dtype=torch.bool)], dim=1)
+    assert float(contrastive(student, [teacher], [memory], 0.1)) == pytest.approx(
+        brute_force_info_nce(student, keys, positive, 0.1), rel=1e-5)
+    # a student that is its teacher is nearer it than anything else: more memory only adds negatives
+    alone = float(contrastive(teacher, [teacher], [memory[:0]], 0.1))
+    assert alone < float(contrastive(student, [teacher], [memory[:0]], 0.1))
+    assert alone <= float(contrastive(teacher, [teacher], [memory], 0.1))
+
+
+def test_with_labels_every_key_of_the_same_class_is_a_positive_and_teachers_are_averaged():
+    student, first, second, memory = unit(4, 8), unit(4, 8, seed=1), unit(4, 8, seed=2), unit(2, 8, seed=3)
+    labels, memory_labels = torch.tensor([0, 1, 0, 2]), torch.tensor([1, -1])
+    keys = torch.cat([first, memory])
+    positive = (labels[:, None] == torch.cat([labels, memory_labels])[None, :])
+    expected = brute_force_info_nce(student, keys, positive, 0.5)
+    assert float(contrastive(student, [first], [memory], 0.5, labels, [memory_labels])) == pytest.approx(expected, rel=1e-5)
+    both = contrastive(student, [first, second], [memory, memory[:0]], 0.5, labels, [memory_labels, memory_labels[:0]])
+    other = contrastive(student, [second], [memory[:0]], 0.5, labels, [memory_labels[:0]])
+    assert float(both) == pytest.approx((expected + float(other)) / 2, rel=1e-5)
+
+
+def test_only_the_student_gets_a_gradient_from_the_contrastive_term():
+    student, teacher = unit(3, 8).requires_grad_(True), unit(3, 8, seed=1).requires_grad_(True)
+    contrastive(student, [teacher.detach()], [teacher[:0].detach()], 0.1).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_the_memory_keeps_the_newest_representations_and_their_labels():
+    memory = RepresentationMemory(size=5)
+    vectors, labels = memory.keys(torch.zeros(2, 3))
+    assert vectors.shape == (0, 3) and labels.shape == (0,)
+    memory.push(torch.ones(4, 3), torch.tensor([0, 1, 2, 3]))
+    memory.push(2 * torch.ones(3, 3), None)
+    vectors, labels = memory.keys(torch.zeros(2, 3))
+    assert vectors[:, 0].tolist() == [1, 1, 2, 2, 2] and labels.tolist() == [2, 3, -1, -1, -1]
+    nothing = RepresentationMemory(size=0)
+    nothing.push(torch.ones(4, 3), None)
+    assert nothing.keys(torch.zeros(2, 3))[0].shape == (0, 3)
+
+
+@pytest.mark.parametrize("kind_name", ["embedding", "classification", "causal-lm"])
+def test_the_contrastive_term_is_computed_where_its_weight_is_set(kind_name):
+    """Off by default; on, it is logged and weighted into the loss, for every kind's representation."""
+    from ziplm_planner.settings import ContrastiveSettings
+    from ziplm_planner.train import Contrast
+
+    kind = kind_named(kind_name)
+    student, teacher = tiny_of_kind(kind, KIND_MODEL_TYPES[kind_name]), tiny_of_kind(kind, KIND_MODEL_TYPES[kind_name], 1)
+    batch = random_batch(teacher)
+    if kind_name == "classification":
+        batch["labels"] = torch.tensor([0, 1, 0])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        student_out, teacher_out = student(**inputs, output_hidden_states=True), teacher(**inputs, output_hidden_states=True)
+    weights = TrainSettings().for_kind(kind).weights
+    assert "contrastive" not in distillation_terms(kind, student_out, teacher_out, batch, weights)
+    contrast = Contrast(kind, ContrastiveSettings(memory=4), [copy.deepcopy(student)], "cpu")
+    on = copy.copy(weights)
+    object.__setattr__(on, "contrastive", 0.5)
+    terms = distillation_terms(kind, student_out, teacher_out, batch, on, contrast)
+    assert float(terms["contrastive"]) > 0
+    without = sum(getattr(weights, name) * value for name, value in terms.items() if name not in ("loss", "contrastive"))
+    assert float(terms["loss"]) == pytest.approx(float(without + 0.5 * terms["contrastive"]), rel=1e-5)
+    assert [len(memory.keys(torch.zeros(1, 1))[0]) for memory in contrast.memories] == [3, 3]  # dense, snapshot

@@ -158,12 +158,26 @@ def test_bad_training_settings_are_refused(bad):
         settings(**bad)
 
 
-@pytest.mark.parametrize("bad", [dict(text="1,1"), dict(text="1,-1,1"), dict(text="1,x,1"), dict(temperature=0.0)])
+@pytest.mark.parametrize("bad", [dict(text="1,1"), dict(text="1,-1,1"), dict(text="1,x,1"), dict(temperature=0.0),
+                                 dict(text="1,1,1,1,1"), dict(text="1,1,1,-0.5")])
 def test_bad_loss_weights_are_refused(bad):
     from ziplm_planner.settings import LossWeights
 
     with pytest.raises(UserError):
         LossWeights.parse(**{"text": "1,1,1", **bad})
+
+
+def test_the_contrastive_weight_is_optional_and_its_settings_checked():
+    from ziplm_planner.settings import ContrastiveSettings, LossWeights, cap_teachers
+
+    assert LossWeights.parse("1,1,0").contrastive == 0.0 and LossWeights.parse("1,1,0,0.2").contrastive == 0.2
+    assert cap_teachers("dense, snapshots") == ("dense", "snapshots")
+    for text in ("", "dense,dense", "fine-tuned"):
+        with pytest.raises(UserError, match="contrastive teachers are some of dense, snapshots, classes"):
+            cap_teachers(text)
+    for bad in (dict(temperature=0.0), dict(memory=-1)):
+        with pytest.raises(UserError, match="contrastive temperature must be > 0 and its memory >= 0"):
+            ContrastiveSettings(**bad)
 
 
 def test_too_little_training_data_is_refused():

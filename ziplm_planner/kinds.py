@@ -74,6 +74,16 @@ def embedding_distance(student_hidden: torch.Tensor, teacher_hidden: torch.Tenso
     return (1 - F.cosine_similarity(mean_pool(student_hidden, mask), mean_pool(teacher_hidden, mask), dim=-1)).mean()
 
 
+def pooled_last_layer(output, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, d): the mean over real tokens of the last layer's output (hidden_states[-1])."""
+    return mean_pool(output.hidden_states[-1], mask)
+
+
+def first_token_last_layer(output, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, d): the last layer's output at the first token ([CLS]), which a BERT classifier's head reads."""
+    return output.hidden_states[-1][:, 0]
+
+
 def max_positions(config) -> int:
     return int(getattr(config, "max_position_embeddings", None) or PERPLEXITY_SEQ_LEN)
 
@@ -263,6 +273,8 @@ class ModelKind:
     distillation: Callable[..., dict[str, torch.Tensor]]
     fidelity_pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, mask) -> vectors to compare
     fidelity_per_token: bool  # one vector per real token: too many to keep the dense model's
+    # (output with hidden_states, mask) -> (batch, d): an example as CAP's contrastive term compares it
+    representation: Callable[[object, torch.Tensor], torch.Tensor]
     defaults: KindDefaults  # recovery settings left to the model (settings.py)
 
 
@@ -272,21 +284,21 @@ CAUSAL_LM = ModelKind(
     output=_next_token_logits, generates=True, tokenize=_windows, training_length=_window_length,
     calibration_reference=_no_reference, calibration_loss=_lm_calibration_loss, fisher_target=_real_next_tokens,
     fisher_losses=_lm_sample_losses, distillation=_lm_terms, fidelity_pool=_next_token_distributions,
-    fidelity_per_token=True, defaults=CAUSAL_LM_DEFAULTS)
+    fidelity_per_token=True, representation=pooled_last_layer, defaults=CAUSAL_LM_DEFAULTS)
 CLASSIFICATION = ModelKind(
     name="classification", description="a sequence-classification model", heads=("ForSequenceClassification",),
     auto_class=AutoModelForSequenceClassification, output_name="logits", output_axes=("batch",),
     output=_logits, generates=False, tokenize=partial(_sentences, labelled=True), training_length=_calibration_length,
     calibration_reference=_class_logits, calibration_loss=_classification_loss, fisher_target=_label_or_sampled_class,
     fisher_losses=_class_sample_losses, distillation=_classification_terms, fidelity_pool=_class_distributions,
-    fidelity_per_token=False, defaults=OTHER_KIND_DEFAULTS)
+    fidelity_per_token=False, representation=first_token_last_layer, defaults=OTHER_KIND_DEFAULTS)
 EMBEDDING = ModelKind(
     name="embedding", description="an embedding model", heads=(),
     auto_class=AutoModel, output_name="last_hidden_state", output_axes=("batch", "sequence"),
     output=_last_hidden_state, generates=False, tokenize=_sentences, training_length=_calibration_length,
     calibration_reference=_pooled_embedding, calibration_loss=_embedding_loss, fisher_target=_noisy_embedding,
     fisher_losses=_embedding_sample_losses, distillation=_embedding_terms, fidelity_pool=mean_pool,
-    fidelity_per_token=False, defaults=OTHER_KIND_DEFAULTS)
+    fidelity_per_token=False, representation=pooled_last_layer, defaults=OTHER_KIND_DEFAULTS)
 
 # In order of precedence: a config naming several heads is of the first kind; any other head embeds.
 KINDS: tuple[ModelKind, ...] = (CAUSAL_LM, CLASSIFICATION, EMBEDDING)

@@ -70,6 +70,7 @@ class MemberRoad:
     def make(self, target: float, parent: Parent) -> Member:
         """The member for `target`: plan, verify, recover, save."""
         if member := self.family.finished(target, load=self.settings.recovery.nested):
+            self.recovery.reused(member)
             return member
         member = self.recovery.held(self.family, target, parent.plan) or self.cut(target, parent)
         member = self.recovery.recover(member, self.verifier, self.score_loss)

@@ -25,6 +25,7 @@ from .atomic import atomic_write_bytes, check_writable
 from .errors import UserError
 from .family import read_report, timed_shape
 from .progress import stage
+from .settings import LOSS_TERMS
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def plot_training(family: FamilyData, output: Path) -> list[Path]:
     curves = training_curves(family)
     if not curves:
         return []
-    terms = [t for t in ("loss", "task", "kl", "squarehead") if any(t in point for c in curves.values() for point in c)]
+    terms = [t for t in ("loss", *LOSS_TERMS) if any(t in point for c in curves.values() for point in c)]
     fig = Figure(figsize=(3.6 * len(terms) + 1, 3.8), layout="constrained")
     for ax, term in zip(fig.subplots(1, len(terms), squeeze=False)[0], terms):
         for color, (member, curve) in enumerate(curves.items()):

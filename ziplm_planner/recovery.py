@@ -12,6 +12,7 @@ With several processes only the main one prunes, measures and writes; `follow` i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -100,6 +101,9 @@ class NoRecovery:
     def recover(self, member: Member, verifier: Verifier | Unverified, score_loss: CalibrationLoss) -> Member:
         return member
 
+    def reused(self, member: Member) -> None:
+        pass
+
     def finished(self, member: Member) -> None:
         pass
 
@@ -123,6 +127,10 @@ class Recovery:
                             f"{settings.train.batch_size}: give more data or a smaller --train-batch-size")
         self.accelerator = make_accelerator(precision=settings.train.precision)
         self._training = False  # the main process is training with the others: they are in the same collectives
+        # CAP's snapshots: every model trained so far in this run (members and intermediate steps), frozen
+        self.snapshots: list = []
+        train = settings.train
+        self._keeps_snapshots = train.weights.contrastive > 0 and "snapshots" in train.contrastive.teachers
 
     @property
     def is_main_process(self) -> bool:
@@ -214,8 +222,19 @@ class Recovery:
         checkpoint = self.workdir / f".train-{name}-{digest}"
         train = self.settings.step_train
         with stage(f"distil {name}", f"{train.tokens:,} tokens"):
-            return distil(model, self.loaded.model, self.loaded.kind, self.data, train, self.accelerator, checkpoint,
-                          label=f"distil {name}")
+            record = distil(model, self.loaded.model, self.loaded.kind, self.data, train, self.accelerator, checkpoint,
+                            label=f"distil {name}", snapshots=self.snapshots)
+        self._snapshot(model)
+        return record
+
+    def reused(self, member: Member) -> None:
+        """A member an earlier run of this family trained and saved: a snapshot too (gradual runs load it)."""
+        if member.model is not None:
+            self._snapshot(member.model)
+
+    def _snapshot(self, model) -> None:
+        if self._keeps_snapshots:
+            self.snapshots.append(copy.deepcopy(model).eval().requires_grad_(False))
 
     def finished(self, member: Member) -> None:
         """The member is saved: its checkpoints and its verified model are no longer needed."""

@@ -31,7 +31,8 @@ BLOCK_ERRORS = (FISHER, RELATIVE)
 HELD_OUT, CALIBRATION = "held-out", "calibration"
 SCORE_ON = (HELD_OUT, CALIBRATION)
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
-LOSS_TERMS = ("task", "kl", "squarehead")  # LossWeights' fields in this order
+LOSS_TERMS = ("task", "kl", "squarehead", "contrastive")  # LossWeights' fields in this order (contrastive optional)
+CAP_TEACHERS = ("dense", "snapshots", "classes")  # CAP's pre-trained, snapshot and fine-tuned (same-class) terms
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # training autocast; "no" is float32
 PERPLEXITY_SEQ_LEN = 512  # tokens per perplexity window, capped at the model's positions
@@ -80,21 +81,28 @@ def command_flags(settings) -> list[str]:
             values = [getattr(settings, g.name) for g in fields(settings)
                       if (g.metadata.get(CLI) or Option()).flag == option.flag]
             if None not in values:  # a weight left to the model kind (None, Python only) has no flag
-                parsed[option_flag(f.name, option)] = ",".join(f"{v:g}" for v in values)
+                parsed[option_flag(f.name, option)] = ",".join(map(flag_text, values))
         elif option and option.help and value != getattr(default, f.name):
             flags += [option_flag(f.name, option)] + ([] if isinstance(value, bool) else [str(value)])
     return flags + [item for flag, values in parsed.items() for item in (flag, values)]
 
 
+def flag_text(value) -> str:
+    """A parsed field's value as its flag's text: a number, or names joined by commas."""
+    return ",".join(value) if isinstance(value, tuple) else f"{value:g}"
+
+
 def loss_terms(text: str) -> tuple[float, ...]:
-    """'1,1,1' -> the task, KL and SquareHead weights, each a finite number >= 0."""
+    """'1,1,1' or '1,1,1,0.1' -> the task, KL, SquareHead and contrastive weights (0 when left out), each a
+    finite number >= 0."""
     try:
         values = tuple(float(item) for item in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != len(LOSS_TERMS) or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise UserError(f"loss weights are {len(LOSS_TERMS)} numbers >= 0 for {', '.join(LOSS_TERMS)}, got {text!r}")
-    return values
+    if len(values) not in (len(LOSS_TERMS) - 1, len(LOSS_TERMS)) or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UserError(f"loss weights are {len(LOSS_TERMS) - 1} or {len(LOSS_TERMS)} numbers >= 0 for "
+                        f"{', '.join(LOSS_TERMS[:-1])}[, {LOSS_TERMS[-1]}], got {text!r}")
+    return values + (0.0,) * (len(LOSS_TERMS) - len(values))
 
 
 def loss_weight(term: str) -> dict:
@@ -110,6 +118,8 @@ class LossWeights:
     kl: float = field(default=1.0, metadata=loss_weight("kl"))
     # per-layer normalised hidden-state error, summed over layers; None: the model kind's (KindDefaults)
     squarehead: float | None = field(default=None, metadata=loss_weight("squarehead"))
+    # CAP's contrastive term (ContrastiveSettings); 0: off
+    contrastive: float = field(default=0.0, metadata=loss_weight("contrastive"))
     temperature: float = field(default=2.0, metadata=option("Recovery: distillation temperature of the KL term."))
 
     def __post_init__(self):
@@ -118,9 +128,42 @@ class LossWeights:
 
     @classmethod
     def parse(cls, text: str | None, **others) -> LossWeights:
-        """'1,1,1' -> the task, KL and SquareHead weights (None: the defaults), beside `others` (the temperature)."""
+        """'1,1,1[,c]' -> the task, KL, SquareHead (and contrastive) weights (None: the defaults), beside
+        `others` (the temperature)."""
         terms = {} if text is None else dict(zip(LOSS_TERMS, loss_terms(text)))
         return cls(**terms, **others)
+
+
+def cap_teachers(text: str) -> tuple[str, ...]:
+    """'dense,snapshots' -> the teachers of CAP's contrastive term, each one of CAP_TEACHERS, once."""
+    names = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not names or len(set(names)) != len(names) or not set(names) <= set(CAP_TEACHERS):
+        raise UserError(f"contrastive teachers are some of {', '.join(CAP_TEACHERS)}, each once, got {text!r}")
+    return names
+
+
+@dataclass(frozen=True)
+class ContrastiveSettings:
+    """CAP (Xu et al., AAAI 2022): InfoNCE between the student's representation of an example and its
+    teachers' representations of it (positives), against their representations of the batch's other
+    examples and of a memory of recent batches (negatives). Used where LossWeights.contrastive > 0."""
+
+    teachers: tuple[str, ...] = field(default=CAP_TEACHERS, metadata=option(
+        "Recovery: the contrastive term's teachers: dense (the dense model), snapshots (each model trained earlier "
+        "in the run: the larger members and steps of a gradual run), classes (same-label examples are positives too, "
+        "where the data has labels) [default: " + ",".join(CAP_TEACHERS) + "].", flag="--contrastive-teachers",
+        parse=cap_teachers))
+    temperature: float = field(default=0.1, metadata=option(
+        "Recovery: temperature of the contrastive term.", flag="--contrastive-temperature"))
+    memory: int = field(default=1024, metadata=option(
+        "Recovery: representations of recent batches kept per teacher as the contrastive term's negatives.",
+        flag="--contrastive-memory"))
+
+    def __post_init__(self):
+        cap_teachers(",".join(self.teachers))
+        if not math.isfinite(self.temperature) or self.temperature <= 0 or self.memory < 0:
+            raise UserError(f"the contrastive temperature must be > 0 and its memory >= 0, got {self.temperature} "
+                            f"and {self.memory}")
 
 
 @dataclass(frozen=True)
@@ -166,8 +209,10 @@ class TrainSettings:
     weight_decay: float = field(default=0.0, metadata=PYTHON_ONLY)
     max_grad_norm: float = field(default=1.0, metadata=PYTHON_ONLY)
     weights: LossWeights = field(default_factory=LossWeights, metadata=option(
-        f"Recovery: weights of the {', '.join(LOSS_TERMS)} loss terms [default: {default_weights(CAUSAL_LM_DEFAULTS)} "
-        f"for causal LMs, {default_weights(OTHER_KIND_DEFAULTS)} for others].", flag="--loss-weights"))
+        f"Recovery: weights of the {', '.join(LOSS_TERMS[:-1])} and (optional, CAP) {LOSS_TERMS[-1]} loss terms "
+        f"[default: {default_weights(CAUSAL_LM_DEFAULTS)} for causal LMs, {default_weights(OTHER_KIND_DEFAULTS)} for "
+        "others, no contrastive term].", flag="--loss-weights"))
+    contrastive: ContrastiveSettings = field(default_factory=ContrastiveSettings)
     # autocast dtype: "auto" is bf16 where the hardware multiplies it natively (bf16 GPUs, CPUs with AMX or
     # AVX-512 BF16), fp16 on other GPUs, float32 elsewhere
     precision: str = field(default="auto", metadata=option(

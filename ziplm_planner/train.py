@@ -24,11 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import TokenBatches
-from .distill import distillation_terms
+from .distill import RepresentationMemory, contrastive, distillation_terms
 from .errors import UserError
 from .kinds import ModelKind
 from .progress import bar, note
-from .settings import TrainSettings
+from .settings import ContrastiveSettings, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,35 @@ class TrainRecord:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_second": round(self.tokens_per_second, 1)}
+
+
+class Contrast:
+    """CAP's contrastive term over a training run: its teachers (the dense model's output, which the KL
+    terms computed already, and snapshots: models trained earlier in the run, run here without
+    gradients) and a memory of each one's recent representations."""
+
+    def __init__(self, kind: ModelKind, settings: ContrastiveSettings, snapshots: list[nn.Module], device):
+        self.kind, self.settings = kind, settings
+        self.snapshots = [s.to(device).eval() for s in snapshots] if "snapshots" in settings.teachers else []
+        self.memories = [RepresentationMemory(settings.memory) for _ in range(("dense" in settings.teachers)
+                                                                               + len(self.snapshots))]
+
+    def term(self, student_out, teacher_out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        student = self.kind.representation(student_out, mask)  # (batch, d)
+        with torch.no_grad():
+            teachers = [self.kind.representation(teacher_out, mask)] if "dense" in self.settings.teachers else []
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            teachers += [self.kind.representation(s(**inputs, output_hidden_states=True), mask) for s in self.snapshots]
+        if not teachers:  # only snapshots asked, and none made yet: the run's first model
+            return student.new_zeros(())
+        labels = batch.get("labels") if "classes" in self.settings.teachers else None
+        keys = [memory.keys(student) for memory in self.memories]
+        value = contrastive(student, teachers, [k[0] for k in keys], self.settings.temperature, labels,
+                            [k[1] for k in keys])
+        for memory, teacher in zip(self.memories, teachers):
+            memory.push(teacher, labels)
+        return value
 
 
 def autocast_precision(asked: str, gpu: bool) -> str:
@@ -140,10 +169,12 @@ def _read_progress(folder: Path | None, identity: dict) -> dict | None:
 
 
 def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenBatches, settings: TrainSettings,
-           accelerator, checkpoint: Path | None = None, label: str = "distil") -> TrainRecord:
+           accelerator, checkpoint: Path | None = None, label: str = "distil",
+           snapshots: list[nn.Module] = ()) -> TrainRecord:
     """Train `student` in place to match `teacher` on `data`; returns the record. `settings` are complete:
     what they leave to the model is filled in by `TrainSettings.for_kind`. `accelerator` is an
-    `accelerate.Accelerator`; every process calls this with the same arguments."""
+    `accelerate.Accelerator`; every process calls this with the same arguments. `snapshots`: models
+    trained earlier in the run, teachers of the contrastive term where it is on."""
     from accelerate.utils import set_seed
 
     if settings.batch_size is None or settings.weights.squarehead is None:
@@ -163,6 +194,8 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, settings.warmup))
     teacher = teacher.to(accelerator.device).eval()  # run under no_grad; its flags stay the caller's
+    contrast = Contrast(kind, settings.contrastive, list(snapshots), accelerator.device) \
+        if settings.weights.contrastive > 0 else None
     model, optimizer, prepared, scheduler = accelerator.prepare(student.train(), optimizer, loader, scheduler)
     resume(accelerator, checkpoint, progress, steps, settings.precision, label)
     per_epoch = len(prepared)
@@ -175,7 +208,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
             prepared.set_epoch(epoch)  # the shuffle of each epoch is fixed by seed and epoch: resumable
             for tensors in accelerator.skip_first_batches(prepared, done) if done else prepared:
                 batch = _batch(list(tensors))
-                terms = train_step(model, teacher, kind, batch, settings, accelerator, optimizer, scheduler)
+                terms = train_step(model, teacher, kind, batch, settings, accelerator, optimizer, scheduler, contrast)
                 progress["step"] += 1
                 progress["tokens"] += int(accelerator.gather(batch["attention_mask"].sum()).sum())
                 for name, value in terms.items():
@@ -229,14 +262,14 @@ def hand_back(accelerator, model: nn.Module, student: nn.Module) -> None:
 
 
 def train_step(model, teacher: nn.Module, kind: ModelKind, batch: dict[str, torch.Tensor], settings: TrainSettings,
-               accelerator, optimizer, scheduler) -> dict[str, float]:
+               accelerator, optimizer, scheduler, contrast: Contrast | None = None) -> dict[str, float]:
     """One optimiser step on one batch; the loss terms, averaged over the processes."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with accelerator.autocast():
         student_out = model(**inputs, output_hidden_states=True)
         with torch.no_grad():
             teacher_out = teacher(**inputs, output_hidden_states=True)
-        terms = distillation_terms(kind, student_out, teacher_out, batch, settings.weights)
+        terms = distillation_terms(kind, student_out, teacher_out, batch, settings.weights, contrast)
     accelerator.backward(terms["loss"])
     accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
     optimizer.step()
