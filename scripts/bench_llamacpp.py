@@ -1,7 +1,8 @@
 """Benchmark a decoder family in llama.cpp: each member's model.gguf against the dense one's, interleaved,
 as llama.cpp serves them, and its perplexity against the torch member's.
 
-For every GGUF type asked (`export-gguf` writes each member's file): decode (one token after `--context`
+For every GGUF type asked (`export-gguf` writes each member's file; a family made on a llama.cpp table
+is benchmarked on the files it ships, at its table's type): decode (one token after `--context`
 cached) and prefill (a `--prompt`-token prompt) timed in llama-cpp-python, all members in the same
 rounds (p10 estimator, 90% bootstrap interval), next to the speedup the family's own verification
 measured on its table's backend; and perplexity on windows of a text through llama.cpp against the
@@ -25,7 +26,7 @@ from ziplm_planner.environment import machine_info
 from ziplm_planner.export import load_pruned, load_pruned_tokenizer
 from ziplm_planner.family import MEMBER_GGUF, read_report
 from ziplm_planner.gguf_export import export_family_gguf
-from ziplm_planner.llamacpp import llama_cpp_module, perplexity, timed_call
+from ziplm_planner.llamacpp import llama_cpp_module, perplexity, repacks, timed_call
 from ziplm_planner.timing import TimingStats, interleaved_samples, speedup_interval
 
 
@@ -59,8 +60,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--windows", type=int, default=8, help="perplexity: windows of 256 tokens")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repacked", choices=("yes", "no", "f16-only"), default="f16-only",
-                        help="llama.cpp's repacked weight buffers (they crash on q8_0 on an AMX Xeon)")
+    parser.add_argument("--repacked", choices=("yes", "no", "auto"), default="auto",
+                        help="llama.cpp's repacked weight buffers (auto: as the package times them; they crash on "
+                             "q8_0 on an AMX Xeon)")
     args = parser.parse_args()
     llama_cpp_module()
     report = read_report(args.family)
@@ -74,9 +76,11 @@ def main() -> None:
           f"{llama_cpp_module().__version__}; the family's table: {report['metadata'].get('table')} "
           f"({json.dumps(report['metadata'].get('spec'))})\n")
     torch_ppl = {name: torch_perplexity(args.family / name, windows) for name in members}
-    for file_type in args.types.split(","):
-        repacked = args.repacked == "yes" or (args.repacked == "f16-only" and file_type != "q8_0")
-        export_family_gguf(args.family, file_type)
+    shipped = (report["metadata"].get("spec") or {}).get("gguf_type")  # a family timed in llama.cpp: its own files
+    for file_type in [shipped] if shipped else args.types.split(","):
+        repacked = repacks(file_type) if args.repacked == "auto" else args.repacked == "yes"
+        if not shipped:
+            export_family_gguf(args.family, file_type)
         decode = speedups(args.family, members, "decode", context[: args.context + 1], args, repacked)
         prefill = speedups(args.family, members, "prefill", context[: args.prompt], args, repacked)
         ppl = {name: perplexity(args.family / name / MEMBER_GGUF, windows, args.threads, repacked) for name in members}
