@@ -47,6 +47,32 @@ def no_cuda(monkeypatch):
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
 
 
+SMOLLM2_TABLE = Path(__file__).parents[1] / "profiles" / "smollm2-cpu2-llamacpp-f16-b1d256.json"
+
+
+def test_llamacpp_without_llama_cpp_python_is_refused_naming_the_extra(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    code, err = run_cli(monkeypatch, capsys, "profile", "smollm2", "--backend", "llamacpp", "-o", tmp_path / "t.json")
+    assert_refused(code, err, "llama.cpp needs llama-cpp-python: pip install 'ziplm-planner[llamacpp]'")
+    code, err = run_cli(monkeypatch, capsys, "compress", "smollm2", "--profile", SMOLLM2_TABLE, "--targets", "2",
+                        "--calib", write_sentences(tmp_path / "c.txt"), "-o", tmp_path / "f")
+    assert_refused(code, err, "llama.cpp needs llama-cpp-python")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+
+
+@pytest.mark.parametrize("command", ["profile", "compress"])
+def test_an_encoder_on_llamacpp_is_refused_from_its_config(monkeypatch, capsys, tmp_path, command):
+    args = (["profile", "minilm", "--backend", "llamacpp", "-o", tmp_path / "t.json"] if command == "profile" else
+            ["compress", "minilm", "--profile", SMOLLM2_TABLE, "--targets", "2", "--calib",
+             write_sentences(tmp_path / "c.txt"), "-o", tmp_path / "f"])
+    code, err = run_cli(monkeypatch, capsys, *args)
+    assert_refused(code, err, "llama.cpp runs the Llama-style decoders written here (llama, mistral), not bert")
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "f").exists()
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_profile_on_cuda_without_cuda_is_refused(monkeypatch, capsys, tmp_path, no_cuda, backend):
     code, err = run_cli(monkeypatch, capsys, "profile", "minilm", "--device", "cuda", "--backend", backend,

@@ -18,7 +18,7 @@ from .atomic import check_cache_dir, check_creatable_dir, check_writable
 from .data import check_exists, read_dataset
 from .family import FamilyReport, check_family_dir, check_reachable, parse_targets, read_report
 from .settings import CompressSettings, GenerationSettings, ProfileSettings
-from .spec import InferenceSpec, check_gguf_type, check_runs_here
+from .spec import DECODERS_ONLY, InferenceSpec, check_exportable, check_gguf_type, check_runs_here
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -43,13 +43,21 @@ def profile(model: str | LoadedModel = DEFAULT_MODEL, output: str | Path | None 
     if output is not None:
         check_writable(Path(output))
     if isinstance(model, str):
-        resolve_model(model)
+        check_runs_model(resolve_model(model), spec)
     from .profiler import profile_model
 
     table = profile_model(_loaded(model), spec, settings)
     if output is not None:
         table.save(output)
     return table
+
+
+def check_runs_model(source, spec: InferenceSpec) -> None:
+    """Refuse, from its config, a model the spec's backend cannot run (an encoder on llama.cpp)."""
+    if spec.backend in DECODERS_ONLY:
+        from .models import load_config
+
+        check_exportable(load_config(source).model_type, spec.gguf_type)
 
 
 def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets: str | list[float],
@@ -68,12 +76,13 @@ def compress(model: str | LoadedModel, table: str | Path | LatencyTable, targets
     check_family_dir(Path(output), overwrite)
     check_cache_dir(settings.cache_dir)
     targets = parse_targets(targets)
-    if isinstance(model, str):
-        resolve_model(model)  # a path that is not there
     from .table import LatencyTable  # light: numpy and pandas
 
     table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
     check_reachable(targets, table)
+    check_runs_here(table.spec)  # its members are timed here
+    if isinstance(model, str):
+        check_runs_model(resolve_model(model), table.spec)
     from .pipeline import compress_model
 
     return compress_model(_loaded(model), table, targets, str(calibration), Path(output), settings, overwrite)

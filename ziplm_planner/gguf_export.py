@@ -30,9 +30,8 @@ from .adapters import model_layers
 from .errors import UserError
 from .family import MEMBER_GGUF
 from .modeling_ziplm import ZeroAttention, ZeroMLP
-from .spec import check_gguf_type
+from .spec import check_exportable
 
-GGUF_ARCHITECTURES = ("llama", "mistral")  # Llama-style decoders llama.cpp runs as `llama`/`deci`
 Q8_0_BLOCK = 32  # values per q8_0 block (gguf.GGML_QUANT_SIZES[Q8_0][0]; test_gguf checks)
 MIN_FFN = Q8_0_BLOCK  # neurons of a zero FFN written for llama.cpp: one q8_0 block
 
@@ -152,13 +151,6 @@ def write_header(writer, config, written: list[LayerSizes], file_type: str) -> N
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type])
-
-
-def check_exportable(model_type: str, file_type: str) -> None:
-    if model_type not in GGUF_ARCHITECTURES:
-        raise UserError(f"llama.cpp runs the Llama-style decoders written here ({', '.join(GGUF_ARCHITECTURES)}), "
-                        f"not {model_type}: deploy it with ONNX Runtime (model.onnx) or torch instead")
-    check_gguf_type(file_type)
 
 
 def check_gguf_widths(shape, file_type: str, ffn_step: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .spec import LLAMA_CPP_MISSING
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ def llama_cpp_module():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError("llama.cpp needs llama-cpp-python: pip install 'ziplm-planner[llamacpp]' (it builds "
-                        "llama.cpp from source: cmake and a C++ compiler)") from None
+        raise UserError(LLAMA_CPP_MISSING) from None
     if not _QUIET:
         _QUIET.append(llama_cpp.llama_log_callback(errors_only))  # kept referenced: llama.cpp calls it later
         llama_cpp.llama_log_set(_QUIET[0], ctypes.c_void_p(0))

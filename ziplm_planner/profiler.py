@@ -26,14 +26,14 @@ from torch import nn
 
 from .adapters import REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, model_layers, model_shape
 from .backends import LAYER, STACKED, TensorCall, backend_for, input_names, model_call, random_inputs
-from .gguf_export import check_exportable, check_gguf_widths, model_vocabulary
+from .gguf_export import check_gguf_widths, model_vocabulary
 from .environment import CpuSnapshot, library_versions, machine_info, now, others_share
 from .errors import UserError
 from .kvcache import cache_argument, find_cache
 from .kinds import ModelKind
 from .models import LoadedModel
 from .progress import bar, stage
-from .spec import DECODERS_ONLY, InferenceSpec
+from .spec import DECODERS_ONLY, InferenceSpec, check_exportable
 from .surgery import LayerPlan, PruningPlan, apply_plan, prune_attention, prune_ffn
 from .layers import capture_first_layer_call
 from .settings import ProfileSettings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +17,7 @@ DECODERS_ONLY = ("llamacpp",)  # backends that run Llama-style decoders only (GG
 ENCODER_BACKENDS = tuple(b for b in BACKENDS if b not in DECODERS_ONLY)
 ONE_SEQUENCE = ("llamacpp",)  # backends that serve one sequence per call
 GGUF_TYPES = ("f32", "f16", "q8_0")  # weight types of a member's model.gguf (norms stay float32)
+GGUF_ARCHITECTURES = ("llama", "mistral")  # Llama-style decoders llama.cpp runs as `llama`/`deci` (gguf_export)
 DEFAULT_GGUF_TYPE = "f16"
 DEFAULT_BATCH_SIZE = 8
 DEVICES = ("cpu", "cuda")
@@ -123,9 +125,15 @@ def llamacpp_sees_cuda() -> bool:
 SEES_CUDA = {"torch": torch_sees_cuda, "onnxruntime": onnxruntime_sees_cuda, "llamacpp": llamacpp_sees_cuda}
 
 
+LLAMA_CPP_MISSING = ("llama.cpp needs llama-cpp-python: pip install 'ziplm-planner[llamacpp]' (it builds llama.cpp "
+                     "from source: cmake and a C++ compiler)")
+
+
 def check_runs_here(spec: InferenceSpec) -> None:
     """Refuse a spec this machine cannot time, before a model loads. Not a check of the spec itself:
     a cuda table is read, shown and compared on any machine."""
+    if spec.backend == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+        raise UserError(LLAMA_CPP_MISSING)
     if spec.device == "cuda" and not SEES_CUDA[spec.backend]():
         raise UserError(f"--device cuda: {spec.backend} here sees no CUDA GPU: profile on a machine with one "
                         "(and a CUDA build of torch or onnxruntime-gpu), or use --device cpu")
@@ -134,3 +142,11 @@ def check_runs_here(spec: InferenceSpec) -> None:
 def check_gguf_type(file_type: str) -> None:
     if file_type not in GGUF_TYPES:
         raise UserError(f"GGUF type {file_type!r} is not one this package writes: choose {', '.join(GGUF_TYPES)}")
+
+
+def check_exportable(model_type: str, file_type: str) -> None:
+    """Refuse a model llama.cpp cannot run as gguf_export writes it, or a type it does not write."""
+    if model_type not in GGUF_ARCHITECTURES:
+        raise UserError(f"llama.cpp runs the Llama-style decoders written here ({', '.join(GGUF_ARCHITECTURES)}), "
+                        f"not {model_type}: deploy it with ONNX Runtime (model.onnx) or torch instead")
+    check_gguf_type(file_type)
