@@ -231,7 +231,7 @@ def test_shipped_tables_load():
     (dict(backend="llamacpp", dtype="bfloat16"), "its weight type is --gguf-type"),
     (dict(backend="llamacpp", batch_size=2), "llamacpp serves one sequence per call: use --batch-size 1"),
     (dict(gguf_type="f16"), "--gguf-type is the llamacpp backend's weight type, not torch's"),
-    (dict(backend="llamacpp", gguf_type="q4_k"), "gguf_type 'q4_k' is not one of f32, f16, q8_0"),
+    (dict(backend="llamacpp", gguf_type="q4_k"), "gguf_type 'q4_k' is not one of f32, f16, bf16, q8_0"),
 ])
 def test_bad_specs_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):

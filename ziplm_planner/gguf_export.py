@@ -123,6 +123,8 @@ def stored(name: str, tensor: torch.Tensor, file_type: str):
         return data, None
     if file_type == "f16":
         return data.astype(np.float16), None
+    if file_type == "bf16":
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
     if data.shape[-1] % Q8_0_BLOCK:
         raise UserError(f"{name} has rows of {data.shape[-1]} values: q8_0 needs a multiple of 32; use f16 or f32")
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
@@ -150,7 +152,7 @@ def write_header(writer, config, written: list[LayerSizes], file_type: str) -> N
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type])
 
 
 def check_gguf_widths(shape, file_type: str, ffn_step: int) -> None:
