@@ -132,8 +132,9 @@ def export_gguf(family: str | Path, file_type: str = "f16") -> list[Path]:
 
 
 def verify_family(family: str | Path, rounds: int = 40) -> list[dict]:
-    """Re-time every member of `family` as it ships (its model.onnx on ONNX Runtime, else its torch model)
-    against the dense one, on this machine with the family's spec, in `rounds` interleaved repetitions;
+    """Re-time every member of `family` as it ships (its model.onnx on ONNX Runtime, model.gguf on llama.cpp,
+    else its torch model) against the dense one, on this machine with the family's spec, in `rounds`
+    interleaved repetitions;
     returns one row per member (speedup, its 90% interval, the reported speedup, status)."""
     read_report(family)  # before torch loads
     from . import retime

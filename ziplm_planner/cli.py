@@ -247,8 +247,8 @@ def evaluate(family, task, data, backend, max_tokens) -> None:
 @click.argument("family", type=click.Path(path_type=Path))
 @click.option("--rounds", type=click.IntRange(min=2), default=40, show_default=True, help="Interleaved repetitions of every member.")
 def verify(family, rounds) -> None:
-    """Re-time every member of FAMILY as it ships (its model.onnx on ONNX Runtime, else its torch model)
-    against the dense one, on this machine with the family's spec."""
+    """Re-time every member of FAMILY as it ships (its model.onnx on ONNX Runtime, model.gguf on llama.cpp,
+    else its torch model) against the dense one, on this machine with the family's spec."""
     rows = api.verify_family(family, rounds=rounds)
     click.echo(f"{'member':>8} {'target':>7} {'speedup':>8} {'90% interval':>15} {'median':>7} {'reported':>9}  status")
     for r in rows:

@@ -1,5 +1,5 @@
-"""Re-time a shipped family: every member as it ships (its model.onnx on ONNX Runtime, else its
-reloaded torch model) against its dense reference, on this machine with the family's spec."""
+"""Re-time a shipped family: every member as it ships (its model.onnx on ONNX Runtime, its model.gguf
+on llama.cpp, else its reloaded torch model) against its dense reference, on this machine with the family's spec."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from .verify import Measurement, verdict
 
 def verify_family(folder: str | Path, rounds: int = 40, seed: int = 0) -> list[dict]:
     """Time every member of a family as it ships, against its dense reference, on this machine with
-    the family's spec: each member's model.onnx (ONNX Runtime) or its reloaded torch model. All
+    the family's spec: each member's model.onnx (ONNX Runtime), model.gguf (llama.cpp) or its reloaded torch
+    model. All
     members and the dense model are interleaved in the same rounds. Returns one row per member."""
     if rounds < 2:
         raise UserError(f"rounds must be at least 2, got {rounds}")
