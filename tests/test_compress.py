@@ -1,5 +1,6 @@
 """compress: a verified family from a model, a table and targets; the level database and stitching."""
 
+import dataclasses
 import json
 import re
 
@@ -557,6 +558,29 @@ def test_interrupted_run_leaves_no_complete_looking_member_and_resumes_from_cach
     assert again.metadata["level_database"]["cached"] and (out / "report.json").exists()
     assert "dense" not in saved  # the complete dense/ is reused, not re-timed
     assert again.rows[0] == {k: v for k, v in dense_row.items() if k not in ("timing", "training")}
+
+
+def test_a_family_recorded_before_new_settings_existed_goes_on_after_an_upgrade(setup, tmp_path, monkeypatch):
+    """A family.json written by a version without some settings (here CAP's and the spec's GGUF type) is
+    this run's family where those settings are at their defaults; one that differs in any is not."""
+    import ziplm_planner.familydir as familydir
+
+    loaded, table, calib = setup
+    settings, out = fast_settings(tmp_path, onnx=False, max_replans=0), tmp_path / "family"
+    compress_model(loaded, table, [1.2], str(calib), out, settings)
+    manifest = json.loads((out / "family.json").read_text())
+    del manifest["source"]["table"]["gguf_type"]
+    train = manifest["source"]["settings"]["recovery"]["train"]
+    del train["contrastive"], train["weights"]["contrastive"]
+    (out / "family.json").write_text(json.dumps(manifest))
+    saved = record_saves(monkeypatch, familydir)
+    compress_model(loaded, table, [1.2], str(calib), out, settings)
+    assert saved == []  # every member reused
+    cap = dataclasses.replace(settings, recovery=dataclasses.replace(settings.recovery, train=dataclasses.replace(
+        settings.recovery.train, weights=dataclasses.replace(settings.recovery.train.weights, contrastive=0.5))))
+    (out / "family.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="already holds a different family"):
+        compress_model(loaded, table, [1.2], str(calib), out, cap)
 
 
 def record_saves(monkeypatch, familydir) -> list[str]:

@@ -19,6 +19,7 @@ from .cards import write_cards
 from .family import FAMILY_FORMAT, FamilyReport, check_family_dir, manifest_source, member_name
 from .models import LoadedModel
 from .settings import CompressSettings
+from .spec import InferenceSpec
 from .surgery import PruningPlan
 from .table import LatencyTable
 from .verify import Measurement, MemberResult
@@ -48,6 +49,11 @@ def model_fingerprint(loaded: LoadedModel) -> dict:
             "config": json.loads(loaded.model.config.to_json_string(use_diff=False))}
 
 
+def recorded_settings(settings: CompressSettings) -> dict:
+    """The settings as family.json records them: JSON, without the cache folder (it changes no member)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"}, default=str))
+
+
 def family_manifest(loaded: LoadedModel, table: LatencyTable, settings: CompressSettings, calibration: str,
                     training_data: str | None) -> dict:
     """What a member depends on: a rerun with all of it the same continues the family and reuses members."""
@@ -56,17 +62,34 @@ def family_manifest(loaded: LoadedModel, table: LatencyTable, settings: Compress
         "table_created": table.metadata.get("created"), "shape": asdict(table.shape),
         "calibration": data_identity(calibration),
         "training_data": None if training_data is None else data_identity(training_data),
-        "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"},
-                                          default=str))}}
+        "settings": recorded_settings(settings)}}
 
 
-def prepare_family_dir(output: Path, manifest: dict, overwrite: bool) -> bool:
+def manifest_defaults(table: LatencyTable) -> dict:
+    """The source fields a version may add, at their defaults, laid out as in family_manifest."""
+    return {"table": InferenceSpec(backend=table.spec.backend).to_dict(), "settings": recorded_settings(CompressSettings())}
+
+
+def same_source(recorded, current, defaults) -> bool:
+    """Whether a family folder's recorded source is this run's: equal, where a field that a later version
+    added (absent from the record) counts as equal at its default, so a run interrupted before an upgrade
+    goes on after it. A field the record has and this run does not is a difference."""
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return recorded == current
+    defaults = defaults if isinstance(defaults, dict) else {}
+    return recorded.keys() <= current.keys() and all(
+        same_source(recorded[key], value, defaults.get(key)) if key in recorded else value == defaults.get(key, object())
+        for key, value in current.items())
+
+
+def prepare_family_dir(output: Path, manifest: dict, overwrite: bool, defaults: dict | None = None) -> bool:
     """Refuse a directory holding something else unless `overwrite`; record what this run makes.
-    True where the directory already holds this family (an earlier, perhaps interrupted, run)."""
+    True where the directory already holds this family (an earlier, perhaps interrupted, run; `defaults`:
+    manifest_defaults)."""
     check_family_dir(output, overwrite)
     same = False
     if output.exists() and any(output.iterdir()):
-        same = manifest_source(output) == manifest["source"]
+        same = same_source(manifest_source(output), manifest["source"], defaults)
         if not same and not overwrite:
             raise UserError(f"output directory {output} already holds a different family or other files: "
                             "use --overwrite or another -o")
@@ -134,7 +157,8 @@ class FamilyDir:
     def open(cls, output: Path, loaded: LoadedModel, table: LatencyTable, settings: CompressSettings,
              calibration: str, training_data: str | None, overwrite: bool) -> FamilyDir:
         manifest = family_manifest(loaded, table, settings, calibration, training_data)
-        return cls(output, loaded, table, settings, prepare_family_dir(output, manifest, overwrite))
+        return cls(output, loaded, table, settings,
+                   prepare_family_dir(output, manifest, overwrite, manifest_defaults(table)))
 
     def finished(self, target: float, calibration_loss: float | None = None, load: bool = False) -> Member | None:
         """The member for `target` an earlier run of this family saved, if any (never made twice); its
