@@ -433,11 +433,15 @@ def llamacpp_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec,
     return gguf_runner(path, work, spec), path
 
 
-def llamacpp_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
-                           name: str) -> Runner:
+def member_gguf(folder: Path) -> Path:
     if not (folder / MODEL_GGUF).is_file():
         raise UserError(f"member {folder} has no {MODEL_GGUF}: write it with `ziplm-planner export-gguf`")
-    return gguf_runner(folder / MODEL_GGUF, work, spec)
+    return folder / MODEL_GGUF
+
+
+def llamacpp_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                           name: str) -> Runner:
+    return gguf_runner(member_gguf(folder), work, spec)
 
 
 def llamacpp_member_forward(folder: Path, kind: ModelKind) -> Callable:
@@ -445,9 +449,7 @@ def llamacpp_member_forward(folder: Path, kind: ModelKind) -> Callable:
 
     if not kind.generates:
         raise UserError(f"llama.cpp runs causal LMs, and {folder} is a {kind.name} member: score it with torch or onnx")
-    if not (folder / MODEL_GGUF).is_file():
-        raise UserError(f"member {folder} has no {MODEL_GGUF}: write it with `ziplm-planner export-gguf`")
-    return gguf_forward(folder / MODEL_GGUF)
+    return gguf_forward(member_gguf(folder))
 
 
 def cuda_synchronizer(spec: InferenceSpec) -> Callable[[], None] | None:

@@ -24,8 +24,9 @@ from torch import nn
 from .adapters import SUPPORTED_MODEL_TYPES
 from .aliases import MEMBER_RECORD
 from .atomic import usual_permissions
-from .backends import (MODEL_GGUF, MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx, filled_cache,
-                       graph_feeds, input_names, is_past, model_graph, next_token_feeds, ort_session, random_inputs)
+from .backends import (MODEL_GGUF, MODEL_ONNX, MODEL_WEIGHTS, PAST, as_array, decoder_step, export_model_onnx,
+                       filled_cache, graph_feeds, input_names, is_past, model_graph, next_token_feeds, ort_session,
+                       random_inputs)
 from .errors import UserError
 from .kinds import ModelKind, kind_named
 from .portable import copy_source_files, dense_config, write_config
@@ -146,8 +147,9 @@ def save_member(folder: Path, model: nn.Module, tokenizer, plan: PruningPlan, ki
     """Write one family member folder, checked, all at once (built in a temporary sibling, then renamed).
 
     `timed_file`, when given, is the model's file already made and timed (`export_model_onnx`'s
-    model.onnx, or gguf_export's model.gguf, named by its suffix): it ships as it is; `measurement` (how it was timed) goes to measurement.json. A `source` folder gives its
-    sentence-transformers modules and licence files (portable.py). Every save is checked:
+    model.onnx, or gguf_export's model.gguf, named by its suffix): it ships as it is; `measurement` (how
+    it was timed) goes to measurement.json. A `source` folder gives its sentence-transformers modules and
+    licence files (portable.py). Every save is checked:
     the folder is reloaded with `load_pruned` and the ONNX file run in ONNX Runtime, both compared with
     `model` (TOLERANCE). Returns pruning.json's dict."""
     folder = Path(folder)

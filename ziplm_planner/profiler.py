@@ -290,7 +290,7 @@ def stacked_block_runners(model: nn.Module, work: Workload, grid: dict[str, list
                           workdir: Path) -> dict[tuple[str, AttentionLevel | int], Callable[[], object]]:
     """For a backend that runs whole models only (llama.cpp): a runner per (block, level) of `grid`, the
     whole model with every layer keeping that block at that level and not the other, and one for the
-    fixed part (`per_layer_samples` makes block times of them). A layer's block is timed in its place
+    fixed part (`per_layer_stats` makes block times of them). A layer's block is timed in its place
     among the others, with the memory traffic of a model of that many layers, and the files are written
     as members are (gguf_export's zero blocks included: what the member's file runs)."""
     backend, shape = backend_for(spec), model_shape(model.config)

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from .errors import UserError
 from .settings import option
 
-# The backends of backends.py's registry by name, and those that time the float32 model.onnx members
-# ship with: here, so that the CLI and a spec's checks read them without importing torch.
+# The backends of backends.py's registry by name, and what each allows: here, so that the CLI and a
+# spec's checks read them without importing torch.
 BACKENDS = ("torch", "onnxruntime", "llamacpp")
 FLOAT32_ONLY = ("onnxruntime", "llamacpp")  # llama.cpp computes in float32; its weight type is gguf_type
 DECODERS_ONLY = ("llamacpp",)  # backends that run Llama-style decoders only (GGUF)
@@ -41,7 +41,7 @@ class InferenceSpec:
                                                           choices=DTYPES))
     threads: int = field(default_factory=os.cpu_count, metadata=option("Intra-op threads [default: all cores].",
                                                                        show_default=False))
-    batch_size: int = field(default=None, metadata=option(
+    batch_size: int | None = field(default=None, metadata=option(
         f"Sequences per call, as deployed [default: {DEFAULT_BATCH_SIZE}; 1 on llamacpp].", show_default=False))
     seq_len: int = field(default=128, metadata=option("Tokens per sequence (prefill)."))
     mode: str = field(default="prefill", metadata=option(
