@@ -67,7 +67,7 @@ def main() -> None:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; teacher {args.model}; member {args.member}")
     shape = for_model(loaded, TrainSettings(batch_size=args.batch_size, seq_len=args.seq_len),
                       InferenceSpec(**manifest_source(args.member.parent)["table"]).calibration_length)
-    data = load_training_data(loaded, args.train_data, shape.seq_len, seed=0)
+    data = load_training_data(loaded, [args.train_data], shape.seq_len, 0, "--train-data file")
     accelerator = make_accelerator(precision=args.precision)
     print(f"{data.num_tokens:,} training tokens in {args.train_data}, batch {shape.batch_size} x {shape.seq_len}, "
           f"autocast {accelerator.mixed_precision}")

@@ -63,6 +63,7 @@ COMPRESS = ["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--
     (["compress", "minilm", "--profile", str(TABLE), "--targets", "2", "--calib", "{tmp}/none.txt", "-o", "{tmp}/f"],
      "error: --calib file "),
     ([*COMPRESS, "--train-data", "{tmp}/none.txt", "-o", "{tmp}/f"], "error: --train-data file "),
+    ([*COMPRESS, "--train-data", "x,{tmp}/none.txt", "-o", "{tmp}/f"], "none.txt does not exist"),
     (["compress", "{model}", "--profile", str(TABLE), "--targets", "1000", "--calib", "x", "-o", "{tmp}/f"],
      "beyond this table's maximum speedup"),
     ([*COMPRESS, "-o", "/proc/family"], "folder /proc is not writable"),

@@ -37,7 +37,7 @@ def test_samples_continue_the_prompt_windows_up_to_the_budget(decoder, prompts, 
 
 def test_the_written_file_is_training_data(decoder, prompts, tmp_path):
     generated = generate_text(decoder, tmp_path / "gen.txt", prompts, settings=SETTINGS)
-    data = load_training_data(decoder, str(tmp_path / "gen.txt"), SETTINGS.seq_len, 0, "--train-data file")
+    data = load_training_data(decoder, [str(tmp_path / "gen.txt")], SETTINGS.seq_len, 0, "--train-data file")
     text_tokens = sum(len(decoder.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in generated.samples)
     assert data.num_tokens >= 0.8 * text_tokens  # all of it, less the last partial window and the joins' retokenising
 

@@ -255,3 +255,25 @@ def test_a_student_trained_in_bf16_runs_in_float32_afterwards():
     result = subprocess.run([sys.executable, "-c", BF16_DISTIL], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_several_training_files_are_mixed_and_recorded_each_by_its_content(tmp_path):
+    from ziplm_planner.familydir import training_identity
+    from ziplm_planner.recovery import load_training_data
+    from ziplm_planner.settings import RecoverySettings
+    from tiny_models import tiny_loaded_with_tokenizer, write_sentences
+
+    loaded = tiny_loaded_with_tokenizer("bert")
+    first, second = write_sentences(tmp_path / "a.txt", count=30), write_sentences(tmp_path / "b.txt", count=20, seed=1)
+    files = RecoverySettings(train_data=f"{first}, {second}").train_files
+    assert files == [str(first), str(second)]
+    one = load_training_data(loaded, files[:1], 16, 0, "--train-data file")
+    both = load_training_data(loaded, files, 16, 0, "--train-data file")
+    assert len(both.input_ids) == len(one.input_ids) + 20 and torch.equal(both.input_ids[:30], one.input_ids)
+    labelled = TokenBatches(one.input_ids, one.attention_mask, torch.zeros(30, dtype=torch.long))
+    assert TokenBatches.joined([labelled, labelled]).labels.shape == (60,)
+    assert TokenBatches.joined([labelled, one]).labels is None  # labels only where every file has them
+    identities = training_identity(f"{first},{second}")
+    assert [i["size"] for i in identities] == [first.stat().st_size, second.stat().st_size]
+    assert training_identity(str(first)) == identities[0]  # one file: recorded as before
+

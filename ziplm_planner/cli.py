@@ -201,8 +201,8 @@ def compress(model, table, targets, calibration, overwrite, output, **flags) -> 
     """Compress MODEL to every speedup target: one pruned model per target, measured to meet it."""
     settings = settings_from(CompressSettings, flags)
     check_exists(calibration, "--calib file")  # both before the model loads; their contents are read after
-    if settings.recovery.train_data is not None:
-        check_exists(settings.recovery.train_data, "--train-data file")
+    for path in settings.recovery.train_files:
+        check_exists(path, "--train-data file")
     report = api.compress(model, table, targets, calibration, output, settings=settings, overwrite=overwrite)
     if report is None:  # another process of a distributed run: the main process reports
         return

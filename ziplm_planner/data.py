@@ -245,6 +245,15 @@ class TokenBatches:
                 batch["labels"] = self.labels[i : i + batch_size]
             yield batch
 
+    @classmethod
+    def joined(cls, parts: list[TokenBatches]) -> TokenBatches:
+        """The samples of every part, in order (each padded to the same length); labels where all have them."""
+        import torch
+
+        labels = None if any(part.labels is None for part in parts) else torch.cat([part.labels for part in parts])
+        return cls(torch.cat([part.input_ids for part in parts]), torch.cat([part.attention_mask for part in parts]),
+                   labels)
+
     def split(self, first: int) -> tuple[TokenBatches, TokenBatches | None]:
         """The first `first` samples, and the rest (None if there are none)."""
         parts = [TokenBatches(self.input_ids[rows], self.attention_mask[rows],

@@ -18,7 +18,7 @@ from .export import MEASUREMENT, ONNX, WEIGHTS, load_pruned, read_record, save_m
 from .cards import write_cards
 from .family import FAMILY_FORMAT, FamilyReport, check_family_dir, manifest_source, member_name
 from .models import LoadedModel
-from .settings import CompressSettings
+from .settings import CompressSettings, RecoverySettings
 from .spec import InferenceSpec
 from .surgery import PruningPlan
 from .table import LatencyTable
@@ -54,6 +54,14 @@ def recorded_settings(settings: CompressSettings) -> dict:
     return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "cache_dir"}, default=str))
 
 
+def training_identity(training_data: str | None) -> dict | list | None:
+    """--train-data by content: one file's identity, or a list of them for several."""
+    if training_data is None:
+        return None
+    files = RecoverySettings(train_data=training_data).train_files
+    return data_identity(files[0]) if len(files) == 1 else [data_identity(path) for path in files]
+
+
 def family_manifest(loaded: LoadedModel, table: LatencyTable, settings: CompressSettings, calibration: str,
                     training_data: str | None) -> dict:
     """What a member depends on: a rerun with all of it the same continues the family and reuses members."""
@@ -61,7 +69,7 @@ def family_manifest(loaded: LoadedModel, table: LatencyTable, settings: Compress
         "model": model_fingerprint(loaded)["location"], "method": settings.method, "table": table.spec.to_dict(),
         "table_created": table.metadata.get("created"), "shape": asdict(table.shape),
         "calibration": data_identity(calibration),
-        "training_data": None if training_data is None else data_identity(training_data),
+        "training_data": training_identity(training_data),
         "settings": recorded_settings(settings)}}
 
 

@@ -248,7 +248,8 @@ class RecoverySettings:
         "member pruned from the last one (re-planned on it), then distilled.", flag="--recovery",
         choices=RECOVERY_MODES))
     train_data: str | None = field(default=None, metadata=option(
-        "Recovery training text, STS-B or GLUE file [default: --calib]."))
+        "Recovery training text, STS-B or GLUE file, or several, comma-separated (their samples mixed) "
+        "[default: --calib]."))
     train: TrainSettings = field(default_factory=TrainSettings)
     prune_steps: int = field(default=1, metadata=option(
         "Gradual: prune-and-distil steps per member, through intermediate speedups spaced evenly in log speedup "
@@ -262,6 +263,11 @@ class RecoverySettings:
         if self.prune_steps > 1 and self.mode != GRADUAL:
             raise UserError(f"--prune-steps {self.prune_steps} prunes each member in steps from the last one: "
                             "it needs --recovery gradual")
+
+    @property
+    def train_files(self) -> list[str]:
+        """The training files --train-data names (none: the calibration file is trained on)."""
+        return [] if self.train_data is None else [part.strip() for part in self.train_data.split(",") if part.strip()]
 
     @property
     def trains(self) -> bool:

@@ -81,7 +81,8 @@ def prompt_ids(loaded: LoadedModel, path: str | Path | None, settings: Generatio
     """(prompts, prompt length) token ids: the first `prompt_tokens` of every training window of `path`,
     in a seeded order, or a single BOS token."""
     if path is not None:
-        windows = load_training_data(loaded, str(path), settings.seq_len, settings.seed, "--prompts file").input_ids  # (windows, seq_len)
+        windows = load_training_data(loaded, [str(path)], settings.seq_len, settings.seed,
+                                     "--prompts file").input_ids  # (windows, seq_len)
         return windows[:, : settings.prompt_tokens]
     candidates = (loaded.tokenizer.bos_token_id, loaded.model.generation_config.bos_token_id, loaded.tokenizer.eos_token_id)
     start = next((token for token in candidates if token is not None), None)
