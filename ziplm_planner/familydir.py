@@ -18,7 +18,7 @@ from .export import MEASUREMENT, ONNX, WEIGHTS, load_pruned, read_record, save_m
 from .cards import write_cards
 from .family import FAMILY_FORMAT, FamilyReport, check_family_dir, manifest_source, member_name
 from .models import LoadedModel
-from .settings import CompressSettings, RecoverySettings
+from .settings import CompressSettings, file_list
 from .spec import InferenceSpec
 from .surgery import PruningPlan
 from .table import LatencyTable
@@ -58,7 +58,7 @@ def training_identity(training_data: str | None) -> dict | list | None:
     """--train-data by content: one file's identity, or a list of them for several."""
     if training_data is None:
         return None
-    files = RecoverySettings(train_data=training_data).train_files
+    files = file_list(training_data)
     return data_identity(files[0]) if len(files) == 1 else [data_identity(path) for path in files]
 
 
@@ -75,7 +75,8 @@ def family_manifest(loaded: LoadedModel, table: LatencyTable, settings: Compress
 
 def manifest_defaults(table: LatencyTable) -> dict:
     """The source fields a version may add, at their defaults, laid out as in family_manifest."""
-    return {"table": InferenceSpec(backend=table.spec.backend).to_dict(), "settings": recorded_settings(CompressSettings())}
+    return {"table": InferenceSpec(backend=table.spec.backend).to_dict(),
+            "settings": recorded_settings(CompressSettings())}
 
 
 def same_source(recorded, current, defaults) -> bool:
@@ -85,9 +86,11 @@ def same_source(recorded, current, defaults) -> bool:
     if not (isinstance(recorded, dict) and isinstance(current, dict)):
         return recorded == current
     defaults = defaults if isinstance(defaults, dict) else {}
-    return recorded.keys() <= current.keys() and all(
-        same_source(recorded[key], value, defaults.get(key)) if key in recorded else value == defaults.get(key, object())
-        for key, value in current.items())
+    def same(key, value) -> bool:
+        if key in recorded:
+            return same_source(recorded[key], value, defaults.get(key))
+        return value == defaults.get(key, object())  # no default known: a difference
+    return recorded.keys() <= current.keys() and all(same(key, value) for key, value in current.items())
 
 
 def prepare_family_dir(output: Path, manifest: dict, overwrite: bool, defaults: dict | None = None) -> bool:

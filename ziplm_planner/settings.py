@@ -134,6 +134,11 @@ class LossWeights:
         return cls(**terms, **others)
 
 
+def file_list(text: str | None) -> list[str]:
+    """'a.csv, b.tsv' -> the paths a comma-separated option names (None: none)."""
+    return [] if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
 def cap_teachers(text: str) -> tuple[str, ...]:
     """'dense,snapshots' -> the teachers of CAP's contrastive term, each one of CAP_TEACHERS, once."""
     names = tuple(item.strip() for item in text.split(",") if item.strip())
@@ -267,7 +272,7 @@ class RecoverySettings:
     @property
     def train_files(self) -> list[str]:
         """The training files --train-data names (none: the calibration file is trained on)."""
-        return [] if self.train_data is None else [part.strip() for part in self.train_data.split(",") if part.strip()]
+        return file_list(self.train_data)
 
     @property
     def trains(self) -> bool:
