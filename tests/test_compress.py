@@ -898,6 +898,27 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_family(setup, tmp_path, 
             assert (tmp_path / "whole" / member / name).read_bytes() == (tmp_path / "resumed" / member / name).read_bytes()
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "llamacpp"])
+def test_a_held_member_needs_no_timed_file_a_shipped_one_does(setup, tmp_path, backend):
+    """A verified member held for training is timed again once trained: it is reused without the file its
+    backend timed (model.onnx, model.gguf); a shipped member is complete only with it."""
+    from ziplm_planner.export import save_member
+    from ziplm_planner.familydir import held_folder, measurement_record, saved_result
+    from ziplm_planner.surgery import PruningPlan
+    from ziplm_planner.verify import MemberResult
+
+    loaded, table, _ = setup
+    table = dataclasses.replace(table, spec=dataclasses.replace(table.spec, backend=backend, batch_size=1))
+    plan = PruningPlan.dense(table.shape)
+    measurement = StubVerifier(table, [1.0]).measure(loaded.model, 1.3)
+    result = MemberResult(1.3, "x1.3", plan, table.predict(plan.kept_counts()), measurement, 0.5, 100)
+    folder = held_folder(tmp_path, "x1.3")
+    save_member(folder, loaded.model, None, plan, loaded.kind, {"target": 1.3}, onnx=False,
+                measurement=measurement_record(result, table.dense_ms))
+    assert saved_result(folder, 1.3, table, onnx=False, shipped=False) is not None
+    assert saved_result(folder, 1.3, table, onnx=False) is None
+
+
 def test_a_member_interrupted_in_training_is_trained_on_as_verified_when_the_machine_has_slowed(setup, tmp_path,
                                                                                                monkeypatch):
     """Stopped after the second member was verified and trained but before it was saved, the run is

@@ -130,7 +130,7 @@ def measurement_record(result: MemberResult, dense_ms: float) -> dict:
 
 
 def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
-                 calibration_loss: float | None = None) -> MemberResult | None:
+                 calibration_loss: float | None = None, shipped: bool = True) -> MemberResult | None:
     """A member saved in `folder` (by an earlier run of this family: the manifest says with the same
     settings, data and table), rebuilt from its files; None, and the member is made again, unless every
     file is there, it was made for `target` on this table's prediction, and (where given) with this
@@ -145,7 +145,8 @@ def saved_result(folder: Path, target: float, table: LatencyTable, onnx: bool,
                               saved.get("predicted_speedups_tried", []), saved["training"])
     except (UserError, OSError, ValueError, KeyError, TypeError):  # missing, unreadable, or from an older version
         return None
-    timed = [] if measurement is None else [backend_for(table.spec).member_file]  # the very file that was timed
+    # a shipped member holds the very file that was timed; a held one (not `shipped`) is timed again once trained
+    timed = [backend_for(table.spec).member_file] if shipped and measurement is not None else []
     files = ["config.json", WEIGHTS, *([ONNX] if onnx else []), *timed]
     complete = all((folder / name).is_file() for name in files) and (record.get("onnx") is not None or not onnx)
     same = (saved.get("target") == target and saved.get("predicted_ms") == round(result.predicted_ms, 4)
@@ -203,7 +204,7 @@ class FamilyDir:
         """The member for `target` an earlier run of this family verified and began to train, if it was cut
         from `cut_from`; else None, and it is planned again."""
         folder = held_folder(self.path, member_name(target))
-        if not self.resumed or (result := saved_result(folder, target, self.table, onnx=False)) is None:
+        if not self.resumed or (result := saved_result(folder, target, self.table, onnx=False, shipped=False)) is None:
             return None
         record = read_record(folder)
         if record.get("cut_from") != plan_identity(cut_from):  # the member before it was made again, differently
