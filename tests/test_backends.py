@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ziplm_planner import spec
-from ziplm_planner.backends import BACKENDS, MODEL_GGUF, MODEL_ONNX, STACKED, backend_for, backend_named
+from ziplm_planner.backends import BACKENDS, MODEL_GGUF, MODEL_ONNX, backend_for, backend_named
 from ziplm_planner.errors import UserError
 from ziplm_planner.export import load_pruned, save_member
 from ziplm_planner.profiler import workload
@@ -21,8 +21,7 @@ TESTED_ON_GGUF = ("llamacpp",)  # ... and test_llamacpp_runs_the_members_gguf_as
 def test_every_registered_backend_has_a_test():
     assert set(BACKENDS) == {*TESTED, *TESTED_ON_GGUF}
     # a backend without a block runner times its blocks stacked in whole models (profiler.py)
-    assert {name for name, backend in BACKENDS.items() if backend.block_runner is None} == set(TESTED_ON_GGUF)
-    assert all(BACKENDS[name].block_timing == STACKED for name in TESTED_ON_GGUF)
+    assert {name for name, backend in BACKENDS.items() if backend.runs_whole_models_only} == set(TESTED_ON_GGUF)
 
 
 def test_the_registry_names_the_backends_a_spec_accepts():

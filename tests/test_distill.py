@@ -1,6 +1,7 @@
 """Distillation loss terms: closed forms, padding never counts, identical models lose nothing."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -192,8 +193,7 @@ def test_the_contrastive_term_is_computed_where_its_weight_is_set(kind_name):
     weights = TrainSettings().for_kind(kind).weights
     assert "contrastive" not in distillation_terms(kind, student_out, teacher_out, batch, weights)
     contrast = Contrast(kind, ContrastiveSettings(memory=4), [copy.deepcopy(student)], "cpu")
-    on = copy.copy(weights)
-    object.__setattr__(on, "contrastive", 0.5)
+    on = dataclasses.replace(weights, contrastive=0.5)
     terms = distillation_terms(kind, student_out, teacher_out, batch, on, contrast)
     assert float(terms["contrastive"]) > 0
     without = sum(getattr(weights, name) * value for name, value in terms.items() if name not in ("loss", "contrastive"))

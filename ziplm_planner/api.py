@@ -110,8 +110,8 @@ def generate_text(model: str | LoadedModel, output: str | Path, prompts: str | P
 def evaluate_family(family: str | Path, task: str, data: str | Path, backend: str = "torch",
                     max_tokens: int | None = None) -> dict[str, float]:
     """Score the dense reference and every member of `family` (a folder compress wrote) on `task` (stsb,
-    classification, perplexity or fidelity) with the data file `data`, each member's torch model or its
-    model.onnx (`backend` "onnxruntime"); writes the scores into the family's report and returns
+    classification, perplexity or fidelity) with the data file `data`, each member's torch model, its
+    model.onnx (`backend` "onnxruntime") or its model.gguf ("llamacpp"); writes the scores into the family's report and returns
     {member folder: score}. `max_tokens` caps the tokens perplexity and fidelity read."""
     read_report(family)  # these two before torch loads
     check_exists(data, "--data file")
@@ -122,7 +122,7 @@ def evaluate_family(family: str | Path, task: str, data: str | Path, backend: st
 
 def export_gguf(family: str | Path, file_type: str = "f16") -> list[Path]:
     """Write model.gguf (llama.cpp) into every member of `family`, a Llama-style decoder family, at
-    `file_type` (f32, f16 or q8_0), with its source GGUF's tokenizer (else the member's tokenizer.json);
+    `file_type` (spec.GGUF_TYPES), with its source GGUF's tokenizer (else the member's tokenizer.json);
     returns the files written."""
     read_report(family)  # these two before torch loads
     check_gguf_type(file_type)
@@ -134,8 +134,8 @@ def export_gguf(family: str | Path, file_type: str = "f16") -> list[Path]:
 def verify_family(family: str | Path, rounds: int = 40) -> list[dict]:
     """Re-time every member of `family` as it ships (its model.onnx on ONNX Runtime, model.gguf on llama.cpp,
     else its torch model) against the dense one, on this machine with the family's spec, in `rounds`
-    interleaved repetitions;
-    returns one row per member (speedup, its 90% interval, the reported speedup, status)."""
+    interleaved repetitions; returns one row per member (speedup, its 90% interval, the reported speedup,
+    status)."""
     read_report(family)  # before torch loads
     from . import retime
 

@@ -337,7 +337,6 @@ def onnx_runner(path: Path, inputs: dict[str, torch.Tensor], spec: InferenceSpec
 # --- the registry: how each backend runs what is timed and what is scored -------------------------
 
 Runner = Callable[[], object]  # runs the timed thing once
-LAYER, STACKED = "layer", "stacked"  # how a backend's blocks are timed (Backend.block_timing)
 MODEL_ONNX, MODEL_GGUF, MODEL_WEIGHTS = MEMBER_ONNX, MEMBER_GGUF, "model.safetensors"  # a member's files
 
 
@@ -470,27 +469,29 @@ class Backend:
     Runners take (what to run, ..., spec, workdir, name): a block or whole model's `TensorCall` and
     inputs; a model and its `Workload` (returning the ONNX file timed, where the backend ships one);
     a shipped member folder with its reloaded model and workload. `member_forward(folder, kind)` is
-    what evaluate scores the member with. `block_timing` says how the profiler times a block: alone
-    ("layer": the first layer cut to size), or where the backend runs only whole models ("stacked":
-    every layer cut to size, less the fixed part)."""
+    what evaluate scores the member with. A backend without a `block_runner` runs whole models only
+    (llama.cpp): the profiler times its blocks stacked (`runs_whole_models_only`)."""
 
     name: str
     timed: str  # what a member's timing runs, as reports name it
     member_file: str  # the file of a member folder the backend runs
-    block_timing: str
     block_runner: Callable[[TensorCall, dict[str, torch.Tensor], InferenceSpec, Path, str], Runner] | None
     model_runner: Callable[[nn.Module, Workload, InferenceSpec, Path, str], tuple[Runner, Path | None]]
     member_runner: Callable[[Path, nn.Module, Workload, InferenceSpec, Path, str], Runner]
     member_forward: Callable[[Path, ModelKind], Callable]
     synchronizer: Callable[[InferenceSpec], Callable[[], None] | None]  # waited on before a clock is read
 
+    @property
+    def runs_whole_models_only(self) -> bool:
+        return self.block_runner is None
+
 
 BACKENDS = {backend.name: backend for backend in (
-    Backend("torch", "torch module", MODEL_WEIGHTS, LAYER, torch_block_runner, torch_model_runner,
+    Backend("torch", "torch module", MODEL_WEIGHTS, torch_block_runner, torch_model_runner,
             torch_member_runner, torch_member_forward, cuda_synchronizer),
-    Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, LAYER, onnx_block_runner, onnx_model_runner, onnx_member_runner,
+    Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, onnx_block_runner, onnx_model_runner, onnx_member_runner,
             onnx_member_forward, no_synchronizer),
-    Backend("llamacpp", MODEL_GGUF, MODEL_GGUF, STACKED, None, llamacpp_model_runner, llamacpp_member_runner,
+    Backend("llamacpp", MODEL_GGUF, MODEL_GGUF, None, llamacpp_model_runner, llamacpp_member_runner,
             llamacpp_member_forward, no_synchronizer),
 )}
 ALIASES = {"onnx": "onnxruntime"}  # names evaluate also accepts

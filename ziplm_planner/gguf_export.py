@@ -160,12 +160,12 @@ def check_gguf_widths(shape, file_type: str, ffn_step: int) -> None:
     (q8_0 stores rows in blocks of 32 values: the hidden size, a head's width, every FFN size timed)."""
     if file_type != "q8_0":
         return
-    block = Q8_0_BLOCK
     for what, width in (("hidden size", shape.hidden_size), ("head size", shape.head_dim),
                         ("FFN size", shape.intermediate_size), ("--ffn-step", ffn_step)):
-        if width % block:
-            raise UserError(f"q8_0 stores rows in blocks of {block} values, and the {what} is {width}: "
-                            f"use --gguf-type f16 or f32{' or a multiple of 32' if what == '--ffn-step' else ''}")
+        if width % Q8_0_BLOCK:
+            remedy = f" or a multiple of {Q8_0_BLOCK}" if what == "--ffn-step" else ""
+            raise UserError(f"q8_0 stores rows in blocks of {Q8_0_BLOCK} values, and the {what} is {width}: "
+                            f"use --gguf-type f16 or f32{remedy}")
 
 
 def write_gguf(model: nn.Module, path: Path, vocabulary, file_type: str = "f32") -> Path:
@@ -260,21 +260,19 @@ class NoVocabulary:
 NO_VOCABULARY = NoVocabulary()
 
 
-def vocabulary_for(source, member: Path):
-    """The tokenizer a member's GGUF carries: its source GGUF's where the model was read from one (the
-    tokenizer llama.cpp was given for it), else the member's own tokenizer.json."""
+def vocabulary_for(source, folder: Path):
+    """The tokenizer a GGUF of this model carries: its source GGUF's where the model was read from one (the
+    tokenizer llama.cpp was given for it), else the tokenizer.json in `folder` (a member's, or the source's)."""
     if source.gguf_file:
         return SourceVocabulary(Path(source.location) / source.gguf_file)
-    return HuggingFaceVocabulary(member)
+    return HuggingFaceVocabulary(folder)
 
 
 def model_vocabulary(loaded):
     """The tokenizer a loaded model's GGUF files carry: its source GGUF's, else its own."""
     source = loaded.source
-    if source.gguf_file:
-        return SourceVocabulary(Path(source.location) / source.gguf_file)
-    if source.folder is not None and (source.folder / "tokenizer.json").is_file():
-        return HuggingFaceVocabulary(source.folder)
+    if source.gguf_file or (source.folder is not None and (source.folder / "tokenizer.json").is_file()):
+        return vocabulary_for(source, source.folder)
     from transformers import PreTrainedTokenizerBase
 
     if isinstance(loaded.tokenizer, PreTrainedTokenizerBase):

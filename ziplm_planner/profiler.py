@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import REMOVED_ATTENTION, AttentionLevel, ModelShape, architecture_for, model_layers, model_shape
-from .backends import LAYER, STACKED, TensorCall, backend_for, input_names, model_call, random_inputs
+from .backends import TensorCall, backend_for, input_names, model_call, random_inputs
 from .gguf_export import check_gguf_widths, model_vocabulary
 from .environment import CpuSnapshot, library_versions, machine_info, now, others_share
 from .errors import UserError
@@ -245,11 +245,12 @@ def profile_once(loaded: LoadedModel, spec: InferenceSpec, settings: ProfileSett
     with stage("profile", f"{loaded.source.reference}, {spec.backend} on {spec.device}, {spec.mode}"), \
             tempfile.TemporaryDirectory(prefix="ziplm-profile-") as tmp:
         work, backend = workload(loaded, spec, settings.seed), backend_for(spec)
-        runners = BLOCK_RUNNERS[backend.block_timing](loaded.model, work, grid, spec, Path(tmp))
+        block_runners = stacked_block_runners if backend.runs_whole_models_only else layer_block_runners
+        runners = block_runners(loaded.model, work, grid, spec, Path(tmp))
         with stage("timing blocks", f"{len(runners)} blocks x {settings.rounds} rounds, interleaved"):
             stats = time_interleaved(runners, settings.rounds, settings.warmup, settings.seed,
                                      backend.synchronizer(spec), description=f"timing {len(runners)} blocks")
-        if backend.block_timing == STACKED:
+        if backend.runs_whole_models_only:
             stats = per_layer_stats(stats, shape.num_layers)
         records = [{"block": block, **record_fields(level), "time_ms": s.estimate(settings.estimator), **s.to_dict()}
                    for (block, level), s in sorted(stats.items())]
@@ -304,9 +305,6 @@ def stacked_block_runners(model: nn.Module, work: Workload, grid: dict[str, list
                                                            f"{block}{level}")[0]
         runners[(FIXED, 0)] = backend.model_runner(fixed_part(model), work, spec, workdir, "fixed")[0]
     return runners
-
-
-BLOCK_RUNNERS = {LAYER: layer_block_runners, STACKED: stacked_block_runners}
 
 
 def per_layer_stats(stats: dict[tuple, TimingStats], layers: int) -> dict[tuple, TimingStats]:

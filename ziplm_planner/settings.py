@@ -135,13 +135,13 @@ class LossWeights:
 
 
 def file_list(text: str | None) -> list[str]:
-    """'a.csv, b.tsv' -> the paths a comma-separated option names (None: none)."""
+    """'a.csv, b.tsv' -> the items a comma-separated option names, paths or names (None: none)."""
     return [] if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
 def cap_teachers(text: str) -> tuple[str, ...]:
     """'dense,snapshots' -> the teachers of CAP's contrastive term, each one of CAP_TEACHERS, once."""
-    names = tuple(item.strip() for item in text.split(",") if item.strip())
+    names = tuple(file_list(text))
     if not names or len(set(names)) != len(names) or not set(names) <= set(CAP_TEACHERS):
         raise UserError(f"contrastive teachers are some of {', '.join(CAP_TEACHERS)}, each once, got {text!r}")
     return names

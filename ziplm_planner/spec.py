@@ -73,6 +73,8 @@ class InferenceSpec:
             raise UserError("float16 on cpu is not a deployment target: use float32 or bfloat16 on cpu")
         if self.backend in ONE_SEQUENCE and self.batch_size != 1:
             raise UserError(f"{self.backend} serves one sequence per call: use --batch-size 1 (its default)")
+        if self.backend != "llamacpp" and self.gguf_type is not None:
+            raise UserError(f"--gguf-type is the llamacpp backend's weight type, not {self.backend}'s: drop it")
         if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
             raise UserError(f"gguf_type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
 
@@ -82,8 +84,6 @@ class InferenceSpec:
             object.__setattr__(self, "batch_size", 1 if self.backend in ONE_SEQUENCE else DEFAULT_BATCH_SIZE)
         if self.backend == "llamacpp" and self.gguf_type is None:
             object.__setattr__(self, "gguf_type", DEFAULT_GGUF_TYPE)
-        elif self.backend != "llamacpp" and self.gguf_type is not None:
-            raise UserError(f"--gguf-type is the llamacpp backend's weight type, not {self.backend}'s: drop it")
 
     @property
     def tokens(self) -> int:
