@@ -669,6 +669,35 @@ def test_oneshot_recovery_distils_each_member_and_reports_it(setup, tmp_path, ca
     assert_reloads_as_scored(setup, settings, out / row["folder"], row)  # the trained weights, not the pruned ones
 
 
+@pytest.mark.parametrize("after_training", [1.0, 0.9])
+def test_a_trained_member_that_retimes_below_its_band_is_pruned_on(setup, tmp_path, monkeypatch, after_training):
+    """Verified inside its band, trained, then re-timed: where the re-timing falls below the band the
+    trained member is pruned on (re-planned tighter from its trained weights) until it measures inside;
+    the report and card say so. Inside the band, the trained member ships as it is."""
+    import ziplm_planner.pipeline as pipeline
+    from ziplm_planner.settings import RecoverySettings, TrainSettings
+
+    loaded, table, calib = setup
+    # verified at the target; after training `after_training` x it; pruned on: the same shapes again, then met
+    factors = [1.0, after_training, after_training, 1.0]
+    monkeypatch.setattr(pipeline, "verifier_for", lambda loaded, table, *args: StubVerifier(table, factors))
+    train = TrainSettings(tokens=500, batch_size=8, learning_rate=1e-3)
+    settings = fast_settings(tmp_path, onnx=False, max_replans=3, recovery=RecoverySettings("oneshot", None, train))
+    target = within(table, 1.4)
+    out = tmp_path / "family"
+    row = compress_model(loaded, table, [target], str(calib), out, settings).rows[1]
+    assert row["status"] == "met" and row["recovery"] == "oneshot"
+    card = (out / row["folder"] / "README.md").read_text()
+    if after_training == 1.0:
+        assert row["speedup_after_training"] is None and row["replans"] == 0 and "pruned on" not in card
+        return
+    assert row["speedup_after_training"] == pytest.approx(0.9 * target, abs=1e-4)
+    assert row["replans"] == 1 and row["speedups_tried"] == pytest.approx([0.9 * target, target], abs=1e-4)
+    assert row["predicted_speedups_tried"][1] > row["predicted_speedups_tried"][0]  # a tighter plan
+    assert f"re-timed at {0.9 * target:.2f}x after training, below its band" in card
+    assert_reloads_as_scored(setup, settings, out / row["folder"], row)  # the model pruned on is what ships
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"recovery": "gradually"}, "unknown recovery"),
     ({"train": {"tokens": 0}}, "at least 1 token"),

@@ -79,8 +79,12 @@ def quality_lines(row: dict, dense: dict | None, metadata: dict) -> list[str]:
 def recovery_line(row: dict) -> str:
     if row.get("recovery", "none") == "none":
         return "none (one-shot: second-order weight updates only)"
-    return (f"{row['recovery']}: distilled from the dense model on {row['train_tokens']:,} tokens "
+    line = (f"{row['recovery']}: distilled from the dense model on {row['train_tokens']:,} tokens "
             f"({row['train_steps']} steps, {row['prune_steps']} prune step{'s' if row['prune_steps'] != 1 else ''})")
+    if row.get("speedup_after_training") is not None:
+        line += (f"; it re-timed at {row['speedup_after_training']:.2f}x after training, below its band, and was "
+                 "pruned on from the trained weights, untrained")
+    return line
 
 
 def load_section(auto: str, remote_code: bool, sentence_transformers: bool, onnx_file: bool, gguf_file: bool) -> str:
