@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -851,7 +852,7 @@ def test_gradual_recovery_refuses_sequential_inputs(tmp_path):
         fast_settings(tmp_path, recovery=RecoverySettings("gradual"), calibration_inputs="sequential")
 
 
-def run_on_two_processes(setup, folder):
+def run_on_two_processes(setup, folder, *options):
     """tests/distributed_compress.py under torchrun, two CPU ranks over gloo, on `folder`."""
     import subprocess
     import sys
@@ -862,7 +863,8 @@ def run_on_two_processes(setup, folder):
     (folder / "calib.txt").write_text(calib.read_text())
     root = Path(__file__).parents[1]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(root / "tests" / "distributed_compress.py"), str(folder), f"1.2,{within(table, 1.8)}"],
+                           str(root / "tests" / "distributed_compress.py"), str(folder), f"1.2,{within(table, 1.8)}",
+                           *options],
                           cwd=root, capture_output=True, text=True, timeout=600)
 
 
@@ -874,6 +876,19 @@ def test_gradual_family_on_two_processes_is_complete_and_both_end_with_the_same_
     assert [row["recovery"] for row in report["members"]] == ["none", "gradual", "gradual"]
     assert [row.get("prune_steps") for row in report["members"]] == [None, 2, 2]  # intermediate models shared too
     assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()
+
+
+def test_a_resumed_cap_run_gives_every_process_the_reused_members_as_snapshots(setup, tmp_path):
+    """CAP's snapshot teachers on two processes: a member an earlier run trained is reused by the main
+    process only (it alone reads the family), yet every process must hold it as a teacher. Weights
+    agree across processes whatever their losses (gradients are averaged), so the count is compared."""
+    assert run_on_two_processes(setup, tmp_path, "cap").returncode == 0
+    last = json.loads((tmp_path / "family" / "report.json").read_text())["members"][-1]["folder"]
+    shutil.rmtree(tmp_path / "family" / last)  # the first member is reused, the last made again
+    result = run_on_two_processes(setup, tmp_path, "cap")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{rank}.snapshots").read_text()) for rank in (0, 1)]
+    assert seen[0] == seen[1] == [1, 2]  # the last member's step: the reused member; the member: and the step
 
 
 def test_when_the_main_process_fails_the_others_stop_with_it(setup, tmp_path):

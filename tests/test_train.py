@@ -63,23 +63,23 @@ def test_distillation_brings_a_pruned_student_closer_to_its_teacher():
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
-def distil_until_checkpoint(monkeypatch, student, teacher, kind, folder, checkpoints, every):
+def distil_until_checkpoint(monkeypatch, student, teacher, kind, folder, checkpoints, every, snapshots=(), **kw):
     """Train with a checkpoint every `every` steps and stop, as an interrupt would, once `checkpoints`
     of them are written."""
     import ziplm_planner.train as train_module
 
     real_save, saved = train_module.save_checkpoint, []
 
-    def save_then_stop(accelerator, folder, progress):
-        real_save(accelerator, folder, progress)
+    def save_then_stop(accelerator, folder, progress, *args):
+        real_save(accelerator, folder, progress, *args)
         saved.append(progress["step"])
         if len(saved) == checkpoints:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        distil(student, teacher, kind, tiny_data(), settings(kind, checkpoint_every=every), make_accelerator(cpu=True),
-               folder)
+        distil(student, teacher, kind, tiny_data(), settings(kind, checkpoint_every=every, **kw),
+               make_accelerator(cpu=True), folder, snapshots=snapshots)
     monkeypatch.undo()
 
 
@@ -115,20 +115,29 @@ def test_a_log_without_bars_says_at_each_checkpoint_how_far_training_has_come(tm
     assert lines[-1].split(", ")[1] == f"{record.tokens:,} tokens"
 
 
-# GPT-2 ties its output layer to the embeddings, as SmolLM2 does: a checkpoint stores the tied weight once
-@pytest.mark.parametrize("model_type,kind", [("bert", EMBEDDING), ("gpt2", CAUSAL_LM)])
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, model_type, kind):
+# GPT-2 ties its output layer to the embeddings, as SmolLM2 does: a checkpoint stores the tied weight once.
+# With CAP's term the memory of earlier batches is part of the state: its negatives shape every later step
+@pytest.mark.parametrize("model_type,kind,contrastive", [("bert", EMBEDDING, False), ("gpt2", CAUSAL_LM, False),
+                                                         ("bert", EMBEDDING, True)])
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, model_type, kind, contrastive):
+    from ziplm_planner.settings import LossWeights
+
     def pair():
         return tiny_pair(model_type=model_type, causal_lm=kind == CAUSAL_LM)
 
+    snapshots = [tiny_pair(seed=1)[0]] if contrastive else []
+    cap = dict(weights=LossWeights(contrastive=1.0)) if contrastive else {}
     whole, teacher = pair()
-    distil(whole, teacher, kind, tiny_data(), settings(kind, checkpoint_every=2), make_accelerator(cpu=True),
-           tmp_path / "whole")
+    distil(whole, teacher, kind, tiny_data(), settings(kind, checkpoint_every=2, **cap), make_accelerator(cpu=True),
+           tmp_path / "whole", snapshots=snapshots)
     resumed, _ = pair()
-    distil_until_checkpoint(monkeypatch, resumed, teacher, kind, tmp_path / "resumed", checkpoints=2, every=2)
+    distil_until_checkpoint(monkeypatch, resumed, teacher, kind, tmp_path / "resumed", checkpoints=2, every=2,
+                            snapshots=snapshots, **cap)
+    if contrastive:
+        assert (tmp_path / "resumed" / "contrastive-memory-0.pt").is_file()
     resumed, _ = pair()  # a new process: the weights come from the checkpoint
-    record = distil(resumed, teacher, kind, tiny_data(), settings(kind, checkpoint_every=2), make_accelerator(cpu=True),
-                    tmp_path / "resumed")
+    record = distil(resumed, teacher, kind, tiny_data(), settings(kind, checkpoint_every=2, **cap),
+                    make_accelerator(cpu=True), tmp_path / "resumed", snapshots=snapshots)
     assert record.steps == planned_steps(tiny_data(), settings(), 1)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)

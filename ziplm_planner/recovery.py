@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DONE = "done"  # what the main process shares when nothing more is to be trained
 FAILED = "failed"  # ... and when it stopped on an error
+TRAIN = "train"  # ... with a model to train together
+SNAPSHOT = "snapshot"  # ... with a member an earlier run trained: every process keeps it as a CAP teacher
 
 
 def joined(parts: list[dict]) -> dict:
@@ -178,14 +180,18 @@ class Recovery:
         """The other processes' part of a run: take each model the main process pruned (a member or an
         intermediate step) and distil it together with the main process, until it says the run is done;
         write nothing. Returns the last model trained."""
-        model = None
+        trained = None
         while (shared := self._share(None)) != DONE:  # pickled across processes: equal, not the same object
             if shared == FAILED:
                 raise UserError("the main process stopped on an error (its output says which): this one stops too")
-            plan, state, name = shared
+            what, plan, state, name = shared
             model = build_pruned(type(self.loaded.model), self.loaded.model.config, PruningPlan.from_dict(plan), state)
-            self._train(model, plan, name)
-        return model
+            if what == SNAPSHOT:
+                self._snapshot(model)
+            else:
+                self._train(model, plan, name)
+                trained = model
+        return trained
 
     @contextmanager
     def leading(self):
@@ -214,7 +220,7 @@ class Recovery:
 
     def _distil(self, model, plan: PruningPlan, name: str):
         """The main process's part: hand the model to the other processes, then train it with them."""
-        self._share((plan.to_dict(), model.state_dict(), name))
+        self._share((TRAIN, plan.to_dict(), model.state_dict(), name))
         self._training = True
         record = self._train(model, plan.to_dict(), name)
         self._training = False
@@ -232,8 +238,10 @@ class Recovery:
         return record
 
     def reused(self, member: Member) -> None:
-        """A member an earlier run of this family trained and saved: a snapshot too (gradual runs load it)."""
-        if member.model is not None:
+        """A member an earlier run of this family trained and saved: a snapshot too (gradual runs load it),
+        in every process."""
+        if member.model is not None and self._keeps_snapshots:
+            self._share((SNAPSHOT, member.result.plan.to_dict(), member.model.state_dict(), member.result.folder))
             self._snapshot(member.model)
 
     def _snapshot(self, model) -> None:

@@ -59,7 +59,7 @@ class Contrast:
     gradients) and a memory of each one's recent representations."""
 
     def __init__(self, kind: ModelKind, settings: ContrastiveSettings, snapshots: list[nn.Module], device):
-        self.kind, self.settings = kind, settings
+        self.kind, self.settings, self.device = kind, settings, device
         self.snapshots = [s.to(device).eval() for s in snapshots] if "snapshots" in settings.teachers else []
         self.memories = [RepresentationMemory(settings.memory) for _ in range(("dense" in settings.teachers)
                                                                                + len(self.snapshots))]
@@ -80,6 +80,18 @@ class Contrast:
         for memory, teacher in zip(self.memories, teachers):
             memory.push(teacher, labels)
         return value
+
+    def memory_file(self, checkpoint: Path, process: int) -> Path:
+        """Each process remembers the batches it saw: one file each in a checkpoint."""
+        return checkpoint / f"contrastive-memory-{process}.pt"
+
+    def save(self, checkpoint: Path, process: int) -> None:
+        torch.save([(m.vectors, m.labels) for m in self.memories], self.memory_file(checkpoint, process))
+
+    def load(self, checkpoint: Path, process: int) -> None:
+        saved = torch.load(self.memory_file(checkpoint, process), map_location=self.device)
+        for memory, (vectors, labels) in zip(self.memories, saved, strict=True):
+            memory.vectors, memory.labels = vectors, labels
 
 
 def autocast_precision(asked: str, gpu: bool) -> str:
@@ -197,7 +209,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
     contrast = Contrast(kind, settings.contrastive, list(snapshots), accelerator.device) \
         if settings.weights.contrastive > 0 else None
     model, optimizer, prepared, scheduler = accelerator.prepare(student.train(), optimizer, loader, scheduler)
-    resume(accelerator, checkpoint, progress, steps, settings.precision, label)
+    resume(accelerator, checkpoint, progress, steps, settings.precision, label, contrast)
     per_epoch = len(prepared)
     window: dict[str, list[float]] = {}
     started = time.perf_counter() - progress["seconds"]
@@ -221,7 +233,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
                     window = {}
                 if checkpoint is not None and (progress["step"] % settings.checkpoint_every == 0 or progress["step"] == steps):
                     progress["seconds"] = time.perf_counter() - started
-                    save_checkpoint(accelerator, checkpoint, progress)
+                    save_checkpoint(accelerator, checkpoint, progress, contrast)
                     if accelerator.is_main_process:
                         note(f"{label}: {progress_line(progress, steps)}; checkpoint saved")
                 if progress["step"] >= steps:
@@ -232,10 +244,14 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
                        {k: v for k, v in final.items() if k not in ("step", "tokens")}, progress["curve"])
 
 
-def resume(accelerator, checkpoint: Path | None, progress: dict, steps: int, precision: str, label: str) -> None:
-    """Load the checkpoint's state where `progress` is past step 0; record the precision training runs in."""
+def resume(accelerator, checkpoint: Path | None, progress: dict, steps: int, precision: str, label: str,
+           contrast: Contrast | None = None) -> None:
+    """Load the checkpoint's state (and the contrastive memory) where `progress` is past step 0; record
+    the precision training runs in."""
     if progress["step"]:
         accelerator.load_state(str(checkpoint))
+        if contrast is not None:
+            contrast.load(checkpoint, accelerator.process_index)
         log.info("%s: resuming at step %d of %d from %s", label, progress["step"], steps, checkpoint)
         if progress.get("precision", accelerator.mixed_precision) != accelerator.mixed_precision:
             # `auto` resolves per machine (bf16 where the CPU or GPU has it): a run resumed elsewhere may
@@ -288,15 +304,17 @@ def progress_line(progress: dict, steps: int) -> str:
             f"{progress['tokens'] / max(progress['seconds'], 1e-9):.0f} tokens/s{loss}")
 
 
-def save_checkpoint(accelerator, folder: Path, progress: dict) -> None:
-    """accelerate's state (model, optimiser, schedule, RNGs), then progress.json last: a checkpoint
-    without its progress file is incomplete and is not resumed from."""
+def save_checkpoint(accelerator, folder: Path, progress: dict, contrast: Contrast | None = None) -> None:
+    """accelerate's state (model, optimiser, schedule, RNGs) and the contrastive memory, then
+    progress.json last: a checkpoint without its progress file is incomplete and is not resumed from."""
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PROGRESS).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     with tied_weights_stored_quietly():
         accelerator.save_state(str(folder))
+    if contrast is not None:
+        contrast.save(folder, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (folder / PROGRESS).write_text(json.dumps(progress))
