@@ -379,11 +379,20 @@ def torch_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, wo
     return torch_block_runner(work.call(model), work.inputs, spec, workdir, name), None
 
 
+def onnx_file(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path, name: str) -> Path:
+    """The model.onnx a member ships with."""
+    return export_model_onnx(model, work.kind, work.names, workdir / f"{name}.onnx")
+
+
+def onnx_file_runner(path: Path, work: Workload, spec: InferenceSpec) -> Runner:
+    return onnx_runner(path, work.inputs, spec)
+
+
 def onnx_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
                       name: str) -> tuple[Runner, Path | None]:
     """The model.onnx a member ships with, run in ONNX Runtime; returned, so the very file timed can ship."""
-    path = export_model_onnx(model, work.kind, work.names, workdir / f"{name}.onnx")
-    return onnx_runner(path, work.inputs, spec), path
+    path = onnx_file(model, work, spec, workdir, name)
+    return onnx_file_runner(path, work, spec), path
 
 
 def torch_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
@@ -422,13 +431,17 @@ def gguf_runner(path: Path, work: Workload, spec: InferenceSpec) -> Runner:
     return timed_call(path, spec.mode, work.tokens, spec.threads, repacks(spec.gguf_type), spec.device == "cuda")
 
 
-def llamacpp_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
-                          name: str) -> tuple[Runner, Path | None]:
-    """The model.gguf a member ships with, at the spec's weight type, run in llama.cpp; returned, so the
-    very file timed can ship."""
+def gguf_file(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path, name: str) -> Path:
+    """The model.gguf a member ships with, at the spec's weight type, with the source's tokenizer."""
     from .gguf_export import write_gguf
 
-    path = write_gguf(model, workdir / f"{name}.gguf", work.vocabulary, spec.gguf_type)
+    return write_gguf(model, workdir / f"{name}.gguf", work.vocabulary, spec.gguf_type)
+
+
+def llamacpp_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                          name: str) -> tuple[Runner, Path | None]:
+    """The model.gguf a member ships with, run in llama.cpp; returned, so the very file timed can ship."""
+    path = gguf_file(model, work, spec, workdir, name)
     return gguf_runner(path, work, spec), path
 
 
@@ -470,7 +483,9 @@ class Backend:
     inputs; a model and its `Workload` (returning the ONNX file timed, where the backend ships one);
     a shipped member folder with its reloaded model and workload. `member_forward(folder, kind)` is
     what evaluate scores the member with. A backend without a `block_runner` runs whole models only
-    (llama.cpp): the profiler times its blocks stacked (`runs_whole_models_only`)."""
+    (llama.cpp): the profiler times its blocks stacked (`runs_whole_models_only`). A backend that runs
+    files of its own writes them with `file` and runs one with `file_runner` (the verifier times them in
+    a process of their own); torch runs the module and has neither."""
 
     name: str
     timed: str  # what a member's timing runs, as reports name it
@@ -480,6 +495,8 @@ class Backend:
     member_runner: Callable[[Path, nn.Module, Workload, InferenceSpec, Path, str], Runner]
     member_forward: Callable[[Path, ModelKind], Callable]
     synchronizer: Callable[[InferenceSpec], Callable[[], None] | None]  # waited on before a clock is read
+    file: Callable[[nn.Module, Workload, InferenceSpec, Path, str], Path] | None = None
+    file_runner: Callable[[Path, Workload, InferenceSpec], Runner] | None = None
 
     @property
     def runs_whole_models_only(self) -> bool:
@@ -490,9 +507,9 @@ BACKENDS = {backend.name: backend for backend in (
     Backend("torch", "torch module", MODEL_WEIGHTS, torch_block_runner, torch_model_runner,
             torch_member_runner, torch_member_forward, cuda_synchronizer),
     Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, onnx_block_runner, onnx_model_runner, onnx_member_runner,
-            onnx_member_forward, no_synchronizer),
+            onnx_member_forward, no_synchronizer, onnx_file, onnx_file_runner),
     Backend("llamacpp", MODEL_GGUF, MODEL_GGUF, None, llamacpp_model_runner, llamacpp_member_runner,
-            llamacpp_member_forward, no_synchronizer),
+            llamacpp_member_forward, no_synchronizer, gguf_file, gguf_runner),
 )}
 ALIASES = {"onnx": "onnxruntime"}  # names evaluate also accepts
 

@@ -47,10 +47,11 @@ def now() -> str:
 @dataclass(frozen=True)
 class CpuSnapshot:
     """Busy CPU time of the whole machine (steal included: a VM's host taking its cores) and of this
-    process, at one moment; None fields where /proc/stat is not available."""
+    process with the children it has waited for (the verifier's timing process), at one moment; None
+    fields where /proc/stat is not available."""
 
     machine_busy: float | None  # seconds, all cores
-    own: float  # seconds of this process (all threads)
+    own: float  # seconds of this process (all threads) and its waited-for children
     wall: float
 
     @classmethod
@@ -64,7 +65,7 @@ class CpuSnapshot:
         except (OSError, ValueError):
             pass
         times = os.times()
-        return cls(busy, times.user + times.system, time.perf_counter())
+        return cls(busy, times.user + times.system + times.children_user + times.children_system, time.perf_counter())
 
 
 def others_share(before: CpuSnapshot, after: CpuSnapshot) -> float | None:

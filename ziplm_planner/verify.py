@@ -28,6 +28,7 @@ from .calibrate import CalibrationLoss
 from .environment import CpuSnapshot, others_share
 from .errors import UserError
 from .family import member_name
+from .isolated import isolated_samples
 from .models import LoadedModel
 from .profiler import fixed_part, workload
 from .progress import note
@@ -120,18 +121,18 @@ class Measurement:
 
 
 class Verifier:
-    """Times models as they are deployed (their shipped model.onnx or model.gguf) against the dense
-    one, interleaved, on the table's backend and spec, and only while the machine measures as the table
-    describes: `tolerance` times the table's own worst additivity error, and other processes within the
-    profiler's limit."""
+    """Times models as they are deployed (their shipped model.onnx or model.gguf, loaded into a process
+    of their own) against the dense one, interleaved, on the table's backend and spec, and only while
+    the machine measures as the table describes: `tolerance` times the table's own worst additivity
+    error, and other processes within the profiler's limit."""
 
     def __init__(self, loaded: LoadedModel, table: LatencyTable, rounds: int, workdir: Path, tolerance: float,
                  seed: int = 0):
         self.table, self.rounds, self.workdir, self.seed = table, rounds, workdir, seed
         self.tolerance = tolerance * (1 + table.additivity_errors()[1])
         self.work, self.backend = workload(loaded, table.spec, seed), backend_for(table.spec)
-        self.dense, self.dense_file = self.backend.model_runner(loaded.model, self.work, table.spec, workdir, "dense")
-        self.fixed = self.backend.model_runner(fixed_part(loaded.model), self.work, table.spec, workdir, "fixed")[0]
+        self.dense, self.dense_file = self._candidate(loaded.model, "dense")
+        self.fixed = self._candidate(fixed_part(loaded.model), "fixed")[0]
         self.count = 0
 
     def measure_dense(self) -> Measurement:
@@ -145,8 +146,8 @@ class Verifier:
     def measure(self, model, target: float) -> Measurement:
         """Time `model` against the dense model; outside the accepted band, confirm with more rounds."""
         self.count += 1
-        runner, timed_file = self.backend.model_runner(model, self.work, self.table.spec, self.workdir, f"m{self.count}")
-        candidates = {"dense": self.dense, "member": runner}
+        member, timed_file = self._candidate(model, f"m{self.count}")
+        candidates = {"dense": self.dense, "member": member}
         samples = self._settled(candidates, self.rounds, warmup=3)
         measurement = self._summary(samples, False, timed_file)
         if verdict(measurement.speedup, target) != "met":
@@ -178,10 +179,20 @@ class Verifier:
             return TimingStats.from_samples(samples[name]).estimate(self.table.estimator) if name in samples else None
         return MachineCheck(measured("dense"), self.table.dense_ms, others, measured("fixed"), self.table.fixed_ms)
 
+    def _candidate(self, model, name: str) -> tuple:
+        """What is timed of `model`, and the file that ships: the backend's file, timed in a process of
+        its own (`isolated`), or for torch the module, run here."""
+        if self.backend.file is None:
+            return self.backend.model_runner(model, self.work, self.table.spec, self.workdir, name)
+        path = self.backend.file(model, self.work, self.table.spec, self.workdir, name)
+        return path, path
+
     def _samples(self, candidates: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
         # a new order for every measurement: a fixed one would put the same candidate first after each pause
-        return interleaved_samples(candidates, rounds, warmup, self.seed + 7919 * self.count,
-                                   self.backend.synchronizer(self.table.spec))
+        seed = self.seed + 7919 * self.count
+        if self.backend.file is None:
+            return interleaved_samples(candidates, rounds, warmup, seed, self.backend.synchronizer(self.table.spec))
+        return isolated_samples(candidates, self.work, self.table.spec, rounds, warmup, seed)
 
     def _summary(self, samples: dict[str, list[float]], remeasured: bool, timed_file: Path | None) -> Measurement:
         interval = speedup_interval(samples["dense"], samples["member"], self.table.estimator, seed=self.seed)
