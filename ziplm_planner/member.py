@@ -99,9 +99,9 @@ class MemberRoad:
 
     def back_in_band(self, member: Member) -> Member:
         """A trained member whose re-timing fell below its band is pruned on from its trained weights, by
-        the same verified re-planning, untrained. Training changes weights, not shapes, but the same two
-        models' ratio drifts by a few per cent within an hour on a shared VM (BENCHMARKS), and the first
-        plan inside the band may sit at its very edge: without this such a member shipped `missed`."""
+        the same verified re-planning, untrained. Training changes weights, not shapes, and files are timed
+        in a fresh process (isolated.py), but a ratio still moves by a few per cent within an hour on a
+        shared VM, and the plan that met the band may sit at its edge: such a member shipped `missed`."""
         result = member.result
         if result.recovery is None or result.fast_enough:
             return member
