@@ -70,22 +70,22 @@ def training_cost(folder: Path) -> dict:
 
 def table(results: dict, task: str) -> str:
     """Per member, per variant: the score on each half as a share of dense, and the measured speedup."""
-    variants = list(results)
-    rows = {row["folder"]: row for row in read_report(Path(results[variants[0]]["folder"]))["members"]}
-    lines = ["| member | " + " | ".join(f"{v}: {' / '.join(HALVES)}" for v in variants) + " |",
-             "|---|" + "---|" * len(variants)]
-    for member in rows:
+    rows = {variant: {row["folder"]: row for row in read_report(Path(result["folder"]))["members"]}
+            for variant, result in results.items()}
+    lines = ["| member | " + " | ".join(f"{v}: {' / '.join(HALVES)}" for v in results) + " |",
+             "|---|" + "---|" * len(results)]
+    for member in next(iter(rows.values())):
         cells = []
-        for variant in variants:
-            result = results[variant]
-            scores = [(result["scores"][half][member], result["scores"][half]["dense"]) for half in HALVES]
-            row = {r["folder"]: r for r in read_report(Path(result["folder"]))["members"]}[member]
+        for variant, result in results.items():
+            row, scores = rows[variant][member], result["scores"]
             speed = "" if row.get("measured_speedup") is None else f" ({row['measured_speedup']:.2f}x {row['status']})"
-            cells.append(" / ".join(f"{value:.2f} ({retained(value, dense, task):.1%})" for value, dense in scores)
-                         + speed)
+            cells.append(" / ".join(f"{scores[half][member]:.2f} ({retained(scores[half][member], scores[half]['dense'], task):.1%})"
+                                    for half in HALVES) + speed)
         lines.append(f"| {member} | " + " | ".join(cells) + " |")
-    cost = ["| training tokens/s, seconds, peak memory | " + " | ".join(
-        f"{r['tokens_per_second']:,}, {r['train_seconds']:,.0f} s, {r['peak_memory_mib']:,} MiB" for r in results.values())
+    # tokens/s and seconds are the training's, from the reports; peak memory is this run's (a resumed family's is not
+    # its training's)
+    cost = ["| training tokens/s, seconds; this run's peak memory | " + " | ".join(
+        f"{r['tokens_per_second']:,}, {r['train_seconds']:,.0f} s; {r['peak_memory_mib']:,} MiB" for r in results.values())
         + " |"]
     return "\n".join(lines + cost)
 
