@@ -24,7 +24,8 @@ def test_every_registered_backend_has_a_test():
     assert {name for name, backend in BACKENDS.items() if backend.runs_whole_models_only} == set(TESTED_ON_GGUF)
     # a backend that ships a file of its own writes it and runs it (the verifier, in a process of its own)
     assert [name for name, backend in BACKENDS.items() if backend.file is None] == ["torch"]
-    assert all((backend.file is None) == (backend.file_runner is None) for backend in BACKENDS.values())
+    assert all((backend.file is None) == (backend.file_runner is None) != (backend.module_runner is None)
+               for backend in BACKENDS.values())
 
 
 def test_the_registry_names_the_backends_a_spec_accepts():

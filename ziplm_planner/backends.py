@@ -374,9 +374,8 @@ def onnx_block_runner(call: TensorCall, inputs: dict[str, torch.Tensor], spec: I
     return onnx_runner(path, inputs, spec)
 
 
-def torch_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
-                       name: str) -> tuple[Runner, Path | None]:
-    return torch_block_runner(work.call(model), work.inputs, spec, workdir, name), None
+def torch_module_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path, name: str) -> Runner:
+    return torch_block_runner(work.call(model), work.inputs, spec, workdir, name)
 
 
 def onnx_file(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path, name: str) -> Path:
@@ -388,16 +387,9 @@ def onnx_file_runner(path: Path, work: Workload, spec: InferenceSpec) -> Runner:
     return onnx_runner(path, work.inputs, spec)
 
 
-def onnx_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
-                      name: str) -> tuple[Runner, Path | None]:
-    """The model.onnx a member ships with, run in ONNX Runtime; returned, so the very file timed can ship."""
-    path = onnx_file(model, work, spec, workdir, name)
-    return onnx_file_runner(path, work, spec), path
-
-
 def torch_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
                         name: str) -> Runner:
-    return torch_model_runner(model, work, spec, workdir, name)[0]
+    return torch_module_runner(model, work, spec, workdir, name)
 
 
 def onnx_member_runner(folder: Path, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
@@ -438,13 +430,6 @@ def gguf_file(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Pa
     return write_gguf(model, workdir / f"{name}.gguf", work.vocabulary, spec.gguf_type)
 
 
-def llamacpp_model_runner(model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
-                          name: str) -> tuple[Runner, Path | None]:
-    """The model.gguf a member ships with, run in llama.cpp; returned, so the very file timed can ship."""
-    path = gguf_file(model, work, spec, workdir, name)
-    return gguf_runner(path, work, spec), path
-
-
 def member_gguf(folder: Path) -> Path:
     if not (folder / MODEL_GGUF).is_file():
         raise UserError(f"member {folder} has no {MODEL_GGUF}: write it with `ziplm-planner export-gguf`")
@@ -479,22 +464,22 @@ class Backend:
     do with it, so that none of them switches on its name (the dtypes it times are checked by
     `InferenceSpec`, which the CLI reads without torch).
 
-    Runners take (what to run, ..., spec, workdir, name): a block or whole model's `TensorCall` and
-    inputs; a model and its `Workload` (returning the ONNX file timed, where the backend ships one);
-    a shipped member folder with its reloaded model and workload. `member_forward(folder, kind)` is
-    what evaluate scores the member with. A backend without a `block_runner` runs whole models only
-    (llama.cpp): the profiler times its blocks stacked (`runs_whole_models_only`). A backend that runs
-    files of its own writes them with `file` and runs one with `file_runner` (the verifier times them in
-    a process of their own); torch runs the module and has neither."""
+    Runners take (what to run, ..., spec, workdir, name): a block's `TensorCall` and inputs; a shipped
+    member folder with its reloaded model and workload. A whole model runs as it deploys
+    (`model_runner`): a backend that ships a file of its own writes it with `file` and runs it with
+    `file_runner` (the verifier times such files in a process of their own); torch runs the module
+    (`module_runner`). `member_forward(folder, kind)` is what evaluate scores the member with. A
+    backend without a `block_runner` runs whole models only (llama.cpp): the profiler times its blocks
+    stacked (`runs_whole_models_only`)."""
 
     name: str
     timed: str  # what a member's timing runs, as reports name it
     member_file: str  # the file of a member folder the backend runs
     block_runner: Callable[[TensorCall, dict[str, torch.Tensor], InferenceSpec, Path, str], Runner] | None
-    model_runner: Callable[[nn.Module, Workload, InferenceSpec, Path, str], tuple[Runner, Path | None]]
     member_runner: Callable[[Path, nn.Module, Workload, InferenceSpec, Path, str], Runner]
     member_forward: Callable[[Path, ModelKind], Callable]
     synchronizer: Callable[[InferenceSpec], Callable[[], None] | None]  # waited on before a clock is read
+    module_runner: Callable[[nn.Module, Workload, InferenceSpec, Path, str], Runner] | None = None
     file: Callable[[nn.Module, Workload, InferenceSpec, Path, str], Path] | None = None
     file_runner: Callable[[Path, Workload, InferenceSpec], Runner] | None = None
 
@@ -502,14 +487,23 @@ class Backend:
     def runs_whole_models_only(self) -> bool:
         return self.block_runner is None
 
+    def model_runner(self, model: nn.Module, work: Workload, spec: InferenceSpec, workdir: Path,
+                     name: str) -> tuple[Runner, Path | None]:
+        """`model` run as it deploys, and the file run: the backend's own, written and loaded (returned,
+        so the very file timed can ship), or None where torch runs the module."""
+        if self.file is None:
+            return self.module_runner(model, work, spec, workdir, name), None
+        path = self.file(model, work, spec, workdir, name)
+        return self.file_runner(path, work, spec), path
+
 
 BACKENDS = {backend.name: backend for backend in (
-    Backend("torch", "torch module", MODEL_WEIGHTS, torch_block_runner, torch_model_runner,
-            torch_member_runner, torch_member_forward, cuda_synchronizer),
-    Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, onnx_block_runner, onnx_model_runner, onnx_member_runner,
-            onnx_member_forward, no_synchronizer, onnx_file, onnx_file_runner),
-    Backend("llamacpp", MODEL_GGUF, MODEL_GGUF, None, llamacpp_model_runner, llamacpp_member_runner,
-            llamacpp_member_forward, no_synchronizer, gguf_file, gguf_runner),
+    Backend("torch", "torch module", MODEL_WEIGHTS, torch_block_runner, torch_member_runner, torch_member_forward,
+            cuda_synchronizer, module_runner=torch_module_runner),
+    Backend("onnxruntime", MODEL_ONNX, MODEL_ONNX, onnx_block_runner, onnx_member_runner, onnx_member_forward,
+            no_synchronizer, file=onnx_file, file_runner=onnx_file_runner),
+    Backend("llamacpp", MODEL_GGUF, MODEL_GGUF, None, llamacpp_member_runner, llamacpp_member_forward,
+            no_synchronizer, file=gguf_file, file_runner=gguf_runner),
 )}
 ALIASES = {"onnx": "onnxruntime"}  # names evaluate also accepts
 
