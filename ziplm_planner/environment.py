@@ -47,15 +47,16 @@ def now() -> str:
 @dataclass(frozen=True)
 class CpuSnapshot:
     """Busy CPU time of the whole machine (steal included: a VM's host taking its cores) and of this
-    process with the children it has waited for (the verifier's timing process), at one moment; None
-    fields where /proc/stat is not available."""
+    process, at one moment; None fields where /proc/stat is not available."""
 
     machine_busy: float | None  # seconds, all cores
-    own: float  # seconds of this process (all threads) and its waited-for children
+    own: float  # seconds of this process (all threads), and of its waited-for children where asked
     wall: float
 
     @classmethod
-    def now(cls) -> CpuSnapshot:
+    def now(cls, with_children: bool = False) -> CpuSnapshot:
+        """`with_children`: the children this process waited for count as its own (the verifier's timing
+        processes are its work, not another's)."""
         busy = None
         try:
             with open("/proc/stat") as handle:
@@ -65,7 +66,8 @@ class CpuSnapshot:
         except (OSError, ValueError):
             pass
         times = os.times()
-        return cls(busy, times.user + times.system + times.children_user + times.children_system, time.perf_counter())
+        children = times.children_user + times.children_system if with_children else 0.0
+        return cls(busy, times.user + times.system + children, time.perf_counter())
 
 
 def others_share(before: CpuSnapshot, after: CpuSnapshot) -> float | None:

@@ -160,9 +160,9 @@ class Verifier:
         re-planned on them: wait and time again; if it still does not, stop the run."""
         waits = iter(SETTLE_WAITS)
         while True:
-            before = CpuSnapshot.now()
+            before = CpuSnapshot.now(with_children=True)  # the timing process is this run's
             samples = self._samples(candidates, rounds, warmup)
-            problems = self.machine_check(samples, others_share(before, CpuSnapshot.now())).problems(self.tolerance)
+            problems = self.machine_check(samples, others_share(before, CpuSnapshot.now(with_children=True))).problems(self.tolerance)
             if not problems:
                 return samples
             if (wait := next(waits, None)) is None:
@@ -183,7 +183,7 @@ class Verifier:
         """What is timed of `model`, and the file that ships: the backend's file, timed in a process of
         its own (`isolated`), or for torch the module, run here."""
         if self.backend.file is None:
-            return self.backend.model_runner(model, self.work, self.table.spec, self.workdir, name)
+            return self.backend.module_runner(model, self.work, self.table.spec, self.workdir, name), None
         path = self.backend.file(model, self.work, self.table.spec, self.workdir, name)
         return path, path
 
