@@ -299,3 +299,18 @@ def test_mask_tuning_reduces_the_reconstruction_error(model_type):
     error = lambda m: sum(float((output(m, b) - output(dense, b))[b["attention_mask"].bool()].square().sum())
                           for b in batches)
     assert error(tuned) < error(untuned)
+
+
+@pytest.mark.parametrize("model_type,causal", [("bert", False), ("llama", True)])
+def test_a_model_with_every_block_removed_has_no_block_left_to_score(model_type, causal):
+    """What a member pruned to the table's limit is planned on when it must be pruned on (gradual, or
+    back in its band after training): nothing is left, and nothing fails."""
+    import copy
+
+    from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
+
+    loaded = tiny_loaded(model_type, causal_lm=causal)
+    plan = PruningPlan(loaded.shape, [LayerPlan([], []) for _ in model_layers(loaded.model)])
+    emptied = apply_plan(copy.deepcopy(loaded.model), plan)
+    batch = random_calibration(loaded, samples=4).batches()[0]
+    assert block_fisher(emptied, loaded.kind, [batch]) == [dict.fromkeys((ATTENTION, FFN), 0.0)] * len(plan.layers)

@@ -57,6 +57,8 @@ def mask_gradients(model: nn.Module, kind: ModelKind, batches: list[dict], targe
     """Per-sample gradients g = dL_s/dm at m = 1 of `units[(layer, block)]` masks per block: (samples,
     units) float64. Each sample has its own mask, so one backward of Σ_s L_s gives every per-sample
     gradient."""
+    if not units:  # every block already removed: nothing to differentiate
+        return {}
     grads: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in units}
     dtype = next(model.parameters()).dtype
     for batch, target in zip(batches, targets):
