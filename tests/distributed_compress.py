@@ -14,7 +14,7 @@ from tiny_models import tiny_loaded_with_tokenizer  # noqa: E402
 from ziplm_planner import recovery as recovery_module  # noqa: E402
 from ziplm_planner.export import load_pruned  # noqa: E402
 from ziplm_planner.pipeline import compress_model  # noqa: E402
-from ziplm_planner.settings import CompressSettings, LossWeights, RecoverySettings, TrainSettings  # noqa: E402
+from ziplm_planner.settings import CompressSettings, ContrastiveSettings, LossWeights, RecoverySettings, TrainSettings  # noqa: E402
 from ziplm_planner.table import LatencyTable  # noqa: E402
 from ziplm_planner.verify import MachineCheck  # noqa: E402
 
@@ -32,7 +32,8 @@ recovery_module.Recovery._train = lambda self, *args: snapshots_seen.append(len(
 
 cap = sys.argv[3:] == ["cap"]
 train = TrainSettings(tokens=1500, batch_size=4, learning_rate=1e-3,
-                      weights=LossWeights(squarehead=1.0, contrastive=1.0 if cap else 0.0))
+                      weights=LossWeights(squarehead=1.0, contrastive=1.0 if cap else 0.0),
+                      contrastive=ContrastiveSettings(teachers=("dense", "snapshots")))
 settings = CompressSettings(num_samples=48, search_evaluations=4, score_samples=16, verify_rounds=3, max_replans=0,
                             onnx=False, cache_dir=folder / "cache", recovery=RecoverySettings("gradual", None, train, prune_steps=2))
 report = compress_model(tiny_loaded_with_tokenizer("bert"), LatencyTable.load(folder / "table.json"), targets,

@@ -65,3 +65,13 @@ def test_the_base_model_a_card_names_is_a_hub_id_or_none(tmp_path):
     assert ModelSource("minilm", str(tmp_path)).hub_id == "sentence-transformers/all-MiniLM-L6-v2"
     assert ModelSource("org/model", "org/model").hub_id == "org/model"  # a hub id: not a local path
     assert ModelSource(str(tmp_path), str(tmp_path)).hub_id is None  # a local folder names no hub model
+
+
+def test_weights_set_in_part_are_recorded_with_the_kinds():
+    from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING
+
+    # --loss-weights gives all four or leaves all to the kind: one set in Python is recorded with the kind's
+    settings = CompressSettings(recovery=RecoverySettings(mode="oneshot", train=TrainSettings(weights=LossWeights(task=0.0))))
+    assert [command_flags(settings.recorded(kind))[-1] for kind in (EMBEDDING, CAUSAL_LM)] == ["0,1,1,0.1", "0,1,0,0"]
+    left = CompressSettings(recovery=RecoverySettings(mode="oneshot"))
+    assert command_flags(left.recorded(EMBEDDING)) == ["--recovery", "oneshot"]

@@ -86,7 +86,7 @@ def test_a_student_equal_to_its_teacher_loses_only_the_task_loss(kind_name, mode
     batch = random_batch(teacher)
     with torch.no_grad():
         terms = distillation_terms(kind, student(**batch, output_hidden_states=True),
-                                   teacher(**batch, output_hidden_states=True), batch, LossWeights(squarehead=1.0))
+                                   teacher(**batch, output_hidden_states=True), batch, LossWeights(squarehead=1.0, contrastive=0.0))
     assert float(terms["squarehead"]) == pytest.approx(0.0, abs=1e-6)
     assert float(terms["kl"]) == pytest.approx(0.0, abs=1e-5)
     assert float(terms["loss"]) == pytest.approx(float(terms.get("task", 0.0)), abs=1e-5)
@@ -98,8 +98,8 @@ def test_squarehead_is_logged_for_every_model_and_trained_on_only_with_a_weight(
     batch = random_batch(teacher)
     with torch.no_grad():
         teacher_out = teacher(**batch, output_hidden_states=True)
-    # default weights: SquareHead off for causal LMs, on for the rest
-    weights = TrainSettings().for_kind(kind).weights
+    # default weights: SquareHead off for causal LMs, on for the rest (CAP's term, needing its state, off here)
+    weights = TrainSettings(weights=LossWeights(contrastive=0.0)).for_kind(kind).weights
     terms = distillation_terms(kind, student(**batch, output_hidden_states=True), teacher_out, batch, weights)
     assert float(terms["squarehead"].detach()) > 0
     assert terms["squarehead"].requires_grad == (weight > 0)
@@ -190,9 +190,9 @@ def test_the_contrastive_term_is_computed_where_its_weight_is_set(kind_name):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         student_out, teacher_out = student(**inputs, output_hidden_states=True), teacher(**inputs, output_hidden_states=True)
-    weights = TrainSettings().for_kind(kind).weights
+    weights = TrainSettings(weights=LossWeights(contrastive=0.0)).for_kind(kind).weights
     assert "contrastive" not in distillation_terms(kind, student_out, teacher_out, batch, weights)
-    contrast = Contrast(kind, ContrastiveSettings(memory=4), [copy.deepcopy(student)], "cpu")
+    contrast = Contrast(kind, ContrastiveSettings(teachers=("dense", "snapshots"), memory=4), [copy.deepcopy(student)], "cpu")
     on = dataclasses.replace(weights, contrastive=0.5)
     terms = distillation_terms(kind, student_out, teacher_out, batch, on, contrast)
     assert float(terms["contrastive"]) > 0

@@ -152,7 +152,7 @@ def test_distillation_has_an_output_term_and_a_task_term_where_there_is_a_task(k
         same = kind.distillation(teacher(**inputs, output_hidden_states=True),
                                  copy.deepcopy(teacher)(**inputs, output_hidden_states=True), batch, 2.0)
         other = distillation_terms(kind, student(**inputs, output_hidden_states=True),
-                                   teacher(**inputs, output_hidden_states=True), batch, LossWeights(squarehead=1.0))
+                                   teacher(**inputs, output_hidden_states=True), batch, LossWeights(squarehead=1.0, contrastive=0.0))
     assert set(same) == ({"kl"} if kind is EMBEDDING else {"kl", "task"})
     assert float(same["kl"]) == pytest.approx(0.0, abs=1e-5) and float(other["kl"]) > 1e-4
     assert list(other) == ["squarehead", *same, "loss"]
@@ -172,6 +172,7 @@ def test_fidelity_pools_one_vector_a_text_or_a_token(kind_name, model_type):
 def test_training_defaults_are_the_kinds(kind_name, model_type):
     kind, model, _ = models(kind_name, model_type)
     train = TrainSettings().for_kind(kind)
-    assert (train.batch_size, train.weights.squarehead) == (kind.defaults.batch_size, kind.defaults.squarehead)
+    assert (train.batch_size, train.weights.squarehead, train.weights.contrastive) == \
+        (kind.defaults.batch_size, kind.defaults.squarehead, kind.defaults.contrastive)
     window = perplexity_window(model.config)  # 80: the tiny model's positions
     assert kind.training_length(model.config, 16) == (window if kind.generates else 16)

@@ -15,7 +15,7 @@ from ziplm_planner.distill import distillation_terms
 from ziplm_planner.errors import UserError
 from ziplm_planner.kinds import CAUSAL_LM, EMBEDDING
 from ziplm_planner.surgery import LayerPlan, PruningPlan, apply_plan
-from ziplm_planner.settings import TrainSettings
+from ziplm_planner.settings import LossWeights, TrainSettings
 from ziplm_planner.train import autocast_precision, distil, make_accelerator, planned_steps
 from tiny_models import tiny_model
 
@@ -44,7 +44,7 @@ def loss_on(student, teacher, data):
     with torch.no_grad():
         return float(distillation_terms(EMBEDDING, student(**batch, output_hidden_states=True),
                                         teacher(**batch, output_hidden_states=True), batch,
-                                        TrainSettings().for_kind(EMBEDDING).weights)["loss"])
+                                        TrainSettings(weights=LossWeights(contrastive=0.0)).for_kind(EMBEDDING).weights)["loss"])
 
 
 def settings(kind=EMBEDDING, **kw):

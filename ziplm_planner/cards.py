@@ -82,8 +82,9 @@ def recovery_line(row: dict) -> str:
     line = (f"{row['recovery']}: distilled from the dense model on {row['train_tokens']:,} tokens "
             f"({row['train_steps']} steps, {row['prune_steps']} prune step{'s' if row['prune_steps'] != 1 else ''})")
     if row.get("speedup_after_training") is not None:
-        line += (f"; it re-timed at {row['speedup_after_training']:.2f}x after training, below its band, and was "
-                 "pruned on from the trained weights, untrained")
+        line += (f"; verified at {row['speedup_before_training']:.2f}x before training, it re-timed at "
+                 f"{row['speedup_after_training']:.2f}x after, below its band, and was pruned on from the trained "
+                 "weights, untrained")
     return line
 
 

@@ -117,7 +117,7 @@ def run_metadata(loaded: LoadedModel, table: LatencyTable, targets: list[float],
     """The report's record of what the family was made from and with, and the command that makes it."""
     command = ["ziplm-planner", "compress", loaded.source.reference, "--profile", str(table.path or table.name),
                "--targets", ",".join(f"{t:g}" for t in targets), "--calib", calibration_path,
-               *command_flags(settings), "-o", str(output)]
+               *command_flags(settings.recorded(loaded.kind)), "-o", str(output)]
     return {"model": loaded.source.reference, "command": shlex.join(command), "base_model": loaded.source.hub_id,
             "source_card": source_card(loaded.source.folder), "model_kind": loaded.kind.name,
             "method": settings.method,

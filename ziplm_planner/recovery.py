@@ -163,7 +163,8 @@ class Recovery:
         record = self._distil(model, result.plan, result.folder)
         measurement = verifier.measure(model, result.target)
         discard_export(result)  # the untrained export ships no more
-        recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss}
+        recovery = {"mode": self.settings.mode, **record.to_dict(), "calibration_loss_before": result.calibration_loss,
+                    "speedup_before_training": None if result.speedup is None else round(result.speedup, 4)}
         if member.steps:  # the member's budget went into every step: report it whole, and each step's share
             recovery.update(joined([*member.steps, {"speedup": result.target, **summary(record)}]))
         trained = dataclasses.replace(result, measurement=measurement, calibration_loss=score_loss(model),

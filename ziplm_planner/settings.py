@@ -33,6 +33,9 @@ SCORE_ON = (HELD_OUT, CALIBRATION)
 NONE, ONESHOT, GRADUAL = "none", "oneshot", "gradual"
 LOSS_TERMS = ("task", "kl", "squarehead", "contrastive")  # LossWeights' fields in this order (contrastive optional)
 CAP_TEACHERS = ("dense", "snapshots", "classes")  # CAP's pre-trained, snapshot and fine-tuned (same-class) terms
+# on MiniLM the dense model carried CAP's gain: the snapshots added at most 0.07 points for 13% fewer tokens a
+# second (BENCHMARKS, issue 32); same-class positives are not measured here (no labelled task model)
+DEFAULT_CAP_TEACHERS = ("dense",)
 RECOVERY_MODES = (NONE, ONESHOT, GRADUAL)
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # training autocast; "no" is float32
 PERPLEXITY_SEQ_LEN = 512  # tokens per perplexity window, capped at the model's positions
@@ -118,8 +121,8 @@ class LossWeights:
     kl: float = field(default=1.0, metadata=loss_weight("kl"))
     # per-layer normalised hidden-state error, summed over layers; None: the model kind's (KindDefaults)
     squarehead: float | None = field(default=None, metadata=loss_weight("squarehead"))
-    # CAP's contrastive term (ContrastiveSettings); 0: off
-    contrastive: float = field(default=0.0, metadata=loss_weight("contrastive"))
+    # CAP's contrastive term (ContrastiveSettings), 0: off; None: the model kind's (KindDefaults)
+    contrastive: float | None = field(default=None, metadata=loss_weight("contrastive"))
     temperature: float = field(default=2.0, metadata=option("Recovery: distillation temperature of the KL term."))
 
     def __post_init__(self):
@@ -132,6 +135,11 @@ class LossWeights:
         `others` (the temperature)."""
         terms = {} if text is None else dict(zip(LOSS_TERMS, loss_terms(text)))
         return cls(**terms, **others)
+
+    def completed(self, kind: KindDefaults) -> LossWeights:
+        """These weights with those they leave to the model kind (None) filled in."""
+        return replace(self, **{term: getattr(kind, term) for term in ("squarehead", "contrastive")
+                                if getattr(self, term) is None})
 
 
 def file_list(text: str | None) -> list[str]:
@@ -153,10 +161,10 @@ class ContrastiveSettings:
     teachers' representations of it (positives), against their representations of the batch's other
     examples and of a memory of recent batches (negatives). Used where LossWeights.contrastive > 0."""
 
-    teachers: tuple[str, ...] = field(default=CAP_TEACHERS, metadata=option(
+    teachers: tuple[str, ...] = field(default=DEFAULT_CAP_TEACHERS, metadata=option(
         "Recovery: the contrastive term's teachers: dense (the dense model), snapshots (each model trained earlier "
         "in the run: the larger members and steps of a gradual run), classes (same-label examples are positives too, "
-        "where the data has labels) [default: " + ",".join(CAP_TEACHERS) + "].", flag="--contrastive-teachers",
+        "where the data has labels) [default: " + ",".join(DEFAULT_CAP_TEACHERS) + "].", flag="--contrastive-teachers",
         parse=cap_teachers))
     temperature: float = field(default=0.1, metadata=option(
         "Recovery: temperature of the contrastive term.", flag="--contrastive-temperature"))
@@ -178,21 +186,23 @@ class KindDefaults:
 
     batch_size: int  # samples per step on each process
     squarehead: float  # SquareHead's loss weight
+    contrastive: float  # CAP's contrastive term's weight
 
 
 # About 512 real tokens a step either way: one window of running text (recovery.training_length) or 16
 # sentences. At these budgets steps count more than their size: at 2x on SmolLM2 and 100k tokens, 195
 # steps of one window recovered perplexity 83.6, 49 steps of four 95.6. SquareHead is off for causal LMs,
 # whose logits carry the teacher: on SmolLM2 it cost 0.4-1.6 perplexity at 1.25-2x; on MiniLM at 5x it
-# tied, and MiniLM's goals were met with it (BENCHMARKS).
-CAUSAL_LM_DEFAULTS = KindDefaults(batch_size=1, squarehead=0.0)
-OTHER_KIND_DEFAULTS = KindDefaults(batch_size=16, squarehead=1.0)
+# tied, and MiniLM's goals were met with it (BENCHMARKS). CAP's contrastive term kept 0.1-0.5 points more of
+# dense STS-B at MiniLM 3-8x, at no cost in tokens a second, and cost SmolLM2 up to 1.4 perplexity (issue 32).
+CAUSAL_LM_DEFAULTS = KindDefaults(batch_size=1, squarehead=0.0, contrastive=0.0)
+OTHER_KIND_DEFAULTS = KindDefaults(batch_size=16, squarehead=1.0, contrastive=0.1)
 
 
 def default_weights(kind: KindDefaults) -> str:
     """--loss-weights as a model of this kind gets them when the flag is left out."""
     weights = LossWeights()
-    return f"{weights.task:g},{weights.kl:g},{kind.squarehead:g}"
+    return f"{weights.task:g},{weights.kl:g},{kind.squarehead:g}" + (f",{kind.contrastive:g}" if kind.contrastive else "")
 
 
 @dataclass(frozen=True)
@@ -238,12 +248,10 @@ class TrainSettings:
             raise UserError(f"unknown training precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     def for_kind(self, kind: ModelKind) -> TrainSettings:
-        """These settings with the batch size and SquareHead weight they leave to the model filled in."""
-        defaults = kind.defaults
-        weights = self.weights
-        if weights.squarehead is None:
-            weights = replace(weights, squarehead=defaults.squarehead)
-        return replace(self, batch_size=self.batch_size or defaults.batch_size, weights=weights)
+        """These settings with the batch size and the SquareHead and contrastive weights they leave to the
+        model filled in."""
+        return replace(self, batch_size=self.batch_size or kind.defaults.batch_size,
+                       weights=self.weights.completed(kind.defaults))
 
 
 @dataclass(frozen=True)
@@ -377,6 +385,16 @@ class CompressSettings:
         if self.recovery.mode == GRADUAL and self.calibration_inputs == SEQUENTIAL:
             raise UserError("--recovery gradual re-plans each member on the last one's own inputs: "
                             "drop --calibration-inputs sequential")
+
+
+    def recorded(self, kind: ModelKind) -> CompressSettings:
+        """These settings as a command line can give them: --loss-weights gives every weight or leaves every one
+        to the model kind, so weights set in part (in Python) are completed with the kind's."""
+        train = self.recovery.train
+        if train.weights == LossWeights(temperature=train.weights.temperature):
+            return self
+        train = replace(train, weights=train.weights.completed(kind.defaults))
+        return replace(self, recovery=replace(self.recovery, train=train))
 
 
 def default_cache_dir() -> Path:

@@ -189,7 +189,7 @@ def distil(student: nn.Module, teacher: nn.Module, kind: ModelKind, data: TokenB
     trained earlier in the run, teachers of the contrastive term where it is on."""
     from accelerate.utils import set_seed
 
-    if settings.batch_size is None or settings.weights.squarehead is None:
+    if settings.batch_size is None or None in (settings.weights.squarehead, settings.weights.contrastive):
         raise ValueError("distil takes training settings with the model's defaults filled in: TrainSettings.for_kind")
     set_seed(settings.seed)
     steps = planned_steps(data, settings, accelerator.num_processes)

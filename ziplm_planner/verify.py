@@ -300,6 +300,8 @@ class MemberResult:
                 "train_steps": r["steps"], "train_tokens": r["tokens"],
                 "train_seconds": round(r["seconds"], 1), "train_tokens_per_second": r["tokens_per_second"],
                 "calibration_loss_before_recovery": r["calibration_loss_before"],
+                # as verified before training (None: unverified); `measured_speedup` is the trained member's
+                "speedup_before_training": r.get("speedup_before_training"),
                 # set where the trained member re-timed below its band and was pruned on (member.back_in_band)
                 "speedup_after_training": r.get("speedup_after_training"),
                 **{f"train_final_{name}": round(value, 6) for name, value in r["final"].items()}}
